@@ -1,0 +1,1 @@
+"""Driving policies: the Agent protocol, the privileged expert, baselines, and LLM agents."""

@@ -1,0 +1,297 @@
+"""The embedded backend: highway-env (a maintained PyPI simulator) driven by CARLA-style controls.
+
+Each scenario kind uses one of highway-env's road networks; the ego is a kinematic bicycle
+(`highway_env.vehicle.kinematics.Vehicle`) driven through `ContinuousAction`; background traffic is
+highway-env's IDM/MOBIL vehicles. The route is a lane-level polyline through the road network.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from highway_env.envs.highway_env import HighwayEnv
+from highway_env.envs.intersection_env import IntersectionEnv
+from highway_env.envs.merge_env import MergeGenericEnv
+from highway_env.envs.roundabout_env import RoundaboutGenericEnv
+from highway_env.vehicle.kinematics import Vehicle
+from highway_env.vehicle.objects import Obstacle, RoadObject
+
+from harness.action import Control
+from harness.backends.base import BackendState
+from harness.events import Event, EventKind, StepEvents
+from harness.observation import EgoState, WorldObjects
+from scenarios.loader import Scenario
+
+SIMULATION_HZ = 15
+MAX_ACCEL = 4.0      # m/s^2 at full throttle
+MAX_DECEL = 8.0      # m/s^2 at full brake
+ROLLING_DECEL = 0.2  # m/s^2 when coasting
+STEER_RANGE = np.pi / 4  # steer = 1 is this front-wheel angle (rad)
+_ACCEL_SCALE = MAX_DECEL  # ContinuousAction maps [-1, 1] linearly onto [-scale, scale]
+
+
+class Pedestrian(Vehicle):
+    """A walker crossing the road at constant speed; a small highway-env vehicle that never steers,
+    so IDM traffic treats it as an obstacle on its lane and collisions are detected by the road."""
+
+    LENGTH = 0.8
+    WIDTH = 0.8
+    route: list = []  # highway-env's intersection drops road users whose route is None
+
+    def act(self, action=None) -> None:
+        self.action = {"steering": 0.0, "acceleration": 0.0}
+
+
+class _NoRewards:
+    """highway-env's rewards assume its discrete actions; the harness scores routes itself."""
+
+    def _reward(self, action) -> float:
+        return 0.0
+
+    def _info(self, obs, action=None) -> dict:
+        return {}
+
+
+class HighwayScenarioEnv(_NoRewards, HighwayEnv):
+    pass
+
+
+class RoundaboutScenarioEnv(_NoRewards, RoundaboutGenericEnv):
+    pass
+
+
+class IntersectionScenarioEnv(_NoRewards, IntersectionEnv):
+    pass
+
+
+class RampMergeEnv(_NoRewards, MergeGenericEnv):
+    """highway-env's merge road with the ego on the on-ramp, merging into highway traffic."""
+
+    def _make_vehicles(self) -> None:
+        road, lanes = self.road, self.config["lanes_count"]
+        ramp = road.network.get_lane(("j", "k", 0))
+        ego = self.action_type.vehicle_class(road, ramp.position(20.0, 0.0), ramp.heading_at(20.0),
+                                             speed=0.7 * ramp.speed_limit)
+        road.vehicles.append(ego)
+        self.vehicle = ego
+        other = _other_vehicle_class(self.config)
+        length = self.config["before_merge_length"] + self.config["converge_merge_length"]
+        spacing = max(length * lanes / max(self.config["vehicles_count"], 1), 12.0)
+        for i in range(self.config["vehicles_count"]):
+            lane = road.network.get_lane(("a", "b", int(self.np_random.integers(lanes))))
+            s = (i * spacing / lanes + self.np_random.uniform(0, 5)) % length
+            vehicle = other(road, lane.position(s, 0.0), lane.heading_at(s),
+                            speed=lane.speed_limit * self.np_random.uniform(0.8, 1.0))
+            if all(np.linalg.norm(v.position - vehicle.position) > 12 for v in road.vehicles):
+                vehicle.randomize_behavior()
+                road.vehicles.append(vehicle)
+
+
+def _other_vehicle_class(config: dict):
+    from highway_env import utils
+
+    return utils.class_from_path(config["other_vehicles_type"])
+
+
+_ENVS = {
+    "highway_cruise": HighwayScenarioEnv,
+    "dense_highway": HighwayScenarioEnv,
+    "onramp_merge": RampMergeEnv,
+    "roundabout": RoundaboutScenarioEnv,
+    "intersection": IntersectionScenarioEnv,
+}
+
+
+def _config(scenario: Scenario) -> dict:
+    policy_hz = scenario.policy_hz
+    if SIMULATION_HZ % policy_hz:
+        raise ValueError(f"scenario {scenario.name!r}: policy_hz must divide {SIMULATION_HZ} for the embedded "
+                         f"backend; allowed: 1, 3, 5, 15")
+    config = {
+        "action": {"type": "ContinuousAction", "acceleration_range": (-_ACCEL_SCALE, _ACCEL_SCALE),
+                   "steering_range": (-STEER_RANGE, STEER_RANGE), "speed_range": (0.0, 40.0)},
+        "observation": {"type": "Kinematics", "vehicles_count": 1},
+        "simulation_frequency": SIMULATION_HZ,
+        "policy_frequency": int(policy_hz),
+        "duration": 10 * scenario.duration_s,  # the harness times routes out, not highway-env
+        "offscreen_rendering": True,
+        "vehicles_count": scenario.vehicles,
+        "vehicles_density": scenario.density,
+        "lanes_count": scenario.lanes,
+        "screen_width": 640,
+        "screen_height": 320,
+    }
+    if scenario.kind == "roundabout":
+        config["roundabout_lanes"] = min(scenario.lanes, 2)
+    if scenario.kind == "intersection":
+        config.update(destination=None, initial_vehicle_count=scenario.vehicles,
+                      spawn_probability=min(0.1 * scenario.density * 6, 1.0))
+    return config
+
+
+class HighwayBackend:
+    """Backend protocol on highway-env."""
+
+    def __init__(self, scenario: Scenario, render: bool = False):
+        self.scenario = scenario
+        self.env = _ENVS[scenario.kind](config=_config(scenario), render_mode="rgb_array" if render else None)
+        self.dt = 1.0 / scenario.policy_hz
+        self._route = np.zeros((0, 2))
+        self._rng = np.random.default_rng(0)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def reset(self, seed: int) -> BackendState:
+        self.env.reset(seed=seed)
+        self._rng = np.random.default_rng(seed)
+        road = self.env.unwrapped.road
+        for lane in road.network.lanes_list():
+            lane.speed_limit = self.scenario.speed_limit_mps
+        ego = self.ego
+        for vehicle in road.vehicles:
+            if vehicle is not ego and hasattr(vehicle, "target_speed"):
+                vehicle.target_speed = self.scenario.speed_limit_mps * self._rng.uniform(0.75, 1.0)
+        ego.speed = min(ego.speed, self.scenario.speed_limit_mps)
+        self._route = self._plan_route()
+        if self.scenario.pedestrians:
+            self._spawn_pedestrians()
+        self._time = 0.0
+        self._control = Control()
+        self._last_speed = ego.speed
+        self._crashed_before = {id(o) for o in self._road_users() if o.crashed}
+        return self._state(accel=0.0)
+
+    def route_polyline(self) -> np.ndarray:
+        return self._route
+
+    def step(self, control: Control) -> tuple[BackendState, StepEvents]:
+        ego = self.ego
+        accel = MAX_ACCEL * control.throttle - MAX_DECEL * control.brake
+        if ego.speed > 0.1:
+            accel -= ROLLING_DECEL
+        accel = max(accel, -ego.speed / self.dt)  # brakes stop the car; they never reverse it
+        self.env.step(np.array([accel / _ACCEL_SCALE, control.steer], np.float32))
+        self._time += self.dt
+        self._control = control
+        speed = ego.speed
+        state = self._state(accel=(speed - self._last_speed) / self.dt)
+        self._last_speed = speed
+        events = self._collision_events()
+        return state, StepEvents(events=events, ended=ego.crashed)
+
+    def render(self) -> np.ndarray | None:
+        return self.env.render() if self.env.render_mode == "rgb_array" else None
+
+    def close(self) -> None:
+        self.env.close()
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def ego(self) -> Vehicle:
+        return self.env.unwrapped.vehicle
+
+    def _road_users(self) -> list[RoadObject]:
+        road = self.env.unwrapped.road
+        return [*road.vehicles, *road.objects]
+
+    def _state(self, accel: float) -> BackendState:
+        ego = self.ego
+        road = self.env.unwrapped.road
+        others = [v for v in road.vehicles if v is not ego]
+        vehicles = np.array([(*v.position, *v.velocity, v.heading, v.LENGTH, v.WIDTH)
+                             for v in others if not isinstance(v, Pedestrian)]).reshape(-1, 7)
+        walkers = np.array([(*p.position, *p.velocity) for p in others if isinstance(p, Pedestrian)]).reshape(-1, 4)
+        lane = ego.lane
+        ego_state = EgoState(x=float(ego.position[0]), y=float(ego.position[1]), yaw=float(ego.heading),
+                             speed=float(ego.speed), accel=float(accel), speed_limit=float(lane.speed_limit),
+                             throttle=self._control.throttle, brake=self._control.brake, steer=self._control.steer)
+        return BackendState(ego=ego_state, objects=WorldObjects(vehicles=vehicles, pedestrians=walkers),
+                            outside_route_lanes=self._outside_lanes(), sim_time_s=self._time)
+
+    def _outside_lanes(self) -> bool:
+        """Off every lane, or on a lane of the opposite direction (OutsideRouteLanesTest's two cases)."""
+        ego = self.ego
+        lane = ego.lane
+        s, _ = lane.local_coordinates(ego.position)
+        wrong_way = abs((lane.heading_at(s) - ego.heading + np.pi) % (2 * np.pi) - np.pi) > np.pi / 2
+        return (not lane.on_lane(ego.position)) or wrong_way
+
+    def _collision_events(self) -> list[Event]:
+        """Ego collisions, typed by what was hit: highway-env flags both parties as crashed."""
+        ego = self.ego
+        newly = [o for o in self._road_users() if o.crashed and id(o) not in self._crashed_before and o is not ego]
+        self._crashed_before |= {id(o) for o in newly}
+        if not ego.crashed or id(ego) in self._crashed_before:
+            return []
+        self._crashed_before.add(id(ego))
+        candidates = newly or [o for o in self._road_users() if o is not ego]
+        other = min(candidates, key=lambda o: np.linalg.norm(o.position - ego.position))
+        if isinstance(other, Pedestrian):
+            kind = EventKind.COLLISION_PEDESTRIAN
+        elif isinstance(other, (Obstacle,)) or not isinstance(other, Vehicle):
+            kind = EventKind.COLLISION_STATIC
+        else:
+            kind = EventKind.COLLISION_VEHICLE
+        step = int(round(self._time / self.dt))
+        return [Event(kind, step, detail=f"hit {type(other).__name__} at {other.speed:.1f} m/s")]
+
+    # -- routes ----------------------------------------------------------------------------------
+    def _plan_route(self) -> np.ndarray:
+        ego = self.ego
+        network = self.env.unwrapped.road.network
+        kind = self.scenario.kind
+        if kind in ("highway_cruise", "dense_highway"):
+            lane = ego.lane
+            s0 = lane.local_coordinates(ego.position)[0]
+            return np.array([lane.position(s, 0.0) for s in np.arange(s0, s0 + self.scenario.route_length_m, 5.0)])
+        if kind == "onramp_merge":
+            return self._merge_route()
+        destination = {"roundabout": ["exr", "nxr", "wxr"], "intersection": ["o1", "o2", "o3"]}[kind]
+        goal = destination[int(self._rng.integers(len(destination)))]
+        start = ego.lane_index
+        path = network.shortest_path(start[1], goal)
+        lanes = [network.get_lane(start)]
+        for a, b in zip(path[:-1], path[1:]):
+            # Of a road's parallel lanes, continue on the one that starts where the last one ends.
+            end = lanes[-1].position(lanes[-1].length, 0.0)
+            lanes.append(min(network.graph[a][b], key=lambda l: np.linalg.norm(l.position(0.0, 0.0) - end)))
+        s0 = lanes[0].local_coordinates(ego.position)[0]
+        points = [lanes[0].position(s, 0.0) for s in np.arange(s0, lanes[0].length, 2.0)]
+        for lane in lanes[1:]:
+            points += [lane.position(s, 0.0) for s in np.arange(0.0, lane.length, 2.0)]
+        if kind == "intersection":  # the exit road is long: finish 40 m past the junction
+            points = points[: len(points) - int(max(lanes[-1].length - 40.0, 0.0) / 2.0)]
+        return np.array(points)
+
+    def _merge_route(self) -> np.ndarray:
+        network = self.env.unwrapped.road.network
+        lanes = self.scenario.lanes
+        ramp, converge = network.get_lane(("j", "k", 0)), network.get_lane(("k", "b", 0))
+        merge, target = network.graph["b"]["c"][lanes], network.get_lane(("b", "c", lanes - 1))
+        after = network.get_lane(("c", "d", lanes - 1))
+        s0 = ramp.local_coordinates(self.ego.position)[0]
+        points = [ramp.position(s, 0.0) for s in np.arange(s0, ramp.length, 2.0)]
+        points += [converge.position(s, 0.0) for s in np.arange(0.0, converge.length, 2.0)]
+        for s in np.arange(0.0, merge.length, 2.0):  # blend from the merge lane into the highway lane
+            w = np.clip((s / merge.length - 0.2) / 0.5, 0.0, 1.0)
+            points.append((1 - w) * merge.position(s, 0.0) + w * target.position(s, 0.0))
+        points += [after.position(s, 0.0) for s in np.arange(0.0, after.length - 90.0, 2.0)]
+        return np.array(points)
+
+    def _spawn_pedestrians(self) -> None:
+        """Walkers crossing the route's road ahead of the ego, timed to meet it."""
+        road = self.env.unwrapped.road
+        route = self._route
+        arc = np.concatenate(([0.0], np.cumsum(np.hypot(*np.diff(route, axis=0).T))))
+        for _ in range(self.scenario.pedestrians):
+            s = self._rng.uniform(0.25, 0.7) * arc[-1]
+            i = int(np.searchsorted(arc, s))
+            i = min(max(i, 1), len(route) - 1)
+            direction = route[i] - route[i - 1]
+            heading = np.arctan2(direction[1], direction[0])
+            side = self._rng.choice([-1.0, 1.0])
+            normal = np.array([-np.sin(heading), np.cos(heading)]) * side
+            start = route[i] + normal * self._rng.uniform(6.0, 10.0)
+            walker = Pedestrian(road, start, heading=float(np.arctan2(-normal[1], -normal[0])),
+                                speed=float(self._rng.uniform(1.0, 1.6)))
+            walker.check_collisions = True
+            road.vehicles.append(walker)

@@ -1,0 +1,45 @@
+"""Per-step compute: what the agent and the simulator spent, recorded for every step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+
+@dataclass
+class StepCompute:
+    agent_wall_s: float = 0.0
+    agent_cpu_s: float = 0.0       # process CPU time during act(): all threads
+    sim_wall_s: float = 0.0        # backend step (simulator) wall time
+    # Filled by model-backed agents (NaN otherwise).
+    tokens_in: float = float("nan")
+    tokens_out: float = float("nan")
+    dense_flops: float = float("nan")
+    effective_flops: float = float("nan")  # counting only non-zero weights
+    params: float = float("nan")
+    nonzero_params: float = float("nan")
+    peak_mem_bytes: float = float("nan")
+
+
+COMPUTE_FIELDS = tuple(f.name for f in fields(StepCompute))
+# Per-episode aggregates written to the episodes table.
+AGGREGATED_FIELDS = ("agent_wall_s", "agent_cpu_s", "sim_wall_s", "tokens_in", "tokens_out",
+                     "dense_flops", "effective_flops")
+
+
+def aggregate(columns: dict[str, np.ndarray]) -> dict[str, float]:
+    """mean, p50 and p95 of each aggregated field over an episode's steps, plus model sizes."""
+    out: dict[str, float] = {}
+    for name in AGGREGATED_FIELDS:
+        values = np.asarray(columns[name], np.float64)
+        values = values[np.isfinite(values)]
+        if len(values) == 0:
+            out[f"{name}_mean"] = out[f"{name}_p50"] = out[f"{name}_p95"] = float("nan")
+            continue
+        out[f"{name}_mean"] = float(values.mean())
+        out[f"{name}_p50"], out[f"{name}_p95"] = (float(v) for v in np.percentile(values, [50, 95]))
+    for name in ("params", "nonzero_params", "peak_mem_bytes"):
+        values = np.asarray(columns[name], np.float64)
+        values = values[np.isfinite(values)]
+        out[name] = float(values.max()) if len(values) else float("nan")
+    return out

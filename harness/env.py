@@ -1,0 +1,131 @@
+"""The Gymnasium environment: one scenario on one backend, object-level observations,
+CARLA-style continuous control, Leaderboard events in `info`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+
+from harness.action import Control, action_space
+from harness.backends.base import Backend, BackendState
+from harness.criteria import RouteCriteria
+from harness.events import COLLISIONS, Event
+from harness.observation import build_observation, observation_space
+from harness.route import Route
+from scenarios.loader import Scenario
+
+
+@dataclass
+class EpisodeOutcome:
+    """What the scorer needs at the end of an episode; the env's last `info["outcome"]`."""
+
+    route_completion: float
+    route_length_m: float
+    events: list[Event]
+    collision_ended: bool
+    sim_time_s: float
+    efficiency: float
+    comfort: float
+    steps: int
+    outside_lanes_m: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def make_backend(scenario: Scenario, render: bool = False, **options) -> Backend:
+    if scenario.backend == "highway":
+        from harness.backends.highway import HighwayBackend
+
+        return HighwayBackend(scenario, render=render)
+    if scenario.backend == "carla":
+        from harness.backends.carla import CarlaBackend
+
+        return CarlaBackend(scenario, render=render, **options)
+    raise ValueError(f"scenario {scenario.name!r}: no backend for kind {scenario.kind!r}")
+
+
+class DriveEnv(gym.Env):
+    """Drive one scenario's route. `reset(seed=...)` picks the traffic; the route is the scenario's.
+
+    terminated: the route is finished, the ego crashed and the simulator stopped it, or a
+    route-ending criterion fired (deviation, blocked). truncated: the route timeout.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 15}
+
+    def __init__(self, scenario: Scenario, backend: Backend | None = None, render_mode: str | None = None,
+                 **backend_options):
+        self.scenario = scenario
+        self.render_mode = render_mode
+        self.backend = backend or make_backend(scenario, render=render_mode == "rgb_array", **backend_options)
+        self.observation_space = observation_space()
+        self.action_space = action_space()
+        self.metadata = {**self.metadata, "render_fps": int(round(1.0 / self.backend.dt))}
+        self.criteria: RouteCriteria | None = None
+        self._step = 0
+        self._collided = False
+        self._done = False
+
+    def _observe(self, state: BackendState) -> dict[str, np.ndarray]:
+        c = self.criteria
+        return build_observation(state.ego, c.route.ahead(c.segment), c.heading_error, c.lateral_m,
+                                 c.remaining_m, state.objects)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        episode_seed = int(self.np_random.integers(2**31 - 1)) if seed is None else int(seed)
+        state = self.backend.reset(episode_seed)
+        route = Route(self.backend.route_polyline())
+        self.criteria = RouteCriteria(route, self.backend.dt, self.scenario.duration_s,
+                                      self.scenario.blocked_s, self.scenario.deviation_m)
+        self.criteria.locate(state)
+        self._step = 0
+        self._collided = False
+        self._done = False
+        self._state = state
+        return self._observe(state), {"route_length_m": route.length, "sim_time_s": state.sim_time_s}
+
+    def step(self, action):
+        if self.criteria is None or self._done:
+            raise RuntimeError("call reset() before step(), and again after an episode ends")
+        control = action if isinstance(action, Control) else Control.from_array(action)
+        previous = self.criteria.route_completion
+        started = time.perf_counter()
+        state, step_events = self.backend.step(control)
+        sim_wall_s = time.perf_counter() - started
+        self._step += 1
+        self._state = state
+        events = self.criteria.update(state, self._step, step_events.events)
+        self._collided = self._collided or any(e.kind in COLLISIONS for e in events)
+        completion = self.criteria.route_completion
+        terminated = completion >= 100.0 or step_events.ended or self.criteria.stopped
+        truncated = self.criteria.timed_out and not terminated
+        info = {"events": events, "route_completion": completion, "sim_time_s": state.sim_time_s,
+                "sim_wall_s": sim_wall_s}
+        if terminated or truncated:
+            info["events"] = events + self.criteria.finish(self._step)
+            info["outcome"] = self.outcome(collision_ended=step_events.ended and self._collided)
+            self._done = True
+        reward = (completion - previous) / 100.0  # route progress; the harness scores with the Leaderboard
+        return self._observe(state), float(reward), bool(terminated), bool(truncated), info
+
+    def outcome(self, collision_ended: bool) -> EpisodeOutcome:
+        c = self.criteria
+        return EpisodeOutcome(
+            route_completion=c.route_completion, route_length_m=c.route.length, events=list(c.events),
+            collision_ended=collision_ended, sim_time_s=self._state.sim_time_s, efficiency=c.efficiency,
+            comfort=c.comfort, steps=self._step, outside_lanes_m=c.outside_m,
+        )
+
+    def render(self):
+        return self.backend.render()
+
+    def close(self):
+        self.backend.close()
+
+
+def register() -> None:
+    """Register `prunedrive/Drive-v0` (kwargs: scenario=Scenario)."""
+    if "prunedrive/Drive-v0" not in gym.registry:
+        gym.register(id="prunedrive/Drive-v0", entry_point="harness.env:DriveEnv")

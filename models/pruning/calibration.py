@@ -1,0 +1,147 @@
+"""Calibration data and the block-by-block machinery shared by Wanda, SparseGPT and OWL.
+
+A calibration set is a list of LM forward-kwarg dicts, one sequence each:
+`{"inputs_embeds": FloatTensor[1, T, H] | "input_ids": LongTensor[1, T], "attention_mask": LongTensor[1, T]}`.
+Samples are assumed unpadded (batch 1): padded tokens would be counted in the input statistics.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from models.pruning.masks import decoder_layers, find_linears
+
+FORWARD_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+
+
+class _StopForward(Exception):
+    """Raised by the layer-0 hook: nothing past the first block needs computing."""
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@torch.no_grad()
+def capture_block_inputs(lm: nn.Module, calibration: list[dict]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Run the LM up to decoder block 0 and record, per sample, the hidden states and every keyword the
+    block receives (position_embeddings, attention_mask, position_ids, cache_position, ...), so blocks can
+    later be replayed one at a time whatever the transformers version passes them."""
+    layers = decoder_layers(lm)
+    device = next(lm.parameters()).device
+    hidden, kwargs = [], []
+
+    def catch(_module, args, kw):
+        kw = dict(kw)
+        hidden.append((args[0] if args else kw.pop("hidden_states")).detach())
+        kwargs.append(kw)
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with eval_mode(lm):
+            for sample in calibration:
+                inputs = {k: v.to(device) for k, v in sample.items() if k in FORWARD_KEYS}
+                with contextlib.suppress(_StopForward):
+                    lm(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    if not hidden:
+        raise ValueError("empty calibration set")
+    return hidden, kwargs
+
+
+def _output(out):
+    return out[0] if isinstance(out, tuple) else out  # older transformers return (hidden, ...)
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """One decoder block on the stored inputs; returns its outputs (the next block's inputs)."""
+    with eval_mode(block):
+        return [_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+
+
+@torch.no_grad()
+def feed_linears(run: Callable[[], object], linears: dict[str, nn.Linear], add: Callable[[str, torch.Tensor], None]):
+    """Call `run()` with hooks that hand each linear's input, flattened to [tokens, in_features] in fp32,
+    to `add(name, x)`."""
+    def hook(name):
+        return lambda _m, inp, _out: add(name, inp[0].detach().reshape(-1, inp[0].shape[-1]).float())
+
+    handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
+    try:
+        return run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def sequential_blocks(lm: nn.Module, calibration: list[dict], make_stats: Callable[[nn.Linear], object]) -> Iterator:
+    """Yield (block index, linears, stats) per decoder block, stats gathered on the block's current inputs.
+
+    The caller prunes the block before asking for the next one; the block is then re-run, so the
+    *pruned* outputs become the next block's calibration inputs (sequential, as Wanda/SparseGPT/OWL do).
+    """
+    hidden, kwargs = capture_block_inputs(lm, calibration)
+    for i, block in enumerate(decoder_layers(lm)):
+        linears = find_linears(block)
+        stats = {name: make_stats(lin) for name, lin in linears.items()}
+        feed_linears(lambda: run_block(block, hidden, kwargs), linears, lambda name, x: stats[name].add(x))
+        yield i, linears, stats
+        hidden = run_block(block, hidden, kwargs)
+
+
+def generic_text_calibration(tokenizer_vocab_size: int, n_samples: int = 128, length: int = 128, seed: int = 0,
+                             token_pool: torch.Tensor | None = None, bos_token_id: int | None = None) -> list[dict]:
+    """The generic-data ablation: shuffled-token sequences, carrying no driving content.
+
+    Without `token_pool`, token ids are drawn uniformly from [0, vocab) (a domain-free control).
+    With `token_pool` (a 1-D tensor of ids, e.g. a tokenized generic corpus), each sequence is a random draw
+    from that pool: real unigram statistics, word order destroyed. Neither is C4 (which Wanda/OWL use);
+    report results as "shuffled-token calibration". `bos_token_id` is prepended when given.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    body = length - (bos_token_id is not None)
+    samples = []
+    for _ in range(n_samples):
+        if token_pool is None:
+            ids = torch.randint(0, tokenizer_vocab_size, (body,), generator=gen)
+        else:
+            ids = token_pool[torch.randint(0, len(token_pool), (body,), generator=gen)]
+        if bos_token_id is not None:
+            ids = torch.cat([torch.tensor([bos_token_id]), ids])
+        samples.append({"input_ids": ids[None].long(), "attention_mask": torch.ones(1, length, dtype=torch.long)})
+    return samples
+
+
+def driving_calibration(samples: list[dict], n_samples: int | None = None, seed: int = 0) -> list[dict]:
+    """Driving-domain calibration from already-built LM forward kwargs (e.g. DrivingLLM prompt embeddings).
+
+    Keeps the LM input keys, adds an all-ones attention_mask when missing, and optionally takes a seeded
+    random subset of `n_samples`.
+    """
+    order = list(range(len(samples)))
+    if n_samples is not None and n_samples < len(order):
+        order = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed))[:n_samples].tolist()
+    out = []
+    for i in order:
+        s = samples[i]
+        x = s.get("inputs_embeds", s.get("input_ids"))
+        if x is None:
+            raise ValueError(f"calibration sample {i} has neither inputs_embeds nor input_ids")
+        if x.shape[0] != 1:
+            raise ValueError(f"calibration sample {i} must have batch size 1, got {tuple(x.shape)}")
+        sample = {k: v for k, v in s.items() if k in FORWARD_KEYS}
+        sample.setdefault("attention_mask", torch.ones(1, x.shape[1], dtype=torch.long))
+        out.append(sample)
+    return out

@@ -1,0 +1,2 @@
+import models.pruning
+def test_x(): pass
