@@ -128,11 +128,14 @@ def _project(points: np.ndarray, path: np.ndarray, arc: np.ndarray) -> tuple[np.
     return d[rows, k], arc[k] + t[rows, k] * np.sqrt(ab2[k])
 
 
-def _max_curvature(points: np.ndarray) -> float:
-    """Largest curvature of the polyline through `points` (Menger curvature of consecutive triples)."""
-    if len(points) < 3:
+def _max_curvature(points: np.ndarray, window: int = 4) -> float:
+    """Largest heading change per metre over `window` segments: averaging over ~10 m keeps the
+    kinks where two lanes join from reading as sharp bends."""
+    if len(points) < window + 1:
         return 0.0
-    p0, p1, p2 = points[:-2], points[1:-1], points[2:]
-    cross = np.abs((p1[:, 0] - p0[:, 0]) * (p2[:, 1] - p0[:, 1]) - (p1[:, 1] - p0[:, 1]) * (p2[:, 0] - p0[:, 0]))
-    sides = np.hypot(*(p1 - p0).T) * np.hypot(*(p2 - p1).T) * np.hypot(*(p2 - p0).T)
-    return float(np.max(2.0 * cross / np.maximum(sides, 1e-9)))
+    d = np.diff(points, axis=0)
+    headings = np.unwrap(np.arctan2(d[:, 1], d[:, 0]))
+    lengths = np.hypot(d[:, 0], d[:, 1])
+    turn = np.abs(headings[window:] - headings[:-window])
+    span = np.convolve(lengths, np.ones(window + 1), "valid")[: len(turn)]
+    return float(np.max(turn / np.maximum(span, 1e-6))) if len(turn) else 0.0

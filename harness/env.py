@@ -101,8 +101,8 @@ class DriveEnv(gym.Env):
         completion = self.criteria.route_completion
         terminated = completion >= 100.0 or step_events.ended or self.criteria.stopped
         truncated = self.criteria.timed_out and not terminated
-        info = {"events": events, "route_completion": completion, "sim_time_s": state.sim_time_s,
-                "sim_wall_s": sim_wall_s}
+        self.last_sim_wall_s = sim_wall_s  # kept out of `info`: timings differ run to run
+        info = {"events": events, "route_completion": completion, "sim_time_s": state.sim_time_s}
         if terminated or truncated:
             info["events"] = events + self.criteria.finish(self._step)
             info["outcome"] = self.outcome(collision_ended=step_events.ended and self._collided)

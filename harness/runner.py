@@ -54,7 +54,7 @@ def run_episode(env: DriveEnv, agent: Agent, scenario: Scenario, seed: int,
             columns["route_completion"].append(info["route_completion"])
             columns["agent_wall_s"].append(agent_wall_s)
             columns["agent_cpu_s"].append(agent_cpu_s)
-            columns["sim_wall_s"].append(info["sim_wall_s"])
+            columns["sim_wall_s"].append(env.last_sim_wall_s)
             for name in model_fields:
                 columns[name].append(report.get(name, np.nan))
             if terminated or truncated:

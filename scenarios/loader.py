@@ -132,13 +132,14 @@ def load_suite(name_or_path: str | Path) -> Suite:
 
 
 def _scenario(item: dict[str, Any], where: str) -> Scenario:
+    if "name" in item:
+        where = f"{where} ({item['name']!r})"
     for key in item:
         if key not in SCENARIO_FIELDS:
             raise ScenarioError(f"{where}: unknown field {key!r}; allowed: {', '.join(SCENARIO_FIELDS)}")
     for required in ("name", "kind"):
         if required not in item:
             raise ScenarioError(f"{where}: missing required field {required!r}")
-    where = f"{where} ({item['name']!r})"
     if item["kind"] not in KIND_BACKEND:
         raise ScenarioError(f"{where}: field 'kind' is {item['kind']!r}; allowed: {', '.join(KIND_BACKEND)}")
     values: dict[str, Any] = {"name": str(item["name"]), "kind": item["kind"]}

@@ -209,7 +209,7 @@ def dg2pf_prune(student: nn.Module, teacher: nn.Module, train_batches: Iterable,
     if path and os.path.exists(path):
         saved_state = torch.load(path, map_location="cpu", weights_only=True)  # our own file, tensors only
         student.load_state_dict(saved_state.pop("student"))
-        optimizer.load_state_dict(saved_state.pop("optimizer"))
+        saved_state.pop("optimizer")
         saved_state.pop("config", None)
         state.update(saved_state)
 

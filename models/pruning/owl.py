@@ -24,7 +24,7 @@ from torch import nn
 
 from models.pruning.calibration import sequential_blocks
 from models.pruning.magnitude import prune_magnitude
-from models.pruning.masks import parse_pattern
+from models.pruning.masks import block_plan, parse_pattern
 from models.pruning.sparsegpt import prune_sparsegpt
 from models.pruning.wanda import ColumnNorms, prune_wanda, wanda_scores
 
@@ -57,7 +57,8 @@ def owl_layer_sparsities(lm: nn.Module, calibration: list[dict], sparsity: float
 
 def prune_owl(lm: nn.Module, calibration: list[dict], sparsity: float | None, base: str = "wanda", M: float = 5.0,
               lam: float = 0.08, pattern=None, **base_kwargs) -> list[float]:
-    """Prune with OWL per-block sparsities; returns the per-block sparsities given to the base method."""
+    """Prune with OWL per-block sparsities; returns the per-block sparsities applied (with a pattern:
+    round(sparsity_l * m) / m, see `block_plan`)."""
     if base not in BASES:
         raise ValueError(f"OWL base must be one of {sorted(BASES)}, got {base!r}")
     nm = parse_pattern(pattern)
@@ -67,4 +68,4 @@ def prune_owl(lm: nn.Module, calibration: list[dict], sparsity: float | None, ba
         prune_magnitude(lm, target, pattern, layer_sparsities)
     else:
         BASES[base](lm, calibration, target, pattern, layer_sparsities, **base_kwargs)
-    return layer_sparsities
+    return [s for s, _ in block_plan(len(layer_sparsities), target, pattern, layer_sparsities)]
