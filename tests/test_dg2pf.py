@@ -12,6 +12,16 @@ from models.pruning.dg2pf import (CHECKPOINT, DG2PFConfig, causal_lm_forward, dg
 from models.pruning.masks import find_linears
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matrices: thread overhead dominates, and on a shared 2-core box two threads can be 10x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_lm(seed=0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -121,24 +131,32 @@ def test_dg2pf_reaches_target_and_applies_mask(scope):
     assert torch.isfinite(student(**{k: v for k, v in batches(1, 3)[0].items() if k != "labels"}).logits).all()
 
 
+def counting(counter):
+    def forward(model, batch):
+        counter["n"] += 1
+        return causal_lm_forward(model, batch)
+    return forward
+
+
 def test_dg2pf_resumes_from_checkpoint(tmp_path):
-    fresh = tiny_lm()
-    run(fresh)
-    calls = {"n": 0}
+    fresh, full_calls = tiny_lm(), {"n": 0}
+    run(fresh, forward=counting(full_calls))
 
     def crashing_forward(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 6:  # epoch 1 is 2 batches x (teacher + student) = 4 calls: crash inside epoch 2
+        crash_calls["n"] += 1
+        if crash_calls["n"] == 6:  # epoch 1 is 2 batches x (teacher + student) = 4 calls: crash inside epoch 2
             raise RuntimeError("simulated crash")
         return causal_lm_forward(model, batch)
 
+    crash_calls = {"n": 0}
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tiny_lm(), tmp_path, crashing_forward)
     state = torch.load(os.path.join(tmp_path, CHECKPOINT), weights_only=True)
     assert state["phase"] == "gradual" and state["epoch"] == 1
 
-    resumed = tiny_lm()  # a new process would rebuild the model from scratch
-    report = run(resumed, tmp_path)
+    resumed, calls = tiny_lm(), {"n": 0}  # a new process would rebuild the model from scratch
+    report = run(resumed, tmp_path, counting(calls))
+    assert calls["n"] == full_calls["n"] - 4  # epoch 1 was not redone
     assert [h["epoch"] for h in report["history"] if h["phase"] == "gradual"][:3] == [1, 2, 3]
     for a, b in zip(weights(fresh).values(), weights(resumed).values()):
         assert torch.allclose(a, b, atol=1e-6)  # same result as the uninterrupted run
@@ -146,5 +164,4 @@ def test_dg2pf_resumes_from_checkpoint(tmp_path):
     def must_not_run(model, batch):
         raise AssertionError("a finished run should not train again")
 
-    again = tiny_lm()
-    assert run(again, tmp_path, must_not_run)["global"] == 0.5
+    assert run(tiny_lm(), tmp_path, must_not_run)["global"] == 0.5

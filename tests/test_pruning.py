@@ -17,6 +17,16 @@ from models.pruning.wanda import ColumnNorms, wanda_prune_linear
 VOCAB = 100
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matrices: thread overhead dominates, and on a shared 2-core box two threads can be 10x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_lm(layers=2, seed=0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,

@@ -90,11 +90,16 @@ def task_loss(logits, labels) -> torch.Tensor:
     return F.cross_entropy(s, y)
 
 
+def next_token(logits: torch.Tensor, labels: torch.Tensor):
+    """Align unshifted causal-LM outputs: position t's logits predict labels[t + 1].
+    For DrivingLLM (whose forward returns unshifted logits, labels): `lambda m, b: next_token(*m(b))`."""
+    return logits[:, :-1], labels[:, 1:]
+
+
 def causal_lm_forward(model: nn.Module, batch: dict):
-    """forward for a HF causal LM batch with `labels` (-100 = no loss): shift so logits[t] predicts labels[t+1]."""
+    """`forward` for a HF causal LM batch with `labels` (-100 = no loss)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
-    return logits[:, :-1], batch["labels"][:, 1:]
+    return next_token(model(**inputs).logits, batch["labels"])
 
 
 @torch.no_grad()
@@ -209,7 +214,7 @@ def dg2pf_prune(student: nn.Module, teacher: nn.Module, train_batches: Iterable,
     if path and os.path.exists(path):
         saved_state = torch.load(path, map_location="cpu", weights_only=True)  # our own file, tensors only
         student.load_state_dict(saved_state.pop("student"))
-        saved_state.pop("optimizer")
+        optimizer.load_state_dict(saved_state.pop("optimizer"))
         saved_state.pop("config", None)
         state.update(saved_state)
 
@@ -217,7 +222,7 @@ def dg2pf_prune(student: nn.Module, teacher: nn.Module, train_batches: Iterable,
         if path:
             os.makedirs(checkpoint_dir, exist_ok=True)
             torch.save({**state, "student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                        "config": {k: v for k, v in asdict(config).items() if k != "exclude"}}, path + ".tmp")
+                        "config": asdict(config)}, path + ".tmp")
             os.replace(path + ".tmp", path)  # never leave a half-written checkpoint
 
     def end_of_epoch(masks, train_loss):
@@ -244,21 +249,20 @@ def dg2pf_prune(student: nn.Module, teacher: nn.Module, train_batches: Iterable,
                 masks = magnitude_masks(params, sparsity, config.scope)
             losses.append(gradual_step(student, teacher, batch, forward, optimizer, params, masks, config))
         train_loss = _mean(losses)
-        masks = magnitude_masks(params, sparsity, config.scope)
-        # during the ramp the pruned model is expected to get worse: only judge once S is reached
-        stop = epoch >= config.sparsity_epochs and end_of_epoch(masks, train_loss)
-        if epoch < config.sparsity_epochs:
+        if epoch < config.sparsity_epochs:  # the ramp makes the pruned model worse: judge only once S is reached
+            stop = False
             state["history"].append({"phase": "gradual", "epoch": epoch, "sparsity": sparsity,
                                      "train_loss": train_loss, "val_loss": None})
+        else:
+            stop = end_of_epoch(magnitude_masks(params, sparsity, config.scope), train_loss)
         if stop or epoch >= max(config.max_epochs, config.sparsity_epochs):
             if state["best_student"] is not None:
                 student.load_state_dict(state["best_student"])
             state["final_mask"] = magnitude_masks(params, config.sparsity, config.scope)
-            state.update(phase="finetune", epoch=0, bad_epochs=0, best_val_gradual=state["best_val"],
-                         best_student=None)
+            state.update(phase="finetune", epoch=0, bad_epochs=0, best_val_gradual=state["best_val"])
             _zero(params, state["final_mask"])
             optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-            state["best_student"] = {k: t.detach().clone() for k, t in student.state_dict().items()}
+            state["best_student"] = {k: t.detach().clone() for k, t in student.state_dict().items()}  # baseline
         checkpoint()
 
     # Phase 2: pruned fine-tuning with the fixed final mask
