@@ -9,6 +9,7 @@ import numpy as np
 
 from harness.action import Control
 from harness.observation import EGO_FEATURES, TRAFFIC_LIGHT_STATES
+from harness.route import project_points
 from scenarios.loader import Scenario
 
 _SPEED = EGO_FEATURES.index("speed_mps")
@@ -82,7 +83,7 @@ class ExpertAgent:
         arc = np.concatenate(([0.0], np.cumsum(np.hypot(*np.diff(path, axis=0).T))))
         if len(objects):
             # Lead vehicles: inside the corridor along the route now.
-            d_to_path, s_along = _project(objects[:, :2], path, arc)
+            d_to_path, s_along = project_points(objects[:, :2], path)
             in_corridor = d_to_path < c.corridor_half_width_m
             if in_corridor.any():
                 k = np.argmin(np.where(in_corridor, s_along, np.inf))
@@ -114,18 +115,6 @@ class ExpertAgent:
         desired = c.min_gap_m + speed * c.time_headway_s + speed * (speed - lead_speed) / (
             2.0 * np.sqrt(c.comfort_accel * c.comfort_decel))
         return c.comfort_accel * (free - (max(desired, 0.0) / gap) ** 2)
-
-
-def _project(points: np.ndarray, path: np.ndarray, arc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distance of each point to the polyline and arc length of its foot."""
-    a, ab = path[:-1], np.diff(path, axis=0)
-    ab2 = np.maximum((ab**2).sum(axis=1), 1e-12)
-    t = np.clip(((points[:, None, :] - a[None]) * ab[None]).sum(axis=2) / ab2[None], 0.0, 1.0)
-    foot = a[None] + t[..., None] * ab[None]
-    d = np.hypot(*(points[:, None, :] - foot).transpose(2, 0, 1))
-    k = np.argmin(d, axis=1)
-    rows = np.arange(len(points))
-    return d[rows, k], arc[k] + t[rows, k] * np.sqrt(ab2[k])
 
 
 def _max_curvature(points: np.ndarray, window: int = 4) -> float:

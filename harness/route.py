@@ -56,3 +56,16 @@ class Route:
     def ahead(self, segment: int) -> np.ndarray:
         """The next ROUTE_POINTS points after the segment's start."""
         return self.points[segment + 1 : segment + 1 + ROUTE_POINTS]
+
+
+def project_points(points: np.ndarray, path: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distance of each point (n, 2) to the polyline `path` (p, 2), and the arc length of its foot."""
+    a, ab = path[:-1], np.diff(path, axis=0)
+    ab2 = np.maximum((ab**2).sum(axis=1), 1e-12)
+    t = np.clip(((points[:, None, :] - a[None]) * ab[None]).sum(axis=2) / ab2[None], 0.0, 1.0)
+    foot = a[None] + t[..., None] * ab[None]
+    d = np.hypot(*(points[:, None, :] - foot).transpose(2, 0, 1))
+    k = np.argmin(d, axis=1)
+    rows = np.arange(len(points))
+    arc = np.concatenate(([0.0], np.cumsum(np.sqrt(ab2))))
+    return d[rows, k], arc[k] + t[rows, k] * np.sqrt(ab2[k])

@@ -22,3 +22,14 @@ def tiny_suite(tmp_path) -> Path:
         "    duration_s: 12\n"
     )
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny matrices: thread overhead dominates, and on a shared 2-core box two threads can be 10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,13 +13,7 @@ from models.pruning.masks import find_linears
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: thread overhead dominates, and on a shared 2-core box two threads can be 10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_lm(seed=0):

@@ -18,13 +18,7 @@ VOCAB = 100
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: thread overhead dominates, and on a shared 2-core box two threads can be 10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_lm(layers=2, seed=0):
