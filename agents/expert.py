@@ -30,8 +30,8 @@ class ExpertConfig:
     vehicle_length_m: float = 5.0
     max_lateral_accel: float = 2.5    # caps speed in curves
     horizon_s: float = 4.0            # how far ahead conflicts are predicted
-    conflict_radius_m: float = 3.2
-    corridor_half_width_m: float = 2.2
+    conflict_radius_m: float = 4.0
+    corridor_half_width_m: float = 2.5
 
 
 class ExpertAgent:
@@ -95,7 +95,9 @@ class ExpertAgent:
             ego_xy = np.stack((np.interp(ego_s, arc, path[:, 0]), np.interp(ego_s, arc, path[:, 1])), axis=1)
             predicted = objects[:, None, :2] + objects[:, None, 2:4] * times[None, :, None]
             close = np.hypot(*(predicted - ego_xy[None]).transpose(2, 0, 1)) < c.conflict_radius_m
-            crossing = close.any(axis=1) & ~in_corridor
+            # Something standing beside the path (a car waiting at its give-way line) is not crossing it.
+            moving = np.hypot(objects[:, 2], objects[:, 3]) > 0.5
+            crossing = close.any(axis=1) & ~in_corridor & moving
             if crossing.any():
                 first = np.where(close[crossing].any(axis=0))[0][0]
                 gap = min(gap, ego_s[first] - c.vehicle_length_m - c.min_gap_m)
