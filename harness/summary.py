@@ -29,9 +29,9 @@ def summarize(episodes: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         row["efficiency"] = float(np.nanmean(group["efficiency"])) if group["efficiency"].notna().any() else np.nan
         row["comfort"] = float(np.nanmean(group["comfort"])) if group["comfort"].notna().any() else np.nan
         row["failed"] = int((group["status"] == "failed").sum())
-        row["agent_wall_ms_p50"] = 1000 * float(np.nanmedian(group["agent_wall_s_p50"]))
-        row["agent_wall_ms_p95"] = 1000 * float(np.nanmax(group["agent_wall_s_p95"]))
-        row["sim_wall_ms_p50"] = 1000 * float(np.nanmedian(group["sim_wall_s_p50"]))
+        for name, reduce in (("agent_wall_s_p50", np.median), ("agent_wall_s_p95", np.max), ("sim_wall_s_p50", np.median)):
+            values = group[name].dropna()
+            row[name.replace("_s_", "_ms_")] = 1000 * float(reduce(values)) if len(values) else np.nan
         for name in ("effective_flops_mean", "nonzero_params"):
             if name in group:
                 row[name] = float(group[name].mean())
@@ -69,6 +69,9 @@ def print_tables(episodes: pd.DataFrame, console=None) -> None:
                         f"{r.success_rate:.0f}", f"{r.efficiency:.0f}", f"{r.comfort:.0f}", str(r.failed),
                         f"{r.agent_wall_ms_p50:.2f}", f"{r.agent_wall_ms_p95:.2f}")
     console.print(overall)
+    for _, row in episodes[episodes.status == "failed"].iterrows():
+        last_line = row.error.strip().splitlines()[-1] if row.error.strip() else "unknown error"
+        console.print(f"[red]failed[/red] {row.agent} {row.scenario} seed={row.seed}: {last_line}")
 
 
 def _pm(mean: float, std: float, digits: int = 1) -> str:
