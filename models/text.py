@@ -35,7 +35,7 @@ QUESTIONS = {
     "action": "What are your actions?",
 }
 PERCEPTION_KINDS = ("objects", "lead", "light")
-REASONS = ("cruising", "following the lead car", "yielding", "stopping for the red light",
+REASONS = ("cruising", "following the lead car", "yielding", "stopping for the traffic light",
            "slowing for the curve", "the route ends")
 
 

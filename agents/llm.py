@@ -1,0 +1,116 @@
+"""The driving LLM as an agent: observation -> latent tokens + the action question -> greedy answer -> Control.
+
+An answer that does not parse gives the safe action (full brake) and is counted in `parse_failures`;
+it never ends the episode.
+
+Compute per act() (`last_compute()`), counted analytically from the shapes actually run:
+  linear FLOPs  = sum over nn.Linear of 2 * W * rows, W = weight.numel() (dense) or its non-zeros
+                  (effective); rows = tokens through that layer: encoder layers (measured once by hooks
+                  on a dummy call; padded object slots are computed, so they count), decoder layers: every
+                  LM token processed (latents + prompt, then each fed-back token), lm_head: one row per
+                  generated token (the prefill keeps only the last position's logits).
+  attention     = 4 * d_attn * (query rows x key rows): LM causal prefill T(T+1)/2 per layer, each
+                  decode step attends to its whole context; encoder object self-attention and latent
+                  cross-attention likewise. Same in dense and effective (masks do not skip scores).
+  Norms, activations, softmax, rotary and biases are ignored (<2% here).
+peak_mem_bytes: the process's peak resident set (getrusage ru_maxrss): what the OS saw, simulator and
+  Python included; monotonic over the process, so compare it across processes, not within one.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from harness.action import BRAKE, Control
+from harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES
+from models import text
+from models.driving_llm import OBS_SHAPES, DrivingLLM, collate
+from scenarios.loader import Scenario
+
+
+def _linear_weights(module: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+class LLMAgent:
+    def __init__(self, model: DrivingLLM | str | Path, name: str | None = None, max_new_tokens: int = 24,
+                 full_answer: bool = False):
+        """model: a DrivingLLM or a directory saved by save_pretrained. full_answer=False stops decoding once
+        the actions are complete (at "Reason"), saving the reason's tokens."""
+        self.model = model if isinstance(model, DrivingLLM) else DrivingLLM.from_pretrained(model)
+        self.model.eval()
+        self.name = name or f"llm-{self.model.config.preset}"
+        self.max_new_tokens = max_new_tokens
+        self.stop_text = None if full_answer else "Reason"
+        self.prompt = text.prompt("action")
+        self.parse_failures = 0
+        self.steps = 0
+        self.last_text = ""
+        self._last: dict[str, float] = {}
+        self._encoder_rows = self._measure_encoder_rows()
+        self.refresh_compute()
+
+    # -- Agent protocol ----------------------------------------------------------------------------
+    def reset(self, scenario: Scenario) -> None:
+        self.refresh_compute()  # weights may have been pruned since the last episode
+
+    def act(self, observation: dict[str, np.ndarray]) -> Control:
+        ids, stats = self.model.generate(collate([observation]), self.prompt, self.max_new_tokens, self.stop_text)
+        self.last_text = self.model.tokenizer.decode(ids[0])
+        control = text.parse_action(self.last_text)
+        self.steps += 1
+        if control is None:
+            self.parse_failures += 1
+            control = BRAKE
+        self._last = self._compute(stats["tokens_in"], stats["decode_steps"], len(ids[0]))
+        return control
+
+    def last_compute(self) -> dict[str, float]:
+        return dict(self._last)
+
+    # -- compute accounting ------------------------------------------------------------------------
+    def refresh_compute(self) -> None:
+        """Re-read weight sizes and non-zeros (call after pruning the model in place)."""
+        m = self.model
+        unique = {id(p): p for p in m.parameters()}.values()
+        self.params = sum(p.numel() for p in unique)
+        self.nonzero_params = sum(int(torch.count_nonzero(p)) for p in unique)
+        dense_nnz = lambda lin: (lin.weight.numel(), int(torch.count_nonzero(lin.weight)))  # noqa: E731
+        self._decoder = np.sum([dense_nnz(l) for l in _linear_weights(m.lm.model.layers).values()], axis=0)
+        self._head = np.array(dense_nnz(m.lm.get_output_embeddings()))
+        enc = _linear_weights(m.encoder)
+        self._encoder = np.sum([2 * self._encoder_rows.get(n, 0) * np.array(dense_nnz(l)) for n, l in enc.items()],
+                               axis=0)
+
+    def _measure_encoder_rows(self) -> dict[str, int]:
+        rows: dict[str, int] = {}
+        hooks = [lin.register_forward_hook(lambda mod, inp, out, n=n: rows.__setitem__(n, inp[0][..., 0].numel()))
+                 for n, lin in _linear_weights(self.model.encoder).items()]
+        try:
+            with torch.no_grad():
+                self.model.encoder(collate([{k: np.zeros(s, np.float32) for k, s in OBS_SHAPES.items()}]))
+        finally:
+            for h in hooks:
+                h.remove()
+        return rows
+
+    def _compute(self, tokens_in: int, decode_steps: int, tokens_out: int) -> dict[str, float]:
+        cfg = self.model.lm.config
+        d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+        processed = tokens_in + decode_steps
+        pairs = tokens_in * (tokens_in + 1) // 2 + sum(tokens_in + j + 1 for j in range(decode_steps))
+        lm_attention = 4 * d_attn * pairs * cfg.num_hidden_layers
+        e = self.model.config
+        objects = 3 + MAX_VEHICLES + MAX_PEDESTRIANS  # ego, route, light + all slots (padded ones are computed)
+        enc_attention = 4 * e.enc_dim * (objects * objects + e.num_latents * objects)
+        dense, effective = (2 * processed * self._decoder + 2 * (1 + decode_steps) * self._head + self._encoder
+                            + lm_attention + enc_attention)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return {"tokens_in": float(tokens_in), "tokens_out": float(tokens_out), "dense_flops": float(dense),
+                "effective_flops": float(effective), "params": float(self.params),
+                "nonzero_params": float(self.nonzero_params), "peak_mem_bytes": float(peak)}

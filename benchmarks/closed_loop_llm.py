@@ -1,0 +1,90 @@
+"""Closed-loop check of the driving LLM against the expert on the same episodes.
+
+    python benchmarks/closed_loop_llm.py --suite smoke
+    python benchmarks/closed_loop_llm.py --model ~/.cache/prunedrive/models/small-<hash> --suite standard --seeds 2
+
+Prints one row per episode (Leaderboard driving score of both agents, LLM status, parse failures and
+ms per LLM step) and the means; --out writes the rows as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agents.expert import ExpertAgent  # noqa: E402
+from agents.llm import LLMAgent  # noqa: E402
+from harness.env import DriveEnv  # noqa: E402
+from harness.scoring import score_episode  # noqa: E402
+from scenarios.loader import load_suite  # noqa: E402
+
+
+def drive(env: DriveEnv, agent, scenario, seed: int) -> dict:
+    agent.reset(scenario)
+    obs, _ = env.reset(seed=seed)
+    agent_s, steps = 0.0, 0
+    while True:
+        t = time.perf_counter()
+        control = agent.act(obs)
+        agent_s += time.perf_counter() - t
+        obs, _, terminated, truncated, info = env.step(control)
+        steps += 1
+        if terminated or truncated:
+            break
+    o = info["outcome"]
+    s = score_episode(o.route_completion, o.events, o.collision_ended)
+    return {"driving_score": s.driving_score, "route_completion": s.route_completion, "status": s.status,
+            "penalty": s.infraction_penalty, "steps": steps, "ms_per_step": 1000 * agent_s / steps,
+            "infractions": {k: v for k, v in s.infractions.items() if v}}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model directory (default: the zoo's small model, trained if missing)")
+    p.add_argument("--suite", default="smoke")
+    p.add_argument("--seeds", type=int, default=None, help="first N seeds of each scenario (default: all)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.model is None:
+        from models.zoo import ensure_default_model
+        args.model = ensure_default_model("small")
+    llm = LLMAgent(args.model)
+    rows = []
+    for scenario in load_suite(args.suite).scenarios:
+        env = DriveEnv(scenario)
+        for seed in scenario.seeds[: args.seeds]:
+            failures = llm.parse_failures
+            row = {"scenario": scenario.name, "kind": scenario.kind, "seed": seed,
+                   "expert": drive(env, ExpertAgent(), scenario, seed), "llm": drive(env, llm, scenario, seed)}
+            row["llm"]["parse_failures"] = llm.parse_failures - failures
+            rows.append(row)
+            e, m = row["expert"], row["llm"]
+            print(f"{scenario.name:18s} seed {seed:5d}  expert {e['driving_score']:6.1f} ({e['status']:15s})  "
+                  f"llm {m['driving_score']:6.1f} ({m['status']:15s}) parse_fail {m['parse_failures']:3d}  "
+                  f"{m['ms_per_step']:5.0f} ms/step  {m['infractions']}", flush=True)
+        env.close()
+    expert = float(np.mean([r["expert"]["driving_score"] for r in rows]))
+    ours = float(np.mean([r["llm"]["driving_score"] for r in rows]))
+    print(f"mean driving score: expert {expert:.1f}  llm {ours:.1f}  ratio {ours / max(expert, 1e-9):.2f}")
+    by_kind = {}
+    for r in rows:
+        by_kind.setdefault(r["kind"], []).append((r["expert"]["driving_score"], r["llm"]["driving_score"]))
+    for kind, pairs in by_kind.items():
+        print(f"  {kind:15s} expert {np.mean([a for a, _ in pairs]):6.1f}  llm {np.mean([b for _, b in pairs]):6.1f}")
+    result = {"model": str(args.model), "suite": args.suite, "rows": rows, "expert_mean": expert, "llm_mean": ours}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Open-loop evaluation on a held-out split (Wayve "Driving with LLMs" Table 1 metrics).
+
+Every question is asked for every sampled row; answers are parsed with models/text.py. As in Wayve, an
+unparsable answer counts as an error of |label| (and as wrong for accuracies).
+
+  vehicle_count_error, pedestrian_count_error: MAE of the nearby counts
+  lead_presence_accuracy; lead_distance_error: MAE on rows that have a lead car
+  traffic_light_accuracy (state, "none" included); traffic_light_distance_error on rows with a light
+    (NaN when the split has none: the highway backend has no traffic lights)
+  lon_control_error: MAE of ((accel - brake) + 1) / 2; lat_control_error: MAE of signed steering
+  parse rates per question
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import text
+from models.dataset import Split, load_split
+from models.driving_llm import DrivingLLM, DrivingLLMConfig
+
+
+def _answers(model: DrivingLLM, split: Split, rows: np.ndarray, kind: str, batch_size: int) -> list[str]:
+    stop = "Reason" if kind == "action" else None  # the reason adds nothing to the action metrics
+    out = []
+    for i in range(0, len(rows), batch_size):
+        out += model.answer([split.observation(r) for r in rows[i:i + batch_size]], text.prompt(kind), 24, stop)
+    return out
+
+
+def _nan(x) -> float:
+    return float("nan") if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def evaluate_open_loop(model: DrivingLLM, dataset_split: Split | str | Path, max_samples: int | None = None,
+                       batch_size: int = 64) -> dict:
+    """Metrics of `model` on a split (a Split, a parquet file or a directory holding val.parquet)."""
+    split = dataset_split if isinstance(dataset_split, Split) else load_split(dataset_split, "val")
+    n = len(split)
+    rows = np.arange(n) if not max_samples or max_samples >= n else np.linspace(0, n - 1, max_samples).round().astype(int)
+    f = split.frame.iloc[rows]
+    model.eval()
+    with torch.no_grad():
+        answers = {k: _answers(model, split, rows, k, batch_size) for k in text.QUESTIONS}
+    m: dict[str, float] = {"n": int(len(rows))}
+
+    # Object counts.
+    parsed = [text.parse_objects(a) for a in answers["objects"]]
+    cars, peds = f["n_vehicles"].to_numpy(float), f["n_pedestrians"].to_numpy(float)
+    m["vehicle_count_error"] = float(np.mean([abs(p[0] - c) if p else abs(c) for p, c in zip(parsed, cars)]))
+    m["pedestrian_count_error"] = float(np.mean([abs(p[1] - c) if p else abs(c) for p, c in zip(parsed, peds)]))
+
+    # Lead car.
+    parsed = [text.parse_lead(a) for a in answers["lead"]]
+    lead = [_nan(x) for x in f["lead_distance_m"]]
+    has = [not math.isnan(d) for d in lead]
+    m["lead_presence_accuracy"] = float(np.mean([p is not None and p[0] == h for p, h in zip(parsed, has)]))
+    errors = [abs(p[1] - d) if p and p[0] and p[1] is not None else abs(d) for p, d, h in zip(parsed, lead, has) if h]
+    m["lead_distance_error"] = float(np.mean(errors)) if errors else float("nan")
+
+    # Traffic light.
+    parsed = [text.parse_light(a) for a in answers["light"]]
+    states = [None if math.isnan(_nan(s)) else int(s) for s in f["light_state"]]
+    dists = [_nan(x) for x in f["light_distance_m"]]
+    m["traffic_light_accuracy"] = float(np.mean([p is not None and p[0] == s for p, s in zip(parsed, states)]))
+    errors = [abs(p[1] - d) if p and p[1] is not None else abs(d) for p, d, s in zip(parsed, dists, states) if s is not None]
+    m["traffic_light_distance_error"] = float(np.mean(errors)) if errors else float("nan")
+
+    # Actions.
+    parsed = [text.parse_action(a) for a in answers["action"]]
+    lon = ((f["throttle"] - f["brake"]).to_numpy() + 1) / 2
+    lat = f["steer"].to_numpy()
+    m["lon_control_error"] = float(np.mean([abs((c.throttle - c.brake + 1) / 2 - y) if c else abs(y)
+                                            for c, y in zip(parsed, lon)]))
+    m["lat_control_error"] = float(np.mean([abs(c.steer - y) if c else abs(y) for c, y in zip(parsed, lat)]))
+    m["action_parse_rate"] = float(np.mean([c is not None for c in parsed]))
+    perception_ok = ([text.parse_objects(a) is not None for a in answers["objects"]]
+                     + [text.parse_lead(a) is not None for a in answers["lead"]]
+                     + [text.parse_light(a) is not None for a in answers["light"]])
+    m["perception_parse_rate"] = float(np.mean(perception_ok))
+    m["examples"] = {k: v[: 2] for k, v in answers.items()}
+    return m
+
+
+def random_model_like(model: DrivingLLM, seed: int = 0) -> DrivingLLM:
+    """An untrained model of the same sizes and tokenizer (the contrast row)."""
+    torch.manual_seed(seed)
+    cfg = DrivingLLMConfig(**{k: v for k, v in model.config.__dict__.items()})
+    cfg.preset = f"{model.config.preset}-random"
+    return DrivingLLM(cfg, model.tokenizer).eval()
+
+
+def cmd_eval_open(model_dir: str | Path | None = None, split_dir: str | Path | None = None,
+                  max_samples: int | None = 400, with_random: bool = True) -> dict:
+    """CLI entry (`prunedrive eval-open`): open-loop metrics of a trained model (default: the zoo's small model,
+    trained if missing) and of a random model of the same size on the held-out split (default: the model's
+    own val split). Prints a table, writes <model_dir>/eval_open.json, returns {"trained": ..., "random": ...}."""
+    from models.zoo import ensure_default_model
+
+    model_dir = Path(model_dir) if model_dir else ensure_default_model("small")
+    model = DrivingLLM.from_pretrained(model_dir)
+    if split_dir is None:
+        summary = model_dir / "train_summary.json"
+        split_dir = Path(json.loads(summary.read_text())["data_dir"]) if summary.is_file() else model_dir / "data"
+        if not (Path(split_dir) / "val.parquet").is_file():
+            from models.dataset import build_dataset
+            from models.presets import get_preset
+            build_dataset(split_dir, get_preset("small").data.val_episodes, split="val")
+    split = load_split(split_dir, "val")
+    results = {"trained": evaluate_open_loop(model, split, max_samples)}
+    if with_random:
+        results["random"] = evaluate_open_loop(random_model_like(model), split, max_samples)
+    _print(results)
+    (model_dir / "eval_open.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _print(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="open-loop evaluation (held-out split)")
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    for key, value in results["trained"].items():
+        if key != "examples":
+            table.add_row(key, *(f"{results[r][key]:.4g}" for r in results))
+    Console().print(table)

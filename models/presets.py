@@ -1,0 +1,72 @@
+"""Model + data + training recipes. A preset's hash names its trained model in the zoo, so changing any
+number here retrains the default model instead of silently reusing a stale one."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from models.driving_llm import DrivingLLMConfig
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    train_episodes: int = 60
+    val_episodes: int = 12       # one per training scenario
+    noise: float = 0.08          # per-step chance to start a perturbation burst (DAgger-style; labels stay expert)
+    max_steps: int | None = None  # per-episode cap (None: until the route ends)
+    scenarios: str = "train"     # suite with the training scenarios (scenarios/train.yaml)
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    steps: int = 1500
+    batch_size: int = 48
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: int = 50
+    min_lr_ratio: float = 0.05
+    perception_fraction: float = 0.5  # share of rows that also give a perception question per epoch
+    checkpoint_every: int = 250
+    log_every: int = 25
+    tokenizer_vocab: int = 768
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: dict
+    data: DataRecipe = field(default_factory=DataRecipe)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+
+    def model_config(self) -> DrivingLLMConfig:
+        return DrivingLLMConfig(**self.model, preset=self.name, config_hash=self.hash())
+
+    def hash(self) -> str:
+        blob = json.dumps({"name": self.name, "model": self.model, "data": asdict(self.data),
+                           "train": asdict(self.train), "format": 1}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+PRESETS = {
+    # Unit tests: trains a few steps in seconds.
+    "tiny": Preset("tiny", dict(enc_dim=32, enc_heads=2, num_latents=4, hidden_size=32, num_layers=2, num_heads=2,
+                                intermediate_size=64),
+                   DataRecipe(train_episodes=2, val_episodes=1, max_steps=12),
+                   TrainRecipe(steps=30, batch_size=8, lr=3e-3, warmup=3, checkpoint_every=10, log_every=5,
+                               tokenizer_vocab=400)),
+    # The default: trains on a 2-core CPU in ~10 minutes including data generation.
+    "small": Preset("small", dict(enc_dim=128, enc_heads=4, num_latents=8, hidden_size=160, num_layers=4,
+                                  num_heads=4, intermediate_size=640)),
+    # For users with time: ~4x the LM, 16 latents, more data.
+    "base": Preset("base", dict(enc_dim=192, enc_heads=4, num_latents=16, hidden_size=256, num_layers=6,
+                                num_heads=8, intermediate_size=1024),
+                   DataRecipe(train_episodes=200, val_episodes=20),
+                   TrainRecipe(steps=6000, batch_size=64, lr=1e-3, warmup=200, checkpoint_every=500)),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]

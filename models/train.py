@@ -1,0 +1,225 @@
+"""Train the driving LLM on CPU: expert data -> tokenizer -> AdamW with a cosine schedule.
+
+Deterministic given the seed (model init, data order, no dropout); resumable from out_dir/checkpoint
+(model.safetensors + our own optimizer state, loaded with torch.load(weights_only=True) + state.json).
+Writes out_dir/train_log.jsonl (loss every `log_every` steps) and the final model via save_pretrained.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from models import text
+from models.dataset import build_dataset, load_split
+from models.driving_llm import DrivingLLM, OBS_SHAPES
+from models.presets import Preset, get_preset
+from models.tokenizer import DrivingTokenizer
+
+
+def ensure_data(data_dir: Path, preset: Preset, seed: int = 0, progress: bool = True) -> None:
+    """Build the train and val splits of `preset` in data_dir unless they are already there."""
+    d = preset.data
+    for split, n in (("train", d.train_episodes), ("val", d.val_episodes)):
+        if not (data_dir / f"{split}.parquet").is_file():
+            build_dataset(data_dir, n, seed=seed, split=split, noise=d.noise, scenarios=d.scenarios,
+                          max_steps=d.max_steps, progress=progress)
+
+
+class Batches:
+    """Tokenised (row, question) items and their padded batches, in a seeded order per epoch."""
+
+    def __init__(self, split, tokenizer: DrivingTokenizer, perception_fraction: float, seed: int):
+        self.obs = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in split.obs.items()}
+        self.n, self.tok, self.fraction, self.seed = len(split), tokenizer, perception_fraction, seed
+        self.prompts = {k: tokenizer.encode(text.prompt(k)) for k in text.QUESTIONS}
+        self.answers = {}
+        for kind in text.QUESTIONS:
+            column = split.frame[f"a_{kind}"].tolist()
+            unique = sorted(set(column))
+            ids = dict(zip(unique, (e.ids for e in tokenizer.tok.encode_batch(unique, add_special_tokens=False))))
+            self.answers[kind] = [ids[a] for a in column]
+
+    def epoch(self, e: int) -> list[tuple[int, str]]:
+        rng = np.random.default_rng([self.seed, e])
+        items = [(r, "action") for r in range(self.n)]
+        chosen = np.flatnonzero(rng.random(self.n) < self.fraction)
+        kinds = rng.integers(len(text.PERCEPTION_KINDS), size=len(chosen))
+        items += [(int(r), text.PERCEPTION_KINDS[k]) for r, k in zip(chosen, kinds)]
+        return [items[i] for i in rng.permutation(len(items))]
+
+    def collate(self, items: list[tuple[int, str]]) -> dict[str, torch.Tensor]:
+        seqs, labels = [], []
+        for row, kind in items:
+            p, a = self.prompts[kind], self.answers[kind][row] + [self.tok.eos_id]
+            seqs.append(p + a)
+            labels.append([-100] * len(p) + a)
+        width = max(map(len, seqs))
+        ids = torch.full((len(items), width), self.tok.pad_id, dtype=torch.long)
+        lab = torch.full((len(items), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for i, (s, l) in enumerate(zip(seqs, labels)):
+            ids[i, : len(s)], lab[i, : len(l)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(l), 1
+        rows = torch.tensor([r for r, _ in items])
+        return {**{k: v[rows] for k, v in self.obs.items()}, "input_ids": ids, "attention_mask": mask, "labels": lab}
+
+    def stream(self, batch_size: int, start_step: int = 0):
+        """Batches for steps start_step, start_step + 1, ... (an epoch's tail shorter than a batch is dropped)."""
+        step, e = 0, 0
+        while True:
+            items = self.epoch(e)
+            for b in range(len(items) // batch_size):
+                if step >= start_step:
+                    yield self.collate(items[b * batch_size:(b + 1) * batch_size])
+                step += 1
+            e += 1
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def pick_threads(model: DrivingLLM, batch: dict, candidates=(1, 2)) -> int:
+    """The faster torch thread count for a training step right now. On a 2-core machine shared with other
+    busy processes, 2 threads can be ~10-100x slower than 1 (every parallel region waits for a core), so
+    `threads=None` probes instead of trusting the core count. The probe's gradients are discarded."""
+    times = {}
+    for n in candidates:
+        torch.set_num_threads(n)
+        best = float("inf")
+        for _ in range(2):
+            t = time.perf_counter()
+            logits, labels = model(batch)
+            model.loss(logits, labels).backward()
+            best = min(best, time.perf_counter() - t)
+            if times and best > 2 * min(times.values()):
+                break  # clearly slower: do not pay for a second run
+        times[n] = best
+    model.zero_grad(set_to_none=True)
+    choice = min(times, key=times.get)
+    torch.set_num_threads(choice)
+    return choice
+
+
+def _save_checkpoint(ckpt: Path, model: DrivingLLM, optimizer, state: dict) -> None:
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(ckpt / "model.safetensors"))
+    torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")  # our own file; reloaded with weights_only=True
+    (ckpt / "state.json").write_text(json.dumps(state))
+
+
+def train(preset: str | Preset = "small", data_dir: str | Path | None = None, out_dir: str | Path | None = None,
+          seed: int = 0, resume: bool = True, progress: bool = True, threads: int | None = None) -> Path:
+    """Train `preset` (data -> tokenizer -> model) and save the model in out_dir (default: the zoo dir).
+    Returns out_dir.
+
+    threads: torch CPU threads; None probes 1 vs 2 at the start and at every checkpoint and takes the
+    faster (see pick_threads). Results are bitwise reproducible for a fixed thread count; across thread
+    counts they agree to ~1e-8 (float summation order)."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if out_dir is None:
+        from models.zoo import default_model_dir
+        out_dir = default_model_dir(preset.name)
+    out_dir = Path(out_dir)
+    data_dir = Path(data_dir) if data_dir is not None else out_dir / "data"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads or 2)
+    start = time.time()
+    ensure_data(data_dir, preset, seed=seed, progress=progress)
+    data_seconds = time.time() - start
+    split = load_split(data_dir, "train")
+
+    tok_path = out_dir / "checkpoint" / "tokenizer.json"
+    ckpt = out_dir / "checkpoint"
+    state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else None
+    if not (resume and state and state["config_hash"] == preset.hash() and state["seed"] == seed
+            and state["rows"] == len(split) and tok_path.is_file()):
+        state = None
+    if state:
+        tokenizer = DrivingTokenizer.from_file(tok_path)
+    else:
+        corpus = [text.prompt(k) for k in text.QUESTIONS] + [a for k in text.QUESTIONS for a in split.frame[f"a_{k}"]]
+        tokenizer = DrivingTokenizer.train(corpus, preset.train.tokenizer_vocab)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(tok_path)
+
+    torch.manual_seed(seed)
+    model = DrivingLLM(preset.model_config(), tokenizer)
+    r = preset.train
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "latents" not in n and "type_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "latents" not in n and "type_embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.98))
+    step = 0
+    if state:
+        load_model(model, str(ckpt / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        step = state["step"]
+    log_path = out_dir / "train_log.jsonl"
+    kept = log_path.read_text().splitlines() if step and log_path.is_file() else []
+    # Drop what an interrupted run logged after its last checkpoint: those steps are redone.
+    log_path.write_text("".join(line + "\n" for line in kept if json.loads(line)["step"] <= step))
+
+    batches = Batches(split, tokenizer, r.perception_fraction, seed)
+    stream = batches.stream(r.batch_size, start_step=step)
+    model.train()
+    thread_log = []
+    if threads is None:
+        thread_log.append((step, pick_threads(model, batches.collate(batches.epoch(0)[: r.batch_size]))))
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]train {task.fields[preset]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    train_start, running = time.time(), []
+    with Progress(*columns, disable=not progress, transient=True) as bar, log_path.open("a") as log:
+        task = bar.add_task("train", total=r.steps, completed=step, preset=preset.name, loss=float("nan"))
+        while step < r.steps:
+            lr = lr_at(step, r.steps, r.lr, r.warmup, r.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            logits, labels = model(next(stream))
+            loss = model.loss(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            running.append(loss.item())
+            if step % r.log_every == 0 or step == r.steps:
+                record = {"step": step, "loss": float(np.mean(running)), "lr": lr,
+                          "elapsed_s": round(time.time() - train_start, 1)}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.update(task, completed=step, loss=record["loss"])
+                running = []
+            if step % r.checkpoint_every == 0 or step == r.steps:
+                _save_checkpoint(ckpt, model, optimizer, {"step": step, "config_hash": preset.hash(), "seed": seed,
+                                                          "rows": len(split)})
+                if threads is None and step < r.steps:  # the machine's load may have changed
+                    thread_log.append((step, pick_threads(model, batches.collate(batches.epoch(0)[: r.batch_size]))))
+    model.eval()
+    model.save_pretrained(out_dir)
+    summary = {"preset": preset.name, "config_hash": preset.hash(), "seed": seed, "steps": r.steps,
+               "train_rows": len(split), "parameters": model.num_parameters(), "data_seconds": round(data_seconds, 1),
+               "train_seconds": round(time.time() - train_start, 1), "total_seconds": round(time.time() - start, 1),
+               "data_dir": str(data_dir), "threads": thread_log or threads}
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return out_dir
+
+
+def cmd_train(preset: str = "small", out_dir: str | Path | None = None, data_dir: str | Path | None = None,
+              seed: int = 0, resume: bool = True) -> Path:
+    """CLI entry (`prunedrive train`): train and print where the model went. Returns the model dir."""
+    out = train(preset, data_dir=data_dir, out_dir=out_dir, seed=seed, resume=resume, progress=True)
+    summary = json.loads((out / "train_summary.json").read_text())
+    print(f"trained {summary['preset']} ({summary['parameters']['total']:,} parameters) in "
+          f"{summary['total_seconds']:.0f} s (data {summary['data_seconds']:.0f} s) -> {out}")
+    return out

@@ -1,0 +1,131 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models import text
+from models.dataset import synthetic_split
+from models.driving_llm import OBS_SHAPES, DrivingLLM, DrivingLLMConfig, collate
+from models.presets import PRESETS
+from models.tokenizer import DrivingTokenizer
+from models.train import Batches
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a busy 2-core machine 2 threads are ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return synthetic_split()
+
+
+@pytest.fixture(scope="module")
+def tiny(split):
+    corpus = [text.prompt(k) for k in text.QUESTIONS] + [a for k in text.QUESTIONS for a in split.frame[f"a_{k}"]]
+    torch.manual_seed(0)
+    return DrivingLLM(PRESETS["tiny"].model_config(), DrivingTokenizer.train(corpus, 400)).eval()
+
+
+def test_interfaces_for_pruning(tiny, split):
+    assert len(tiny.lm.model.layers) == PRESETS["tiny"].model["num_layers"]
+    ids = torch.tensor([tiny.prompt_ids(text.prompt("action"))] * 2)
+    inputs = tiny.lm_inputs(collate([split.observation(0), split.observation(1)]), ids, torch.ones_like(ids))
+    assert inputs["inputs_embeds"].shape == (2, tiny.config.num_latents + ids.shape[1], tiny.config.hidden_size)
+    assert inputs["attention_mask"].shape == inputs["inputs_embeds"].shape[:2]
+    assert tiny.lm(**inputs).logits.shape[-1] == len(tiny.tokenizer)
+    batch = Batches(split, tiny.tokenizer, 1.0, 0).collate([(0, "action"), (1, "objects")])
+    logits, labels = tiny(batch)
+    assert logits.shape[:2] == labels.shape
+    assert (labels[:, : tiny.config.num_latents] == -100).all()
+    n_prompt = len(tiny.prompt_ids(text.prompt("action")))
+    assert (labels[0, : tiny.config.num_latents + n_prompt] == -100).all()
+    answer = labels[0][labels[0] != -100].tolist()
+    assert tiny.tokenizer.decode(answer) == split.frame["a_action"][0]  # eos is the last label
+
+
+def test_greedy_loop_matches_hf_generate(tiny, split):
+    batch = collate([split.observation(3)])
+    ids, stats = tiny.generate(batch, text.prompt("lead"), max_new_tokens=8)
+    prompt = torch.tensor([tiny.prompt_ids(text.prompt("lead"))])
+    with torch.no_grad():
+        hf = tiny.lm.generate(**tiny.lm_inputs(batch, prompt), max_new_tokens=8, do_sample=False,
+                              pad_token_id=tiny.tokenizer.pad_id, eos_token_id=tiny.tokenizer.eos_id)
+    hf = [t for t in hf[0].tolist() if t != tiny.tokenizer.eos_id][: len(ids[0])]
+    assert ids[0] == hf
+    assert stats["tokens_in"] == tiny.config.num_latents + prompt.shape[1]
+
+
+def test_save_load_round_trip(tiny, split, tmp_path):
+    tiny.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["num_latents"] == 4 and config["lm"]["hidden_size"] == 32 and config["preset"] == "tiny"
+    assert config["config_hash"] == PRESETS["tiny"].hash()
+    loaded = DrivingLLM.from_pretrained(tmp_path / "m")
+    batch = Batches(split, tiny.tokenizer, 1.0, 0).collate([(i, "action") for i in range(4)])
+    with torch.no_grad():
+        assert torch.equal(tiny(batch)[0], loaded(batch)[0])
+    obs = [split.observation(i) for i in range(3)]
+    assert tiny.answer(obs, text.prompt("action"), 12) == loaded.answer(obs, text.prompt("action"), 12)
+
+
+@pytest.mark.parametrize("name", ["meta-llama/Llama-2-7b", "wayveai/driving-llm"])
+def test_hub_names_are_refused(name):
+    with pytest.raises(ValueError, match="trained locally with `prunedrive train`"):
+        DrivingLLM.from_pretrained(name)
+
+
+def test_missing_or_foreign_directories_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prunedrive train"):
+        DrivingLLM.from_pretrained(tmp_path / "nothing-here")
+    with pytest.raises(FileNotFoundError, match="lacks"):
+        DrivingLLM.from_pretrained(tmp_path)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        DrivingLLM.from_pretrained(tmp_path / "f")
+
+
+def test_tiny_model_loss_falls(tiny, split):
+    torch.manual_seed(0)
+    model = DrivingLLM(DrivingLLMConfig(**{**tiny.config.__dict__, "lm": {}}), tiny.tokenizer)
+    batch = Batches(split, tiny.tokenizer, 1.0, 0).collate([(i, "action") for i in range(8)])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = model.loss(*model(batch))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_train_pipeline_and_resume(tmp_path):
+    """The whole recipe on the tiny preset: simulator data, tokenizer, training, checkpoint, final model."""
+    from models.train import train
+
+    out = train("tiny", out_dir=tmp_path / "tiny", progress=False, threads=1)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == PRESETS["tiny"].train.steps and log[-1]["loss"] < log[0]["loss"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "checkpoint/optimizer.pt",
+                 "data/train.parquet", "data/val.json"):
+        assert (out / name).is_file(), name
+    model = DrivingLLM.from_pretrained(out)
+    again = DrivingLLM.from_pretrained(train("tiny", out_dir=out, progress=False, threads=1))  # resumes: nothing left
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_calibration_samples_feed_the_lm(tiny, split):
+    from models.dataset import lm_calibration_samples
+
+    samples = lm_calibration_samples(tiny, split, n_samples=5)
+    assert len(samples) == 5 and all(s["inputs_embeds"].shape[0] == 1 for s in samples)
+    assert all(s["attention_mask"].shape == s["inputs_embeds"].shape[:2] for s in samples)
+    with torch.no_grad():
+        assert tiny.lm(**samples[0]).logits.shape[1] == samples[0]["inputs_embeds"].shape[1]
