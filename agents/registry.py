@@ -26,5 +26,6 @@ def make_agent(name: str, model: str | Path | None = None, label: str | None = N
             raise ValueError("agent 'llm' needs --model DIR (a directory written by `prunedrive train` or `prune`)")
         from agents.llm import LLMAgent
 
-        return LLMAgent(model, name=label)
+        # Named after the model directory, so a dense model and its pruned variants stay apart.
+        return LLMAgent(model, name=label or f"llm-{Path(model).name}")
     raise ValueError(f"unknown agent {name!r}; allowed: {', '.join(AGENTS)}")

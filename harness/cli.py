@@ -53,6 +53,40 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.train import cmd_train as train
+
+    train(args.preset, out_dir=args.out, data_dir=args.data, seed=args.seed, resume=not args.no_resume)
+    return 0
+
+
+def cmd_eval_open(args: argparse.Namespace) -> int:
+    from models.eval_open import cmd_eval_open as evaluate
+
+    evaluate(args.model, split_dir=args.data, max_samples=args.max_samples, with_random=not args.no_random)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from models.compress import prune_model_dir
+
+    record = prune_model_dir(args.model, args.method, args.sparsity, args.out, pattern=args.pattern, scope=args.scope,
+                             calibration=args.calibration, n_calibration=args.calibration_samples,
+                             data_dir=args.data, seed=args.seed)
+    print(f"{args.method}: global sparsity {record['global']:.3f} (language model {record['lm_global']:.3f}) -> {args.out}")
+    if record.get("layer_sparsities"):
+        print("per-block sparsities: " + ", ".join(f"{s:.3f}" for s in record["layer_sparsities"]))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from harness.bench import run_bench
+
+    run_bench(args.suite, args.preset, args.methods, args.sparsities, Path(args.out), args.run_id,
+              progress=not args.quiet)
+    return 0
+
+
 def _resolve_run(run: str, out: str) -> Path:
     path = Path(run)
     if not path.is_dir():
@@ -86,6 +120,45 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--carla-port", type=int, help="CARLA server RPC port (carla suites)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="train the driving LLM on expert data (CPU)")
+    train.add_argument("--preset", default="small", help="tiny | small (default) | base")
+    train.add_argument("--out", help="model directory; default the model zoo (~/.cache/prunedrive or $PRUNEDRIVE_HOME)")
+    train.add_argument("--data", help="dataset directory; default <out>/data (built when missing)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-resume", action="store_true", help="start over instead of resuming a checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval-open", help="open-loop metrics of a model on the held-out split")
+    evaluate.add_argument("--model", help="model directory; default the zoo's small model")
+    evaluate.add_argument("--data", help="dataset directory with val.parquet; default the model's training data")
+    evaluate.add_argument("--max-samples", type=int, default=400)
+    evaluate.add_argument("--no-random", action="store_true", help="skip the random-weights contrast")
+    evaluate.set_defaults(func=cmd_eval_open)
+
+    prune = sub.add_parser("prune", help="prune a model directory into a new one (+ sparsity.json)")
+    prune.add_argument("--method", required=True, choices=("owl", "wanda", "magnitude", "sparsegpt", "dg2pf"))
+    prune.add_argument("--sparsity", type=float, help="target sparsity, e.g. 0.7 (implied by --pattern)")
+    prune.add_argument("--pattern", help="N:M semi-structured, e.g. 2:4 or 4:8")
+    prune.add_argument("--model", required=True, help="dense model directory")
+    prune.add_argument("--out", required=True, help="output model directory")
+    prune.add_argument("--scope", default="lm", choices=("lm", "all"), help="language model only, or the encoder too")
+    prune.add_argument("--calibration", default="driving", choices=("driving", "generic"))
+    prune.add_argument("--calibration-samples", type=int, default=64)
+    prune.add_argument("--data", help="dataset directory; default the one the model was trained on")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.set_defaults(func=cmd_prune)
+
+    bench = sub.add_parser("bench", help="the main job: dense vs OWL/DG2PF/Wanda/magnitude, closed- and open-loop")
+    bench.add_argument("--suite", default="smoke", help="smoke (default) or standard, or a path")
+    bench.add_argument("--preset", default="small")
+    bench.add_argument("--methods", nargs="+", default=["owl", "dg2pf", "wanda", "magnitude"],
+                       choices=("owl", "dg2pf", "wanda", "magnitude", "sparsegpt"))
+    bench.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7])
+    bench.add_argument("--out", default="results")
+    bench.add_argument("--run-id", help="default bench-<suite>-<preset>; an existing one is resumed")
+    bench.add_argument("--quiet", action="store_true")
+    bench.set_defaults(func=cmd_bench)
 
     summary = sub.add_parser("summary", help="print the tables of a finished or partial run")
     summary.add_argument("run", help="run id or directory")

@@ -24,6 +24,14 @@ CALIBRATIONS = ("driving", "generic")
 GENERIC_LENGTH = 64  # tokens: about a driving sample's latents + prompt + answer
 
 
+def training_data_dir(model_dir: Path) -> Path:
+    """The expert data a model was trained on (recorded by training), else <model_dir>/data."""
+    summary = model_dir / "train_summary.json"
+    if summary.is_file():
+        return Path(json.loads(summary.read_text())["data_dir"])
+    return model_dir / "data"
+
+
 def calibration_set(model: DrivingLLM, source: str, n_samples: int, data_dir: Path, seed: int) -> list[dict]:
     """Driving samples (OWLed's choice: [latents] + prompt + answer from expert data) or, as the ablation,
     uniformly random token ids of the model's own vocabulary (no driving content at all)."""
@@ -67,7 +75,7 @@ def prune_model_dir(model_dir: str | Path, method: str, sparsity: float | None, 
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; allowed: {', '.join(SCOPES)}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    data_dir = Path(data_dir) if data_dir else model_dir / "data"
+    data_dir = Path(data_dir) if data_dir else training_data_dir(model_dir)
     torch.manual_seed(seed)
     model = DrivingLLM.from_pretrained(model_dir)
     started = time.time()

@@ -1,0 +1,96 @@
+"""`prunedrive bench`: the main job. Build or reuse the dense driving LLM, prune it with OWL and DG2PF
+and the Wanda and magnitude baselines at each sparsity, drive every model closed-loop on a suite, and
+print one comparison table with the open-loop errors beside the closed-loop scores."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_METHODS = ("owl", "dg2pf", "wanda", "magnitude")
+DEFAULT_SPARSITIES = (0.5, 0.7)
+
+
+def pruned_models(dense_dir: Path, methods, sparsities, progress: bool) -> dict[str, tuple[str, float, Path]]:
+    """{agent name: (method, sparsity, model dir)}, pruning only what is not there yet."""
+    from models.compress import prune_model_dir
+
+    models = {"llm-dense": ("dense", 0.0, dense_dir)}
+    for method in methods:
+        for sparsity in sparsities:
+            out = dense_dir / "pruned" / f"{method}-{sparsity:g}"
+            if not (out / "sparsity.json").is_file():
+                prune_model_dir(dense_dir, method, sparsity, out, progress=progress)
+            models[f"llm-{method}-{sparsity:g}"] = (method, sparsity, out)
+    return models
+
+
+def comparison_table(episodes: pd.DataFrame, models: dict, open_loop: dict) -> pd.DataFrame:
+    from harness.summary import summarize
+
+    table = summarize(episodes, ["agent"]).set_index("agent")
+    rows = []
+    for agent, row in table.iterrows():
+        method, sparsity, _ = models.get(agent, (agent, 0.0, None))
+        errors = open_loop.get(agent, {})
+        rows.append({
+            "agent": agent, "method": method, "sparsity": sparsity,
+            "driving_score": row.driving_score_mean, "route_completion": row.route_completion_mean,
+            "collisions_per_km": row.collisions_per_km, "success_rate": row.success_rate,
+            "lon_error": errors.get("lon_control_error", np.nan), "lat_error": errors.get("lat_control_error", np.nan),
+            "vehicle_count_error": errors.get("vehicle_count_error", np.nan),
+            "parse_rate": errors.get("action_parse_rate", np.nan),
+            "step_ms_p50": row.agent_wall_ms_p50, "effective_gflops": row.get("effective_flops_mean", np.nan) / 1e9,
+            "nonzero_params": row.get("nonzero_params", np.nan),
+        })
+    return pd.DataFrame(rows)
+
+
+def print_comparison(table: pd.DataFrame) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console() if Console().is_terminal else Console(width=160)
+    out = Table(title="prunedrive bench: closed-loop (Leaderboard 2.0) and open-loop, per model")
+    for column in table.columns:
+        out.add_column(column, justify="left" if column in ("agent", "method") else "right")
+    for _, row in table.iterrows():
+        out.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
+    console.print(out)
+
+
+def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_id: str | None,
+              progress: bool = True, with_expert: bool = True) -> pd.DataFrame:
+    from agents.registry import make_agent
+    from harness.results import RunDir
+    from harness.runner import run_suite
+    from models.compress import training_data_dir
+    from models.dataset import load_split
+    from models.driving_llm import DrivingLLM
+    from models.eval_open import evaluate_open_loop
+    from models.zoo import ensure_default_model
+    from scenarios.loader import load_suite
+
+    suite = load_suite(suite_name)
+    dense_dir = ensure_default_model(preset, progress=progress)
+    models = pruned_models(dense_dir, methods, sparsities, progress)
+    agents = ([make_agent("expert")] if with_expert else []) + [
+        make_agent("llm", path, label=name) for name, (_, _, path) in models.items()]
+    run_dir = RunDir(out / (run_id or f"bench-{suite.name}-{preset}"))
+    config = {"suite": suite.name, "agents": [a.name for a in agents], "model": str(dense_dir),
+              "methods": list(methods), "sparsities": list(sparsities)}
+    if not run_dir.manifest_path.exists():
+        run_dir.create(config, [f"{a.name}/{s.name}/{seed}" for a in agents for s, seed in suite.episodes()])
+    episodes = run_suite(suite, agents, run_dir, progress=progress)
+
+    split = load_split(training_data_dir(dense_dir), "val")
+    open_loop = {name: evaluate_open_loop(DrivingLLM.from_pretrained(path), split, 200)
+                 for name, (_, _, path) in models.items()}
+    (run_dir.path / "open_loop.json").write_text(json.dumps(open_loop, indent=2, default=float))
+    table = comparison_table(episodes, models, open_loop)
+    table.to_csv(run_dir.path / "bench.csv", index=False)
+    print_comparison(table)
+    print(f"results: {run_dir.path}")
+    return table
