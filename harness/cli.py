@@ -35,8 +35,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         planned = [f"{a}/{s.name}/{seed}" for a in names for s, seed in suite.episodes()]
         run_dir.create(config, planned)
     backend_options = {k: v for k, v in (("host", args.carla_host), ("port", args.carla_port)) if v is not None}
-    episodes = run_suite(suite, agents, run_dir, record=args.record, retries=args.retries,
-                         progress=not args.quiet, backend_options=backend_options)
+    if args.workers:  # Ray only when asked for
+        from harness.distributed import run_suite_distributed, specs_from_args
+
+        episodes = run_suite_distributed(suite, specs_from_args(args), run_dir, args.workers,
+                                         ray_address=args.ray_address, record=args.record, retries=args.retries,
+                                         progress=not args.quiet, backend_options=backend_options)
+    else:
+        episodes = run_suite(suite, agents, run_dir, record=args.record, retries=args.retries,
+                             progress=not args.quiet, backend_options=backend_options)
     print_tables(episodes)
     print(f"results: {run_dir.path}")
     return 0
@@ -118,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retries", type=int, default=2, help="retries of an episode whose simulator failed")
     run.add_argument("--carla-host", help="CARLA server host (carla suites)")
     run.add_argument("--carla-port", type=int, help="CARLA server RPC port (carla suites)")
+    run.add_argument("--workers", type=int, help="run episodes on this many Ray actors")
+    run.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray for the run)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
@@ -159,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--run-id", help="default bench-<suite>-<preset>; an existing one is resumed")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+    from harness.regress import add_regress_parser
+    from harness.report import add_report_parser
+
+    add_report_parser(sub)
+    add_regress_parser(sub)
 
     summary = sub.add_parser("summary", help="print the tables of a finished or partial run")
     summary.add_argument("run", help="run id or directory")

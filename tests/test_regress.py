@@ -1,0 +1,255 @@
+"""The regression gate on synthetic runs with known answers, its exit codes and the pytest helper."""
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness.env import EpisodeOutcome
+from harness.events import Event, EventKind
+from harness.regress import RegressInputError, assert_no_regression, compare, paired_bootstrap_ci, regress
+from harness.results import RunDir, episode_key
+from harness.runner import episode_row
+from scenarios.loader import Scenario
+
+KINDS = ("highway_cruise", "dense_highway", "roundabout", "intersection")
+
+
+def make_run(path: Path, agent: str, scores, *, suite: str = "synth", collisions=None, wall_ms=1.0,
+             config: dict | None = None, video_keys=(), compute: dict | None = None) -> Path:
+    """A run directory whose episodes are the real rows (`episode_row`) of synthetic outcomes.
+
+    scores: {(scenario, seed): driving score}; with no infraction the driving score is the route
+    completion. collisions: {(scenario, seed): n} vehicle collisions (the score is then RC x 0.6^n).
+    wall_ms: per-step agent time (a number, or {(scenario, seed): ms}). compute: extra per-step fields
+    (effective_flops, params, nonzero_params). video_keys: episodes that get a videos/<key>.mp4 file."""
+    run = RunDir(path)
+    if not run.manifest_path.exists():
+        run.create({"suite": suite, "agents": [agent], "model": None, **(config or {})}, [])
+    for i, ((scenario, seed), score) in enumerate(scores.items()):
+        n_coll = (collisions or {}).get((scenario, seed), 0)
+        events = [Event(EventKind.COLLISION_VEHICLE, step=5 + k) for k in range(n_coll)]
+        ms = wall_ms[(scenario, seed)] if isinstance(wall_ms, dict) else wall_ms
+        outcome = EpisodeOutcome(route_completion=float(score), route_length_m=500.0, events=events,
+                                 collision_ended=False, sim_time_s=20.0, efficiency=80.0, comfort=90.0, steps=10)
+        steps = pd.DataFrame({"agent_wall_s": np.full(10, ms / 1000), "agent_cpu_s": np.full(10, ms / 1000),
+                              "sim_wall_s": np.full(10, 0.002)})
+        for name in ("tokens_in", "tokens_out", "dense_flops", "effective_flops", "params", "nonzero_params",
+                     "peak_mem_bytes"):
+            steps[name] = (compute or {}).get(name, np.nan)
+        kind = KINDS[zlib.crc32(scenario.encode()) % len(KINDS)] if scenario not in KINDS else scenario
+        row = episode_row(outcome, steps, run_id=path.name, agent=agent,
+                          scenario=Scenario(name=scenario, kind=kind, seeds=(seed,)), seed=seed, wall_s=1.0)
+        key = episode_key(agent, scenario, seed)
+        run.write_episode(key, row, steps)
+        if key in video_keys or (scenario, seed) in video_keys:
+            (path / "videos").mkdir(exist_ok=True)
+            (path / "videos" / f"{key}.mp4").write_bytes(b"not really an mp4")
+    return path
+
+
+def episodes(n_scenarios=3, seeds=(1, 2, 3, 4)):
+    return [(f"scn{i}", s) for i in range(n_scenarios) for s in seeds]
+
+
+def test_identical_runs_no_regression_and_a_ci_around_zero(tmp_path):
+    rng = np.random.default_rng(1)
+    scores = {e: float(rng.uniform(40, 100)) for e in episodes()}
+    base = make_run(tmp_path / "base", "expert", scores)
+    cand = make_run(tmp_path / "cand", "expert", scores)
+    verdict = regress(base, cand)
+    ds = verdict.check("driving score")
+    assert verdict.n_paired == 12 and ds.diff == 0 and ds.ci_low == 0 == ds.ci_high
+    assert not verdict.regression and verdict.exit_code == 0
+
+
+def test_a_candidate_20_points_worse_everywhere_is_a_regression(tmp_path):
+    rng = np.random.default_rng(2)
+    scores = {e: float(rng.uniform(40, 80)) for e in episodes()}
+    base = make_run(tmp_path / "base", "expert", scores)
+    cand = make_run(tmp_path / "cand", "llm-pruned", {e: s - 20 for e, s in scores.items()})
+    verdict = regress(base, cand, max_drop=5)
+    ds = verdict.check("driving score")
+    assert ds.diff == pytest.approx(-20) and ds.ci_high == pytest.approx(-20)
+    assert verdict.regression and verdict.exit_code == 1
+    assert verdict.candidate_agent == "llm-pruned" and verdict.baseline_agent == "expert"
+    with pytest.raises(AssertionError, match="significant regression"):
+        assert_no_regression(base, cand, max_drop=5)
+    # ... but not when the margin is wider than the drop
+    assert not regress(base, cand, max_drop=25).regression
+
+
+def _table(agent, scores, wall_ms=1.0):
+    return pd.DataFrame([{"agent": agent, "scenario": scn, "seed": seed, "driving_score": ds, "collisions": 0,
+                          "km_driven": 0.4, "agent_wall_s_p50": wall_ms / 1000} for (scn, seed), ds in scores.items()])
+
+
+def test_noise_only_is_not_a_regression(tmp_path):
+    """Zero-mean noise on every episode: the CI straddles 0 and the gate stays quiet."""
+    rng = np.random.default_rng(3)
+    scores = {e: float(rng.uniform(30, 70)) for e in episodes(10, (1, 2, 3))}
+    base = _table("expert", scores)
+    for trial in range(40):
+        noise = rng.normal(0, 10, len(scores))
+        noise -= noise.mean()  # a candidate exactly as good on average
+        cand = _table("expert", {e: s + d for (e, s), d in zip(scores.items(), noise)})
+        verdict = compare(base, cand, n_boot=2000, seed=trial)
+        ds = verdict.check("driving score")
+        assert ds.ci_low < 0 < ds.ci_high
+        assert not verdict.regression
+    # The same through run directories on disk.
+    noisy = {e: s + d for (e, s), d in zip(scores.items(), rng.normal(0, 3, len(scores)))}
+    assert regress(make_run(tmp_path / "b", "expert", scores), make_run(tmp_path / "c", "expert", noisy)).exit_code == 0
+
+
+def test_false_alarm_rate_on_noise_is_at_most_alpha():
+    """Noise without centring: a significant drop beyond the margin should be rare (<< alpha)."""
+    rng = np.random.default_rng(5)
+    scores = {e: 50.0 for e in episodes(6, (1, 2, 3, 4, 5))}
+    base = _table("expert", scores)
+    flagged = sum(compare(base, _table("expert", {e: 50 + rng.normal(0, 15) for e in scores}), n_boot=1000,
+                          seed=t).regression for t in range(100))
+    assert flagged <= 5
+
+
+def test_a_small_but_consistent_drop_is_significant_yet_below_the_margin(tmp_path):
+    scores = {e: 60.0 + i for i, e in enumerate(episodes())}
+    base = make_run(tmp_path / "base", "expert", scores)
+    cand = make_run(tmp_path / "cand", "expert", {e: s - 2 for e, s in scores.items()})
+    ds = regress(base, cand).check("driving score")
+    assert ds.ci_high < 0 and not ds.regressed  # significant, not large enough: the margin decides
+
+
+def test_bootstrap_ci_covers_the_known_mean():
+    rng = np.random.default_rng(4)
+    d = rng.normal(-3.0, 4.0, 400)
+    low, high = paired_bootstrap_ci(d, alpha=0.05, n_boot=4000, seed=0)
+    se = 4.0 / np.sqrt(400)
+    assert low < -3.0 < high
+    assert high - low == pytest.approx(2 * 1.96 * se, rel=0.15)  # the normal-theory width
+
+
+def test_more_collisions_per_km_is_a_regression(tmp_path):
+    eps = episodes()
+    base = make_run(tmp_path / "base", "expert", {e: 100.0 for e in eps})
+    # Same route completion, 2 collisions in every episode: 4 per km; the score drops too (x0.36).
+    cand = make_run(tmp_path / "cand", "expert", {e: 100.0 for e in eps}, collisions={e: 2 for e in eps})
+    verdict = regress(base, cand, max_drop=100)  # the score check alone would pass
+    col = verdict.check("collisions/km")
+    assert col.baseline == 0 and col.candidate == pytest.approx(4.0) and col.regressed
+    assert verdict.exit_code == 1
+
+
+def test_per_step_cost(tmp_path):
+    eps = episodes()
+    base = make_run(tmp_path / "base", "dense", {e: 80.0 for e in eps}, wall_ms=10.0)
+    slow = make_run(tmp_path / "slow", "pruned", {e: 80.0 for e in eps}, wall_ms=30.0)
+    fast = make_run(tmp_path / "fast", "pruned", {e: 80.0 for e in eps}, wall_ms=5.0)
+    cost = regress(base, slow, max_slowdown=1.5).check("agent ms/step (p50)")
+    assert cost.diff == pytest.approx(3.0) and cost.regressed and cost.cells()[0] == "×3"
+    reported = regress(base, slow)  # by default: reported, not a gate
+    assert not reported.regression and not reported.check("agent ms/step (p50)").gating
+    assert regress(base, fast, max_slowdown=1.5).check("agent ms/step (p50)").diff == pytest.approx(0.5)
+    assert not regress(base, fast, max_slowdown=1.5).regression
+
+
+def test_unpaired_episodes_are_ignored_and_counted(tmp_path):
+    base = make_run(tmp_path / "base", "expert", {e: 70.0 for e in episodes(3)})
+    cand = make_run(tmp_path / "cand", "expert", {e: 70.0 for e in episodes(2)})
+    verdict = regress(base, cand)
+    assert (verdict.n_paired, verdict.baseline_only, verdict.candidate_only) == (8, 4, 0)
+
+
+def test_several_agents_need_agent(tmp_path):
+    run = tmp_path / "run"
+    make_run(run, "expert", {e: 90.0 for e in episodes()})
+    make_run(run, "constant", {e: 20.0 for e in episodes()})
+    with pytest.raises(RegressInputError, match="several agents"):
+        regress(run, run)
+    assert regress(run, run, agent="expert").check("driving score").diff == 0
+    assert regress(run, run, baseline_agent="expert", candidate_agent="constant").regression
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no run directory"),
+    ("suite", "different suites"),
+    ("disjoint", "no common episodes"),
+    ("agent", "has no agent"),
+    ("empty", "no finished episodes"),
+])
+def test_unusable_input_is_exit_2_with_a_message(tmp_path, capsys, case, message):
+    from harness.regress import add_regress_parser, cmd_regress
+
+    base = make_run(tmp_path / "base", "expert", {e: 70.0 for e in episodes(2)})
+    if case == "missing":
+        cand = tmp_path / "nope"
+    elif case == "suite":
+        cand = make_run(tmp_path / "cand", "expert", {e: 70.0 for e in episodes(2)}, suite="other")
+    elif case == "disjoint":
+        cand = make_run(tmp_path / "cand", "expert", {("elsewhere", 9): 70.0, ("elsewhere", 8): 70.0})
+    elif case == "empty":
+        RunDir(tmp_path / "cand").create({"suite": "synth"}, [])
+        cand = tmp_path / "cand"
+    else:
+        cand = make_run(tmp_path / "cand", "expert", {e: 70.0 for e in episodes(2)})
+    extra = ["--agent", "llm"] if case == "agent" else []
+    parser = _parser(add_regress_parser)
+    args = parser.parse_args(["regress", str(base), str(cand), *extra])
+    assert cmd_regress(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_exit_codes_and_table(tmp_path, capsys):
+    from harness.regress import add_regress_parser, cmd_regress
+
+    scores = {e: 50.0 + i for i, e in enumerate(episodes())}
+    base = make_run(tmp_path / "base", "expert", scores)
+    same = make_run(tmp_path / "same", "expert", scores)
+    make_run(tmp_path / "worse", "constant", {e: s - 30 for e, s in scores.items()})
+    parser = _parser(add_regress_parser)
+    out = tmp_path / "verdict.json"
+    assert cmd_regress(parser.parse_args(["regress", str(base), str(same), "--json", str(out)])) == 0
+    assert "no significant regression" in capsys.readouterr().out
+    assert cmd_regress(parser.parse_args(["regress", "base", "worse", "--out", str(tmp_path)])) == 1
+    text = capsys.readouterr().out
+    assert "REGRESSION" in text and "driving score" in text and "-30" in text
+    import json
+
+    assert json.loads(out.read_text())["regression"] is False
+
+
+def test_pytest_plugin_fixture(tmp_path):
+    """The plugin as pytest loads it (its pytest11 entry point, or -p before that is installed): the fixture gates."""
+    import os
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    scores = {e: 60.0 + i for i, e in enumerate(episodes())}
+    make_run(tmp_path / "base", "expert", scores)
+    make_run(tmp_path / "same", "expert", scores)
+    make_run(tmp_path / "worse", "expert", {e: s - 20 for e, s in scores.items()})
+    (tmp_path / "test_gate.py").write_text(
+        "import pytest\n"
+        "def test_same(assert_no_regression):\n"
+        f"    assert assert_no_regression({str(tmp_path / 'base')!r}, {str(tmp_path / 'same')!r}).exit_code == 0\n"
+        "def test_worse(assert_no_regression):\n"
+        "    with pytest.raises(AssertionError, match='significant regression'):\n"
+        f"        assert_no_regression({str(tmp_path / 'base')!r}, {str(tmp_path / 'worse')!r}, max_drop=5)\n")
+    # Installed with its pytest11 entry point, pytest loads it by itself (and -p would register it twice).
+    installed = any(ep.value.split(":")[0] == "harness.pytest_plugin" for ep in entry_points(group="pytest11"))
+    load = [] if installed and not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") else ["-p", "harness.pytest_plugin"]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", *load, "-p", "no:cacheprovider",
+                             str(tmp_path / "test_gate.py")], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
+
+
+def _parser(add):
+    """A parser with just this subcommand (the `prunedrive` parser gets it from the integrator)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="prunedrive")
+    add(parser.add_subparsers(dest="command", required=True))
+    return parser
