@@ -23,6 +23,7 @@ import re
 import numpy as np
 
 from harness.action import Control
+from harness.route import project_points
 from harness.observation import TRAFFIC_LIGHT_STATES
 
 NEARBY_M = 30.0               # "nearby" for the object counts
@@ -80,19 +81,6 @@ def action_answer(control: Control, reason: str | None = None) -> str:
 
 
 # -- labels from an observation ---------------------------------------------------------------------
-def project(points: np.ndarray, path: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distance of each point (n, 2) to the polyline `path` (p, 2), and arc length of its foot."""
-    a, ab = path[:-1], np.diff(path, axis=0)
-    ab2 = np.maximum((ab**2).sum(axis=1), 1e-12)
-    t = np.clip(((points[:, None, :] - a[None]) * ab[None]).sum(axis=2) / ab2[None], 0.0, 1.0)
-    foot = a[None] + t[..., None] * ab[None]
-    d = np.hypot(*(points[:, None, :] - foot).transpose(2, 0, 1))
-    k = np.argmin(d, axis=1)
-    rows = np.arange(len(points))
-    arc = np.concatenate(([0.0], np.cumsum(np.sqrt(ab2))))
-    return d[rows, k], arc[k] + t[rows, k] * np.sqrt(ab2[k])
-
-
 def perception_labels(obs: dict[str, np.ndarray]) -> dict:
     """Ground truth for the perception answers: nearby counts, the lead car (nearest vehicle ahead in the
     route corridor, centre distance along the route), the traffic light."""
@@ -107,7 +95,7 @@ def perception_labels(obs: dict[str, np.ndarray]) -> dict:
     ahead = vehicles[vehicles[:, 0] > 0.5]
     if len(route) >= 1 and len(ahead):
         path = np.vstack(([0.0, 0.0], route))
-        d, s = project(ahead[:, :2].astype(np.float64), path)
+        d, s = project_points(ahead[:, :2].astype(np.float64), path)
         inside = d < CORRIDOR_HALF_WIDTH_M
         if inside.any():
             k = int(np.argmin(np.where(inside, s, np.inf)))
