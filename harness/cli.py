@@ -19,7 +19,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.seeds:
         suite = _with_seeds(suite, args.seeds)
     names = args.agent or ["expert"]
-    agents = [make_agent(name, args.model) for name in names]
+    if args.carla_servers and not args.workers:
+        raise ValueError("--carla-servers needs --workers (one server per worker); "
+                         "for one server use --carla-host/--carla-port")
+    if args.workers:  # agents (and their models) are built in the workers; check the options here
+        from harness.distributed import specs_from_args
+
+        specs = specs_from_args(args)
+        for spec in specs:
+            spec.check()
+    else:
+        agents = [make_agent(name, args.model) for name in names]
     config = {"suite": suite.name, "suite_path": str(suite.path), "agents": names,
               "model": str(args.model) if args.model else None, "seeds": args.seeds, "record": args.record}
     if args.resume:
@@ -36,11 +46,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir.create(config, planned)
     backend_options = {k: v for k, v in (("host", args.carla_host), ("port", args.carla_port)) if v is not None}
     if args.workers:  # Ray only when asked for
-        from harness.distributed import run_suite_distributed, specs_from_args
+        from harness.distributed import run_suite_distributed
 
-        episodes = run_suite_distributed(suite, specs_from_args(args), run_dir, args.workers,
+        episodes = run_suite_distributed(suite, specs, run_dir, args.workers,
                                          ray_address=args.ray_address, record=args.record, retries=args.retries,
-                                         progress=not args.quiet, backend_options=backend_options)
+                                         progress=not args.quiet, backend_options=backend_options,
+                                         carla_servers=args.carla_servers)
     else:
         episodes = run_suite(suite, agents, run_dir, record=args.record, retries=args.retries,
                              progress=not args.quiet, backend_options=backend_options)
@@ -126,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--carla-host", help="CARLA server host (carla suites)")
     run.add_argument("--carla-port", type=int, help="CARLA server RPC port (carla suites)")
     run.add_argument("--workers", type=int, help="run episodes on this many Ray actors")
+    run.add_argument("--carla-servers", nargs="+", metavar="HOST:PORT",
+                     help="one CARLA server per worker (with --workers); worker i always uses server i")
     run.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray for the run)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)

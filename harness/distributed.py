@@ -28,8 +28,6 @@ actor takes its predecessor's server), so `workers` may not exceed the number of
 from __future__ import annotations
 
 import logging
-import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +35,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from harness.backends.base import SimulatorError
 from harness.results import RunDir, episode_key
-from harness.runner import _close, _partial_outcome, _progress, default_make_env, episode_row, run_episode
+from harness.runner import _close, _progress, episode_row, run_episode_with_retries
 from scenarios.loader import Scenario, Suite
 
 OBJECT_STORE_BYTES = 200 * 1024**2  # results are a few hundred KB per episode; Ray's default is 30% of RAM
@@ -83,38 +80,6 @@ def as_spec(spec: AgentSpec | str | tuple) -> AgentSpec:
     if isinstance(spec, str):
         return AgentSpec(spec)
     return AgentSpec(*spec)
-
-
-def run_episode_with_retries(envs: dict, agent, scenario: Scenario, seed: int, *, run_id: str,
-                             video: Path | None = None, record: bool = False, retries: int = 2,
-                             make_env: Callable[..., Any] = default_make_env, backend_options: dict | None = None,
-                             backoff_s: float = 2.0) -> tuple[dict, pd.DataFrame]:
-    """One episode, as `run_suite` runs it: the env for `scenario` from `envs` (created on first use),
-    a simulator failure closes the env, backs off and retries (up to `retries` times), any other
-    exception is recorded with its traceback and the progress so far. Returns the episode row and its
-    steps; never raises for a failing episode."""
-    started = time.perf_counter()
-    outcome, steps, error = None, pd.DataFrame(), None
-    for attempt in range(retries + 1):
-        try:
-            if scenario.name not in envs:
-                envs[scenario.name] = make_env(scenario, record, **(backend_options or {}))
-            outcome, steps = run_episode(envs[scenario.name], agent, scenario, seed, video)
-            error = None
-            break
-        except SimulatorError as exc:
-            # Leaderboard's "Simulation crashed": reconnect with back-off, retry the episode.
-            error = f"simulator: {exc}"
-            _close(envs.pop(scenario.name, None))
-            if attempt < retries:
-                time.sleep(backoff_s * 2**attempt)
-        except Exception:  # noqa: BLE001 -- one failing episode must not stop the run
-            error = traceback.format_exc()
-            outcome = _partial_outcome(envs.get(scenario.name))
-            break
-    row = episode_row(outcome, steps, run_id=run_id, agent=agent.name, scenario=scenario, seed=seed,
-                      wall_s=time.perf_counter() - started, error=error)
-    return row, steps
 
 
 class EpisodeWorker:

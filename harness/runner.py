@@ -5,7 +5,7 @@ import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -91,6 +91,38 @@ def episode_row(outcome: EpisodeOutcome | None, steps: pd.DataFrame, *, run_id: 
     return row
 
 
+def run_episode_with_retries(envs: dict, agent, scenario: Scenario, seed: int, *, run_id: str,
+                             video: Path | None = None, record: bool = False, retries: int = 2,
+                             make_env: Callable[..., Any] = default_make_env, backend_options: dict | None = None,
+                             backoff_s: float = 2.0) -> tuple[dict, pd.DataFrame]:
+    """One episode, as `run_suite` runs it: the env for `scenario` from `envs` (created on first use),
+    a simulator failure closes the env, backs off and retries (up to `retries` times), any other
+    exception is recorded with its traceback and the progress so far. Returns the episode row and its
+    steps; never raises for a failing episode."""
+    started = time.perf_counter()
+    outcome, steps, error = None, pd.DataFrame(), None
+    for attempt in range(retries + 1):
+        try:
+            if scenario.name not in envs:
+                envs[scenario.name] = make_env(scenario, record, **(backend_options or {}))
+            outcome, steps = run_episode(envs[scenario.name], agent, scenario, seed, video)
+            error = None
+            break
+        except SimulatorError as exc:
+            # Leaderboard's "Simulation crashed": reconnect with back-off, retry the episode.
+            error = f"simulator: {exc}"
+            _close(envs.pop(scenario.name, None))
+            if attempt < retries:
+                time.sleep(backoff_s * 2**attempt)
+        except Exception:  # noqa: BLE001 -- one failing episode must not stop the run
+            error = traceback.format_exc()
+            outcome = _partial_outcome(envs.get(scenario.name))
+            break
+    row = episode_row(outcome, steps, run_id=run_id, agent=agent.name, scenario=scenario, seed=seed,
+                      wall_s=time.perf_counter() - started, error=error)
+    return row, steps
+
+
 def run_suite(suite: Suite, agents: list[Agent], run_dir: RunDir, *, record: bool = False, retries: int = 2,
               progress: bool = True, make_env: Callable[..., DriveEnv] = default_make_env,
               backend_options: dict | None = None, backoff_s: float = 2.0) -> pd.DataFrame:
@@ -106,28 +138,9 @@ def run_suite(suite: Suite, agents: list[Agent], run_dir: RunDir, *, record: boo
                 key = episode_key(agent.name, scenario.name, seed)
                 bar.describe(f"{agent.name} {scenario.name} seed={seed}")
                 video = run_dir.path / "videos" / f"{key}.mp4" if record else None
-                started = time.perf_counter()
-                outcome, steps, error = None, pd.DataFrame(), None
-                for attempt in range(retries + 1):
-                    try:
-                        if scenario.name not in envs:
-                            envs[scenario.name] = make_env(scenario, record, **(backend_options or {}))
-                        outcome, steps = run_episode(envs[scenario.name], agent, scenario, seed, video)
-                        error = None
-                        break
-                    except SimulatorError as exc:
-                        # Leaderboard's "Simulation crashed": reconnect with back-off, retry the episode.
-                        error = f"simulator: {exc}"
-                        _close(envs.pop(scenario.name, None))
-                        if attempt < retries:
-                            time.sleep(backoff_s * 2**attempt)
-                    except Exception:  # noqa: BLE001 -- one failing episode must not stop the run
-                        error = traceback.format_exc()
-                        env = envs.get(scenario.name)
-                        outcome = _partial_outcome(env)
-                        break
-                row = episode_row(outcome, steps, run_id=run_id, agent=agent.name, scenario=scenario, seed=seed,
-                                  wall_s=time.perf_counter() - started, error=error)
+                row, steps = run_episode_with_retries(envs, agent, scenario, seed, run_id=run_id, video=video,
+                                                      record=record, retries=retries, make_env=make_env,
+                                                      backend_options=backend_options, backoff_s=backoff_s)
                 run_dir.write_episode(key, row, steps)
                 bar.advance(row)
         finally:

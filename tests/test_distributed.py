@@ -20,8 +20,8 @@ from harness.runner import run_suite
 from scenarios.loader import load_suite
 
 from harness.backends.base import SimulatorError
-from harness.distributed import AgentSpec, run_episode_with_retries, run_suite_distributed
-from harness.runner import default_make_env
+from harness.distributed import AgentSpec, run_suite_distributed
+from harness.runner import default_make_env, run_episode_with_retries
 
 try:
     import ray
@@ -166,6 +166,20 @@ def test_bad_specs_and_options_are_messages(suite, tmp_path):
         run_suite_distributed(suite, ["expert"], run_dir, workers=3, carla_servers=["a:2000", "b:2000"])
     with pytest.raises(ValueError, match="host:port"):
         run_suite_distributed(suite, ["expert"], run_dir, workers=1, carla_servers=["a"])
+
+
+def test_cli_checks_worker_options_before_any_ray(tmp_path, capsys):
+    from harness.cli import main
+
+    common = ["run", "--suite", "smoke", "--out", str(tmp_path), "--quiet"]
+    assert main(common + ["--carla-servers", "a:2000"]) == 2
+    assert "--carla-servers needs --workers" in capsys.readouterr().err
+    assert main(common + ["--workers", "2", "--agent", "llm"]) == 2
+    assert "needs --model" in capsys.readouterr().err
+    assert main(common + ["--workers", "2", "--agent", "llm", "--model", str(tmp_path / "missing")]) == 2
+    assert "no such model directory" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing was started, no run directory left behind
+    assert ray is None or not ray.is_initialized()
 
 
 def test_ray_is_not_imported_without_workers():
