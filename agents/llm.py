@@ -13,6 +13,9 @@ Compute per act() (`last_compute()`), counted analytically from the shapes actua
                   decode step attends to its whole context; encoder object self-attention and latent
                   cross-attention likewise. Same in dense and effective (masks do not skip scores).
   Norms, activations, softmax, rotary and biases are ignored (<2% here).
+  executed FLOPs: as effective, but W = what the installed kernel multiplies: weight.numel() for a layer run
+                  dense (its zeros are multiplied too), the non-zeros on csr, the padded rows on ell, half on
+                  2:4 semi-structured (models/sparse_linear.py). Equals dense_flops unless sparse="auto".
 peak_mem_bytes: the process's peak resident set (getrusage ru_maxrss): what the OS saw, simulator and
   Python included; monotonic over the process, so compare it across processes, not within one.
 """
@@ -30,6 +33,8 @@ from harness.action import BRAKE, Control
 from harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES
 from models import text
 from models.driving_llm import OBS_SHAPES, DrivingLLM, collate
+from models.pruning.masks import find_linears
+from models.sparse_linear import accelerate, executed_weights
 from scenarios.loader import Scenario
 
 
@@ -39,9 +44,17 @@ def _linear_weights(module: nn.Module) -> dict[str, nn.Linear]:
 
 class LLMAgent:
     def __init__(self, model: DrivingLLM | str | Path, name: str | None = None, max_new_tokens: int = 24,
-                 full_answer: bool = False):
+                 full_answer: bool = False, sparse: str = "dense"):
         """model: a DrivingLLM or a directory saved by save_pretrained. full_answer=False stops decoding once
-        the actions are complete (at "Reason"), saving the reason's tokens."""
+        the actions are complete (at "Reason"), saving the reason's tokens. sparse="auto" runs each pruned
+        Linear through the execution path measured fastest for this agent's row counts (`self.paths`,
+        re-chosen when the non-zeros change); "dense" runs the masked dense weights as they are."""
+        if sparse not in ("dense", "auto"):
+            raise ValueError(f"sparse must be 'dense' or 'auto', got {sparse!r}")
+        self.sparse = sparse
+        self.paths: dict[str, str] = {}
+        self.path_report: dict = {}
+        self._pruned_fingerprint: tuple | None = None
         self.model = model if isinstance(model, DrivingLLM) else DrivingLLM.from_pretrained(model)
         self.model.eval()
         self.name = name or f"llm-{self.model.config.preset}"
@@ -80,7 +93,10 @@ class LLMAgent:
         unique = {id(p): p for p in m.parameters()}.values()
         self.params = sum(p.numel() for p in unique)
         self.nonzero_params = sum(int(torch.count_nonzero(p)) for p in unique)
-        dense_nnz = lambda lin: (lin.weight.numel(), int(torch.count_nonzero(lin.weight)))  # noqa: E731
+        if self.sparse == "auto":
+            self._accelerate_if_pruned_changed()
+        dense_nnz = lambda lin: (lin.weight.numel(), int(torch.count_nonzero(lin.weight)),  # noqa: E731
+                                 executed_weights(lin))
         self._decoder = np.sum([dense_nnz(l) for l in _linear_weights(m.lm.model.layers).values()], axis=0)
         self._head = np.array(dense_nnz(m.lm.get_output_embeddings()))
         enc = _linear_weights(m.encoder)
@@ -99,6 +115,21 @@ class LLMAgent:
                 h.remove()
         return rows
 
+    def _accelerate_if_pruned_changed(self) -> None:
+        """Choose execution paths by measurement; only again when some layer's non-zeros changed (timing takes
+        a few seconds, reset() is called every episode)."""
+        linears = find_linears(self.model)
+        fingerprint = tuple(int(torch.count_nonzero(lin.weight)) for lin in linears.values())
+        if fingerprint == self._pruned_fingerprint:
+            return
+        prefill = self.model.prefix_tokens + len(self.model.prompt_ids(self.prompt))
+        # Decoder layers: one prefill of all LM input rows, then one row per fed-back token.
+        decode = {prefill: 1.0, 1: float(max(self.max_new_tokens - 1, 1))}
+        encoder = {f"encoder.{n}": {max(r, 1): 1.0} for n, r in self._encoder_rows.items()}
+        self.path_report = accelerate(self.model, decode, layer_rows=encoder)
+        self.paths = {n: c.path for n, c in self.path_report.items()}
+        self._pruned_fingerprint = fingerprint
+
     def _compute(self, tokens_in: int, decode_steps: int, tokens_out: int) -> dict[str, float]:
         cfg = self.model.lm.config
         d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
@@ -108,9 +139,10 @@ class LLMAgent:
         e = self.model.config
         objects = 3 + MAX_VEHICLES + MAX_PEDESTRIANS  # ego, route, light + all slots (padded ones are computed)
         enc_attention = 4 * e.enc_dim * (objects * objects + e.num_latents * objects)
-        dense, effective = (2 * processed * self._decoder + 2 * (1 + decode_steps) * self._head + self._encoder
-                            + lm_attention + enc_attention)
+        dense, effective, executed = (2 * processed * self._decoder + 2 * (1 + decode_steps) * self._head
+                                      + self._encoder + lm_attention + enc_attention)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         return {"tokens_in": float(tokens_in), "tokens_out": float(tokens_out), "dense_flops": float(dense),
-                "effective_flops": float(effective), "params": float(self.params),
-                "nonzero_params": float(self.nonzero_params), "peak_mem_bytes": float(peak)}
+                "effective_flops": float(effective), "executed_flops": float(executed),
+                "params": float(self.params), "nonzero_params": float(self.nonzero_params),
+                "peak_mem_bytes": float(peak)}

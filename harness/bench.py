@@ -48,22 +48,30 @@ def comparison_table(episodes: pd.DataFrame, models: dict, open_loop: dict) -> p
     return pd.DataFrame(rows)
 
 
+# Short headers so the table fits a terminal; bench.csv keeps the full column names.
+HEADERS = {"sparsity": "sparsity", "driving_score": "DS", "route_completion": "RC", "collisions_per_km": "coll/km",
+           "success_rate": "success %", "lon_error": "lon err", "lat_error": "lat err",
+           "vehicle_count_error": "veh count err", "parse_rate": "parse", "step_ms_p50": "ms/step p50",
+           "effective_gflops": "eff GFLOP/step", "nonzero_params": "non-zero params"}
+
+
 def print_comparison(table: pd.DataFrame) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console() if Console().is_terminal else Console(width=160)
+    console = Console() if Console().is_terminal else Console(width=200)
     out = Table(title="prunedrive bench: closed-loop (Leaderboard 2.0) and open-loop, per model")
     for column in table.columns:
-        out.add_column(column, justify="left" if column in ("agent", "method") else "right")
+        out.add_column(HEADERS.get(column, column), justify="left" if column in ("agent", "method") else "right",
+                       no_wrap=column == "agent")
     for _, row in table.iterrows():
         out.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
     console.print(out)
 
 
 def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_id: str | None,
-              progress: bool = True, with_expert: bool = True) -> pd.DataFrame:
-    from agents.registry import make_agent
+              progress: bool = True, with_expert: bool = True, workers: int | None = None) -> pd.DataFrame:
+    from harness.distributed import AgentSpec
     from harness.results import RunDir
     from harness.runner import run_suite
     from models.compress import training_data_dir
@@ -76,14 +84,24 @@ def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_
     suite = load_suite(suite_name)
     dense_dir = ensure_default_model(preset, progress=progress)
     models = pruned_models(dense_dir, methods, sparsities, progress)
-    agents = ([make_agent("expert")] if with_expert else []) + [
-        make_agent("llm", path, label=name) for name, (_, _, path) in models.items()]
+    specs = ([AgentSpec("expert")] if with_expert else []) + [
+        AgentSpec("llm", str(path), label=name) for name, (_, _, path) in models.items()]
+    names = [spec.label or spec.name for spec in specs]
     run_dir = RunDir(out / (run_id or f"bench-{suite.name}-{preset}"))
-    config = {"suite": suite.name, "agents": [a.name for a in agents], "model": str(dense_dir),
-              "methods": list(methods), "sparsities": list(sparsities)}
+    # Per agent: its model, method and target sparsity (of the LM), which `prunedrive report` plots.
+    config = {"suite": suite.name, "agents": names, "model": str(dense_dir),
+              "methods": list(methods), "sparsities": list(sparsities),
+              "models": {name: str(path) for name, (_, _, path) in models.items()},
+              "method": {name: method for name, (method, _, _) in models.items()},
+              "sparsity": {name: sparsity for name, (_, sparsity, _) in models.items()}}
     if not run_dir.manifest_path.exists():
-        run_dir.create(config, [f"{a.name}/{s.name}/{seed}" for a in agents for s, seed in suite.episodes()])
-    episodes = run_suite(suite, agents, run_dir, progress=progress)
+        run_dir.create(config, [f"{name}/{s.name}/{seed}" for name in names for s, seed in suite.episodes()])
+    if workers:
+        from harness.distributed import run_suite_distributed
+
+        episodes = run_suite_distributed(suite, specs, run_dir, workers, progress=progress)
+    else:
+        episodes = run_suite(suite, [spec.build() for spec in specs], run_dir, progress=progress)
 
     split = load_split(training_data_dir(dense_dir), "val")
     open_loop = {name: evaluate_open_loop(DrivingLLM.from_pretrained(path), split, 200)

@@ -101,7 +101,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from harness.bench import run_bench
 
     run_bench(args.suite, args.preset, args.methods, args.sparsities, Path(args.out), args.run_id,
-              progress=not args.quiet)
+              progress=not args.quiet, workers=args.workers)
     return 0
 
 
@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7])
     bench.add_argument("--out", default="results")
     bench.add_argument("--run-id", help="default bench-<suite>-<preset>; an existing one is resumed")
+    bench.add_argument("--workers", type=int, help="drive the episodes on this many Ray actors")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)
 

@@ -16,6 +16,7 @@ class StepCompute:
     tokens_out: float = float("nan")
     dense_flops: float = float("nan")
     effective_flops: float = float("nan")  # counting only non-zero weights
+    executed_flops: float = float("nan")   # counting the weights the installed kernels multiply (dense path: all)
     params: float = float("nan")
     nonzero_params: float = float("nan")
     peak_mem_bytes: float = float("nan")
@@ -24,7 +25,7 @@ class StepCompute:
 COMPUTE_FIELDS = tuple(f.name for f in fields(StepCompute))
 # Per-episode aggregates written to the episodes table.
 AGGREGATED_FIELDS = ("agent_wall_s", "agent_cpu_s", "sim_wall_s", "tokens_in", "tokens_out",
-                     "dense_flops", "effective_flops")
+                     "dense_flops", "effective_flops", "executed_flops")
 
 
 def aggregate(columns: dict[str, np.ndarray]) -> dict[str, float]:

@@ -294,7 +294,8 @@ def comparison_table(series: list[Series]) -> tuple[list[tuple[str, str]], list[
             if text is not None:
                 row[column] = text
         rows.append(row)
-    present = [("agent", "agent"), ("run", "run")] + [(c, h) for c, h, _, _ in COLUMNS if any(c in r for r in rows)]
+    runs = [("run", "run")] if len({s.run for s in series}) > 1 else []  # one run: named above the table
+    present = [("agent", "agent")] + runs + [(c, h) for c, h, _, _ in COLUMNS if any(c in r for r in rows)]
     return present, rows
 
 

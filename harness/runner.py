@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 

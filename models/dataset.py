@@ -25,11 +25,14 @@ from agents.expert import ExpertAgent
 from harness.action import Control
 from harness.env import DriveEnv
 from harness.observation import EGO_FEATURES, TRAFFIC_LIGHT_STATES
+from harness.observation import observation_space
 from models import text
-from models.driving_llm import OBS_SHAPES
 from scenarios.loader import Scenario, load_suite
 
-TRAIN_SEED_BASE, VAL_SEED_BASE = 100_000, 90_000  # evaluation suites use seeds < 10000
+# Observation layout (no torch import here: rollout workers stay light).
+OBS_SHAPES = {k: space.shape for k, space in observation_space().spaces.items()}
+
+TRAIN_SEED_BASE, VAL_SEED_BASE, DAGGER_SEED_BASE = 100_000, 90_000, 200_000  # evaluation suites use seeds < 10000
 _SPEED, _LIMIT = EGO_FEATURES.index("speed_mps"), EGO_FEATURES.index("speed_limit_mps")
 _STOP_STATES = (TRAFFIC_LIGHT_STATES.index("red"), TRAFFIC_LIGHT_STATES.index("yellow"))
 
@@ -37,6 +40,8 @@ _STOP_STATES = (TRAFFIC_LIGHT_STATES.index("red"), TRAFFIC_LIGHT_STATES.index("y
 def episode_seed(split: str, seed: int, index: int) -> int:
     if split == "val":
         return VAL_SEED_BASE + 1000 * seed + index
+    if split == "dagger":
+        return DAGGER_SEED_BASE + 1000 * seed + index
     return TRAIN_SEED_BASE + 1000 * seed + index
 
 
@@ -80,33 +85,42 @@ class _Burst:
 
 
 def _new_burst(rng: np.random.Generator) -> _Burst:
-    """Steering offset (45%), a random pedal (30%) or braking to a standstill (25%). The last one fills the
+    """Steering offset (50%), a random pedal (30%) or braking to a standstill (20%). The last one fills the
     data with "stopped, road clear -> accelerate" states, against the inertia problem of behaviour cloning
     (an imitator that has stopped tends to stay stopped, because the expert mostly stops to wait)."""
     u = rng.random()
-    if u < 0.45:
+    if u < 0.5:
         return _Burst(int(rng.integers(2, 7)), steer=float(np.clip(rng.normal(0, 0.15), -0.4, 0.4)))
-    if u < 0.75:
+    if u < 0.8:
         pedal = (float(rng.uniform(0.2, 0.7)), 0.0) if rng.random() < 0.5 else (0.0, float(rng.uniform(0.2, 0.6)))
         return _Burst(int(rng.integers(2, 7)), pedal=pedal)
-    return _Burst(int(rng.integers(6, 14)), pedal=(0.0, 1.0))
+    return _Burst(int(rng.integers(5, 11)), pedal=(0.0, 1.0))
 
 
 def rollout(scenario: Scenario, seed: int, noise: float = 0.0, max_steps: int | None = None,
-            env: DriveEnv | None = None) -> tuple[list[dict], dict]:
-    """One expert episode -> per-step rows and an episode summary."""
+            env: DriveEnv | None = None, policy=None, beta: float = 0.0) -> tuple[list[dict], dict]:
+    """One episode -> per-step rows (labelled by the expert) and an episode summary.
+
+    Without `policy` the expert drives (with noise bursts). With a policy (an Agent, e.g. the LLM) that
+    policy drives, except on a `beta` share of steps where the expert does: DAgger, which collects the
+    states the learner itself visits, labelled with what the expert would do there."""
     from harness.scoring import score_episode
 
     env = env or DriveEnv(scenario)
     expert, rng, burst = ExpertAgent(), np.random.default_rng(seed), _Burst()
     obs, _ = env.reset(seed=seed)
+    if policy is not None:
+        policy.reset(scenario)
     rows, step, info = [], 0, {}
     while True:
         label = expert.act(obs)
         reason = expert_reason(expert, obs)
-        if burst.steps_left <= 0 and noise > 0 and rng.random() < noise:
-            burst = _new_burst(rng)
-        executed = burst.apply(label) if burst.steps_left > 0 else label
+        if policy is not None:
+            executed = label if rng.random() < beta else policy.act(obs)
+        else:
+            if burst.steps_left <= 0 and noise > 0 and rng.random() < noise:
+                burst = _new_burst(rng)
+            executed = burst.apply(label) if burst.steps_left > 0 else label
         p = text.perception_labels(obs)
         rows.append({
             "scenario": scenario.name, "kind": scenario.kind, "seed": seed, "step": step,
@@ -138,37 +152,88 @@ def _to_table(rows: list[dict]) -> pa.Table:
     return pa.table(columns)
 
 
-def build_dataset(out_dir: str | Path, n_episodes: int, seed: int = 0, split: str = "train", noise: float = 0.08,
-                  scenarios: str | Path = "train", max_steps: int | None = None, progress: bool = True) -> Path:
-    """Roll out the expert on `n_episodes` episodes cycling over the suite's scenarios and write
-    out_dir/<split>.parquet and out_dir/<split>.json. The val split is never noised. Returns the parquet path."""
+_WORKER_ENVS: dict[str, DriveEnv] = {}  # per process: env construction is slow, reuse it across episodes
+_WORKER_POLICIES: dict[str, object] = {}
+
+
+def _policy(model_dir: str | None):
+    if model_dir is None:
+        return None
+    if model_dir not in _WORKER_POLICIES:
+        import torch
+
+        from agents.llm import LLMAgent
+
+        import multiprocessing
+
+        if multiprocessing.parent_process() is not None:
+            torch.set_num_threads(1)  # one rollout process per core; batch-1 decoding gains nothing from threads
+        _WORKER_POLICIES[model_dir] = LLMAgent(model_dir)
+    return _WORKER_POLICIES[model_dir]
+
+
+def _episode(job: tuple) -> tuple[list[dict], dict]:
+    suite_path, index, split, seed, noise, max_steps, policy_dir, beta = job
+    suite = load_suite(suite_path)
+    scenario = suite.scenarios[index % len(suite.scenarios)]
+    key = f"{suite_path}:{scenario.name}"
+    if key not in _WORKER_ENVS:
+        _WORKER_ENVS[key] = DriveEnv(scenario)
+    env = _WORKER_ENVS[key]
+    start = time.time()
+    rows, summary = rollout(scenario, episode_seed(split, seed, index), noise, max_steps, env,
+                            _policy(policy_dir), beta)
+    for r in rows:
+        r["episode"] = index
+    return rows, {**summary, "seconds": round(time.time() - start, 2)}
+
+
+def build_dataset(out_dir: str | Path, n_episodes: int, seed: int = 0, split: str = "train", noise: float = 0.06,
+                  scenarios: str | Path = "train", max_steps: int | None = None, progress: bool = True,
+                  workers: int | None = None, policy_dir: str | Path | None = None, beta: float = 0.0) -> Path:
+    """Roll out `n_episodes` episodes cycling over the suite's scenarios and write out_dir/<split>.parquet and
+    out_dir/<split>.json. The expert drives (noised; the val split never is) unless `policy_dir` names a
+    model that drives instead (DAgger, see rollout). Returns the parquet path.
+
+    workers: rollout processes (default: min(2, CPUs), 1 below 8 episodes); every episode depends only on its seed (and the
+    policy), so the result is the same for any number of workers."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+    import os
+
+    from rich.progress import Progress
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suite = load_suite(scenarios)
     noise = 0.0 if split == "val" else noise
+    workers = workers or (min(2, os.cpu_count() or 1) if n_episodes >= 8 else 1)  # spawning costs seconds
+    policy_dir = str(policy_dir) if policy_dir is not None else None
+    jobs = [(str(suite.path), i, split, seed, noise, max_steps, policy_dir, beta) for i in range(n_episodes)]
     start, rows, episodes = time.time(), [], []
-    envs: dict[str, DriveEnv] = {}  # one env per scenario, reused across its episodes (construction is slow)
-    from rich.progress import Progress
-
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"expert rollouts ({split})", total=n_episodes)
-        for i in range(n_episodes):
-            scenario = suite.scenarios[i % len(suite.scenarios)]
-            env = envs.setdefault(scenario.name, DriveEnv(scenario))
-            ep_rows, summary = rollout(scenario, episode_seed(split, seed, i), noise, max_steps, env)
-            for r in ep_rows:
-                r["episode"] = i
-            rows += ep_rows
-            episodes.append(summary)
-            bar.update(task, advance=1, description=f"expert rollouts ({split}): {len(rows)} steps")
-    for env in envs.values():
-        env.close()
+        if workers > 1 and n_episodes > 1:
+            # spawn, not fork: the parent may hold torch/OpenMP threads that a forked child must not inherit.
+            pool = ProcessPoolExecutor(min(workers, n_episodes), mp_context=multiprocessing.get_context("spawn"))
+            results = pool.map(_episode, jobs)
+        else:
+            pool, results = None, map(_episode, jobs)
+        try:
+            for ep_rows, summary in results:
+                rows += ep_rows
+                episodes.append(summary)
+                bar.update(task, advance=1, description=f"expert rollouts ({split}): {len(rows)} steps")
+        finally:
+            if pool:
+                pool.shutdown()
     path = out_dir / f"{split}.parquet"
     pq.write_table(_to_table(rows), path)
     config = {"split": split, "n_episodes": n_episodes, "seed": seed, "noise": noise, "max_steps": max_steps,
+              "policy": policy_dir, "beta": beta,
               "suite": str(suite.path), "scenarios": [asdict(s) for s in suite.scenarios],
               "expert": asdict(ExpertAgent().config), "rows": len(rows), "seconds": round(time.time() - start, 1),
-              "questions": text.QUESTIONS, "nearby_m": text.NEARBY_M, "episodes": episodes}
+              "workers": workers, "questions": text.QUESTIONS, "nearby_m": text.NEARBY_M, "episodes": episodes}
     (out_dir / f"{split}.json").write_text(json.dumps(config, indent=2, default=str))
     return path
 

@@ -19,7 +19,9 @@ Feature normalisation (fixed scales, so a saved model needs no dataset statistic
   route-relative coordinates of every object (arc length along the route / 50 m, signed offset from it
   / 5 m clipped to +-4, velocity along / across the route), an in-corridor flag, and two times / 4 s
   clipped to [0, 2]: the ego's to the object's foot on the route and the object's to the route (if it
-  approaches it); traffic light one-hot state and distance / 50 m.
+  approaches it); the closest approach between object and ego over the next 4 s (object at constant
+  velocity, ego along the route at max(speed, 4 m/s)) / 10 m clipped to 3, and its time / 4 s;
+  traffic light one-hot state and distance / 50 m.
 The ego's last applied control and acceleration are deliberately NOT inputs: the expert does not use
 them, and feeding them invites the "copycat" shortcut of behaviour cloning (repeat the last action),
 which drifts in closed loop.
@@ -52,7 +54,7 @@ OBS_SHAPES = {
 }
 OBS_KEYS = tuple(OBS_SHAPES)
 _E = {name: i for i, name in enumerate(EGO_FEATURES)}
-EGO_IN, ROUTE_IN, VEHICLE_IN, PEDESTRIAN_IN, LIGHT_IN = 6, 4 * ROUTE_POINTS, 16, 12, len(TRAFFIC_LIGHT_STATES) + 1
+EGO_IN, ROUTE_IN, VEHICLE_IN, PEDESTRIAN_IN, LIGHT_IN = 6, 4 * ROUTE_POINTS, 18, 14, len(TRAFFIC_LIGHT_STATES) + 1
 WEIGHTS_NAME, CONFIG_NAME, TOKENIZER_NAME = "model.safetensors", "config.json", "tokenizer.json"
 
 
@@ -61,6 +63,7 @@ class DrivingLLMConfig:
     enc_dim: int = 128
     enc_heads: int = 4
     num_latents: int = 8
+    direct_tokens: int = 0           # also give the LM the ego / route / light object tokens (0-3) directly
     hidden_size: int = 160
     num_layers: int = 4
     num_heads: int = 4
@@ -112,6 +115,25 @@ def _route_frame(points: torch.Tensor, path: torch.Tensor, seg_valid: torch.Tens
     return s, signed, tangent
 
 
+_HORIZON = torch.linspace(0.25, 4.0, 16)  # s: the expert's conflict-prediction horizon
+
+
+def _ego_track(route: torch.Tensor, route_mask: torch.Tensor, speed: torch.Tensor) -> torch.Tensor:
+    """Where the ego will be at each _HORIZON time if it follows the route at max(speed, 4 m/s): (B, T, 2)."""
+    b, p, _ = route.shape
+    n_valid = route_mask.sum(1).long()
+    idx = torch.minimum(torch.arange(p)[None], (n_valid - 1).clamp_min(0)[:, None])  # repeat the last valid point
+    pts = torch.gather(route, 1, idx[..., None].expand(-1, -1, 2)) * (n_valid > 0)[:, None, None]
+    path = torch.cat([torch.zeros_like(pts[:, :1]), pts], 1)
+    arc = torch.cat([torch.zeros(b, 1), (path[:, 1:] - path[:, :-1]).norm(dim=-1).cumsum(1)], 1)
+    s = torch.minimum(speed.clamp_min(4.0)[:, None] * _HORIZON[None], arc[:, -1:])
+    i = torch.searchsorted(arc.contiguous(), s.contiguous()).clamp(1, p)
+    a0, a1 = torch.gather(arc, 1, i - 1), torch.gather(arc, 1, i)
+    w = ((s - a0) / (a1 - a0).clamp_min(1e-6)).clamp(0, 1)[..., None]
+    take = lambda j: torch.gather(path, 1, j[..., None].expand(-1, -1, 2))  # noqa: E731
+    return take(i - 1) * (1 - w) + take(i) * w
+
+
 def featurize(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Normalised per-type feature tensors (scales in the module docstring)."""
     ego = batch["ego"]
@@ -121,6 +143,7 @@ def featurize(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seg_valid[:, 0] = True  # the ego->first-point segment always exists (a degenerate one if no route)
 
     ego_speed = ego[:, _E["speed_mps"]].clamp_min(4.0)[:, None]  # the expert also predicts with >= 4 m/s
+    track = _ego_track(route, route_mask, ego[:, _E["speed_mps"]])  # (B, T, 2)
 
     def rel(objects: torch.Tensor, v_scale: float) -> torch.Tensor:
         s, d, tangent = _route_frame(objects[..., :2], path, seg_valid)
@@ -131,8 +154,13 @@ def featurize(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ego_time = (s / ego_speed / 4).clamp(0, 2)
         approaching = d * v_across < 0
         their_time = torch.where(approaching, d.abs() / v_across.abs().clamp_min(1e-3) / 4, torch.full_like(d, 2.0))
+        # Closest approach to the ego over the horizon, both moving on (constant velocity / along the route).
+        future = objects[..., None, :2] + v[..., None, :] * _HORIZON[None, None, :, None]  # (B, N, T, 2)
+        gap = (future - track[:, None]).norm(dim=-1)
+        closest, when = gap.min(-1)
         return torch.stack([objects[..., :2].norm(dim=-1) / 50, s / 50, (d / 5).clamp(-4, 4),
-                            v_along / v_scale, v_across / v_scale, in_lane, ego_time, their_time.clamp(0, 2)], -1)
+                            v_along / v_scale, v_across / v_scale, in_lane, ego_time, their_time.clamp(0, 2),
+                            (closest / 10).clamp(0, 3), _HORIZON[when] / 4], -1)
 
     veh = batch["vehicles"]
     vehicles = torch.cat([veh[..., :2] / 50, veh[..., 2:4] / 20, torch.cos(veh[..., 4:5]), torch.sin(veh[..., 4:5]),
@@ -180,8 +208,9 @@ class AttentionBlock(nn.Module):
 
 
 class VectorEncoder(nn.Module):
-    def __init__(self, d: int, heads: int, num_latents: int, out_dim: int):
+    def __init__(self, d: int, heads: int, num_latents: int, out_dim: int, direct_tokens: int = 0):
         super().__init__()
+        self.direct_tokens = direct_tokens  # the first object tokens (ego, route, light) also passed to the LM as-is
         self.ego, self.route = _mlp(EGO_IN, d), _mlp(ROUTE_IN, d)
         self.vehicles, self.pedestrians, self.light = _mlp(VEHICLE_IN, d), _mlp(PEDESTRIAN_IN, d), _mlp(LIGHT_IN, d)
         self.type_embed = nn.Parameter(torch.randn(5, d) * 0.02)
@@ -203,7 +232,11 @@ class VectorEncoder(nn.Module):
                           batch["pedestrians_mask"] > 0], 1)
         tokens = self.objects(tokens, tokens, mask)
         queries = self.latents[None] + tokens[:, :1]  # ego-conditioned queries
-        return self.proj(self.norm(self.cross(queries, tokens, mask)))
+        latents = self.cross(queries, tokens, mask)
+        if self.direct_tokens:
+            # Ego and route (and light) tokens skip the bottleneck: steering depends on them finely.
+            latents = torch.cat([latents, tokens[:, : self.direct_tokens]], 1)
+        return self.proj(self.norm(latents))
 
 
 # -- the model ------------------------------------------------------------------------------------
@@ -217,11 +250,17 @@ class DrivingLLM(nn.Module):
         config.vocab_size = llama.vocab_size
         self.lm = AutoModelForCausalLM.from_config(llama, attn_implementation="sdpa")
         config.lm = config.lm or self.lm.config.to_dict()
-        self.encoder = VectorEncoder(config.enc_dim, config.enc_heads, config.num_latents, config.hidden_size)
+        self.encoder = VectorEncoder(config.enc_dim, config.enc_heads, config.num_latents, config.hidden_size,
+                                     config.direct_tokens)
         weight = torch.ones(len(tokenizer))
         weight[tokenizer.digit_token_ids()] = config.digit_loss_weight
         self.register_buffer("token_weight", weight, persistent=False)
         self._prompt_cache: dict[str, list[int]] = {}
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Observation tokens before the prompt: the latents plus any direct object tokens."""
+        return self.config.num_latents + self.config.direct_tokens
 
     # -- inputs ----------------------------------------------------------------------------------
     def prompt_ids(self, text: str) -> list[int]:
@@ -247,7 +286,7 @@ class DrivingLLM(nn.Module):
         (-100 on the latents), unshifted: position i's logits predict labels[i + 1]."""
         inputs = self.lm_inputs(batch, batch["input_ids"], batch["attention_mask"])
         logits = self.lm(**inputs, use_cache=False).logits
-        pad = torch.full((logits.shape[0], self.config.num_latents), -100, dtype=torch.long, device=logits.device)
+        pad = torch.full((logits.shape[0], self.prefix_tokens), -100, dtype=torch.long, device=logits.device)
         return logits, torch.cat([pad, batch["labels"]], 1)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -270,7 +309,7 @@ class DrivingLLM(nn.Module):
         inputs = self.lm_inputs(observation_batch, ids)
         mask = inputs["attention_mask"]
         out = self.lm(**inputs, use_cache=True, logits_to_keep=1)
-        past, embed = out.past_key_values, self.lm.get_input_embeddings()
+        cache, embed = out.cache, self.lm.get_input_embeddings()
         generated = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool)
         steps = 0
@@ -289,9 +328,9 @@ class DrivingLLM(nn.Module):
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], 1)
-            out = self.lm(inputs_embeds=embed(token[:, None]), attention_mask=mask, past_key_values=past,
+            out = self.lm(inputs_embeds=embed(token[:, None]), attention_mask=mask, cache=cache,
                           use_cache=True)
-            past = out.past_key_values
+            cache = out.cache
             steps += 1
         return generated, {"tokens_in": int(inputs["inputs_embeds"].shape[1]), "decode_steps": steps}
 

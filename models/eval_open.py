@@ -3,7 +3,9 @@
 Every question is asked for every sampled row; answers are parsed with models/text.py. As in Wayve, an
 unparsable answer counts as an error of |label| (and as wrong for accuracies).
 
-  vehicle_count_error, pedestrian_count_error: MAE of the nearby counts
+  vehicle_count_error, pedestrian_count_error: MAE of the nearby counts, a predicted count clipped to the
+    observation's slots (a heavily pruned model can answer "555555555 vehicles"; one such answer
+    would otherwise outweigh the whole split)
   lead_presence_accuracy; lead_distance_error: MAE on rows that have a lead car
   traffic_light_accuracy (state, "none" included); traffic_light_distance_error on rows with a light
     (NaN when the split has none: the highway backend has no traffic lights)
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES
 from models import text
 from models.dataset import Split, load_split
 from models.driving_llm import DrivingLLM, DrivingLLMConfig
@@ -51,8 +54,10 @@ def evaluate_open_loop(model: DrivingLLM, dataset_split: Split | str | Path, max
     # Object counts.
     parsed = [text.parse_objects(a) for a in answers["objects"]]
     cars, peds = f["n_vehicles"].to_numpy(float), f["n_pedestrians"].to_numpy(float)
-    m["vehicle_count_error"] = float(np.mean([abs(p[0] - c) if p else abs(c) for p, c in zip(parsed, cars)]))
-    m["pedestrian_count_error"] = float(np.mean([abs(p[1] - c) if p else abs(c) for p, c in zip(parsed, peds)]))
+    m["vehicle_count_error"] = float(np.mean([abs(min(p[0], MAX_VEHICLES) - c) if p else abs(c)
+                                              for p, c in zip(parsed, cars)]))
+    m["pedestrian_count_error"] = float(np.mean([abs(min(p[1], MAX_PEDESTRIANS) - c) if p else abs(c)
+                                                 for p, c in zip(parsed, peds)]))
 
     # Lead car.
     parsed = [text.parse_lead(a) for a in answers["lead"]]

@@ -8,13 +8,15 @@ from dataclasses import asdict, dataclass, field
 
 from models.driving_llm import DrivingLLMConfig
 
+FORMAT = 2  # version of the features (models/driving_llm.py) and texts (models/text.py) a model was trained with
+
 
 @dataclass(frozen=True)
 class DataRecipe:
     train_episodes: int = 60
     val_episodes: int = 12       # one per training scenario
-    noise: float = 0.08          # per-step chance to start a perturbation burst (DAgger-style; labels stay expert)
-    max_steps: int | None = None  # per-episode cap (None: until the route ends)
+    noise: float = 0.06          # per-step chance to start a perturbation burst (DAgger-style; labels stay expert)
+    max_steps: int | None = 150  # per-episode cap: long episodes are mostly the expert waiting, which teaches inertia
     scenarios: str = "train"     # suite with the training scenarios (scenarios/train.yaml)
 
 
@@ -30,6 +32,11 @@ class TrainRecipe:
     checkpoint_every: int = 250
     log_every: int = 25
     tokenizer_vocab: int = 768
+    # DAgger: at dagger_at * steps the model so far drives `dagger_episodes` training episodes (the expert
+    # takes over on a dagger_beta share of steps), the expert labels them, and training goes on with them.
+    dagger_episodes: int = 24
+    dagger_at: float = 0.6
+    dagger_beta: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -43,23 +50,27 @@ class Preset:
         return DrivingLLMConfig(**self.model, preset=self.name, config_hash=self.hash())
 
     def hash(self) -> str:
+        """Covers the recipe, the training suite's file and FORMAT (bump it when features or texts change)."""
+        from scenarios.loader import suite_path
+
+        suite = suite_path(self.data.scenarios).read_text()
         blob = json.dumps({"name": self.name, "model": self.model, "data": asdict(self.data),
-                           "train": asdict(self.train), "format": 1}, sort_keys=True)
+                           "train": asdict(self.train), "suite": suite, "format": FORMAT}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 PRESETS = {
     # Unit tests: trains a few steps in seconds.
-    "tiny": Preset("tiny", dict(enc_dim=32, enc_heads=2, num_latents=4, hidden_size=32, num_layers=2, num_heads=2,
+    "tiny": Preset("tiny", dict(enc_dim=32, enc_heads=2, num_latents=4, direct_tokens=2, hidden_size=32, num_layers=2, num_heads=2,
                                 intermediate_size=64),
                    DataRecipe(train_episodes=2, val_episodes=1, max_steps=12),
                    TrainRecipe(steps=30, batch_size=8, lr=3e-3, warmup=3, checkpoint_every=10, log_every=5,
-                               tokenizer_vocab=400)),
+                               tokenizer_vocab=400, dagger_episodes=1, dagger_at=0.5)),
     # The default: trains on a 2-core CPU in ~10 minutes including data generation.
-    "small": Preset("small", dict(enc_dim=128, enc_heads=4, num_latents=8, hidden_size=160, num_layers=4,
+    "small": Preset("small", dict(enc_dim=128, enc_heads=4, num_latents=8, direct_tokens=2, hidden_size=160, num_layers=4,
                                   num_heads=4, intermediate_size=640)),
     # For users with time: ~4x the LM, 16 latents, more data.
-    "base": Preset("base", dict(enc_dim=192, enc_heads=4, num_latents=16, hidden_size=256, num_layers=6,
+    "base": Preset("base", dict(enc_dim=192, enc_heads=4, num_latents=16, direct_tokens=3, hidden_size=256, num_layers=6,
                                 num_heads=8, intermediate_size=1024),
                    DataRecipe(train_episodes=200, val_episodes=20),
                    TrainRecipe(steps=6000, batch_size=64, lr=1e-3, warmup=200, checkpoint_every=500)),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -16,10 +17,22 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from models import text
-from models.dataset import build_dataset, load_split
-from models.driving_llm import DrivingLLM, OBS_SHAPES
+from models.dataset import Split, build_dataset, load_split
+from models.driving_llm import DrivingLLM
 from models.presets import Preset, get_preset
 from models.tokenizer import DrivingTokenizer
+
+
+def tokenizer_corpus(split: Split) -> list[str]:
+    """What the tokenizer is trained on: every prompt and every answer of the split."""
+    return [text.prompt(k) for k in text.QUESTIONS] + [a for k in text.QUESTIONS for a in split.frame[f"a_{k}"]]
+
+
+def untrained_model(preset: Preset, split: Split, seed: int = 0, vocab: int | None = None) -> DrivingLLM:
+    """Random weights of `preset` with a tokenizer trained on `split` (tests and benchmarks without a model)."""
+    tokenizer = DrivingTokenizer.train(tokenizer_corpus(split), vocab or preset.train.tokenizer_vocab)
+    torch.manual_seed(seed)
+    return DrivingLLM(preset.model_config(), tokenizer).eval()
 
 
 def ensure_data(data_dir: Path, preset: Preset, seed: int = 0, progress: bool = True) -> None:
@@ -80,6 +93,26 @@ class Batches:
             e += 1
 
 
+def concat(a: Split, b: Split) -> Split:
+    import pandas as pd
+
+    return Split({k: np.concatenate([a.obs[k], b.obs[k]]) for k in a.obs},
+                 pd.concat([a.frame, b.frame], ignore_index=True))
+
+
+def dagger_data(model: DrivingLLM, ckpt: Path, preset: Preset, seed: int, progress: bool) -> Split:
+    """Let the current model drive new training episodes, labelled by the expert (cached in ckpt/dagger)."""
+    r, d = preset.train, preset.data
+    directory = ckpt / "dagger"
+    if not (directory / "dagger.parquet").is_file():
+        model.eval()
+        model.save_pretrained(directory / "policy")
+        model.train()
+        build_dataset(directory, r.dagger_episodes, seed=seed, split="dagger", scenarios=d.scenarios,
+                      max_steps=d.max_steps, progress=progress, policy_dir=directory / "policy", beta=r.dagger_beta)
+    return load_split(directory, "dagger")
+
+
 def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -136,18 +169,19 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
     ensure_data(data_dir, preset, seed=seed, progress=progress)
     data_seconds = time.time() - start
     split = load_split(data_dir, "train")
+    state_rows = len(split)  # identifies the expert data a checkpoint was trained on
 
     tok_path = out_dir / "checkpoint" / "tokenizer.json"
     ckpt = out_dir / "checkpoint"
     state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else None
     if not (resume and state and state["config_hash"] == preset.hash() and state["seed"] == seed
-            and state["rows"] == len(split) and tok_path.is_file()):
+            and state["rows"] == state_rows and tok_path.is_file()):
         state = None
     if state:
         tokenizer = DrivingTokenizer.from_file(tok_path)
     else:
-        corpus = [text.prompt(k) for k in text.QUESTIONS] + [a for k in text.QUESTIONS for a in split.frame[f"a_{k}"]]
-        tokenizer = DrivingTokenizer.train(corpus, preset.train.tokenizer_vocab)
+        shutil.rmtree(ckpt / "dagger", ignore_errors=True)  # rollouts of an older model
+        tokenizer = DrivingTokenizer.train(tokenizer_corpus(split), preset.train.tokenizer_vocab)
         ckpt.mkdir(parents=True, exist_ok=True)
         tokenizer.save(tok_path)
 
@@ -168,6 +202,9 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
     # Drop what an interrupted run logged after its last checkpoint: those steps are redone.
     log_path.write_text("".join(line + "\n" for line in kept if json.loads(line)["step"] <= step))
 
+    dagger_step = int(r.dagger_at * r.steps) if r.dagger_episodes else None
+    if dagger_step is not None and step > dagger_step:  # resuming after the DAgger rollouts
+        split = concat(split, dagger_data(model, ckpt, preset, seed, progress))
     batches = Batches(split, tokenizer, r.perception_fraction, seed)
     stream = batches.stream(r.batch_size, start_step=step)
     model.train()
@@ -178,10 +215,18 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
 
     columns = [TextColumn("[bold]train {task.fields[preset]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    train_start, running = time.time(), []
+    train_start, running, dagger_seconds = time.time(), [], 0.0
     with Progress(*columns, disable=not progress, transient=True) as bar, log_path.open("a") as log:
         task = bar.add_task("train", total=r.steps, completed=step, preset=preset.name, loss=float("nan"))
         while step < r.steps:
+            if step == dagger_step:
+                _save_checkpoint(ckpt, model, optimizer, {"step": step, "config_hash": preset.hash(), "seed": seed,
+                                                          "rows": state_rows})
+                dagger_start = time.time()
+                split = concat(split, dagger_data(model, ckpt, preset, seed, progress))
+                dagger_seconds += time.time() - dagger_start
+                batches = Batches(split, tokenizer, r.perception_fraction, seed)
+                stream = batches.stream(r.batch_size, start_step=step)
             lr = lr_at(step, r.steps, r.lr, r.warmup, r.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -202,14 +247,16 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
                 running = []
             if step % r.checkpoint_every == 0 or step == r.steps:
                 _save_checkpoint(ckpt, model, optimizer, {"step": step, "config_hash": preset.hash(), "seed": seed,
-                                                          "rows": len(split)})
+                                                          "rows": state_rows})
                 if threads is None and step < r.steps:  # the machine's load may have changed
                     thread_log.append((step, pick_threads(model, batches.collate(batches.epoch(0)[: r.batch_size]))))
     model.eval()
     model.save_pretrained(out_dir)
     summary = {"preset": preset.name, "config_hash": preset.hash(), "seed": seed, "steps": r.steps,
-               "train_rows": len(split), "parameters": model.num_parameters(), "data_seconds": round(data_seconds, 1),
-               "train_seconds": round(time.time() - train_start, 1), "total_seconds": round(time.time() - start, 1),
+               "train_rows": state_rows, "parameters": model.num_parameters(), "data_seconds": round(data_seconds, 1),
+               "train_seconds": round(time.time() - train_start - dagger_seconds, 1),
+               "dagger_seconds": round(dagger_seconds, 1), "dagger_rows": len(split) - state_rows,
+               "total_seconds": round(time.time() - start, 1),
                "data_dir": str(data_dir), "threads": thread_log or threads}
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return out_dir

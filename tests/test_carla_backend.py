@@ -7,7 +7,6 @@ import ast
 import enum
 import inspect
 import itertools
-import math
 import socket
 import subprocess
 import sys

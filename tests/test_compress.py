@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from models.compress import prune_model_dir
 from models.driving_llm import DrivingLLM

@@ -1,24 +1,16 @@
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from models import text
 from models.dataset import synthetic_split
-from models.driving_llm import OBS_SHAPES, DrivingLLM, DrivingLLMConfig, collate
+from models.driving_llm import DrivingLLM, DrivingLLMConfig, collate
 from models.presets import PRESETS
-from models.tokenizer import DrivingTokenizer
-from models.train import Batches
+from models.train import Batches, untrained_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy 2-core machine 2 threads are ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -28,24 +20,22 @@ def split():
 
 @pytest.fixture(scope="module")
 def tiny(split):
-    corpus = [text.prompt(k) for k in text.QUESTIONS] + [a for k in text.QUESTIONS for a in split.frame[f"a_{k}"]]
-    torch.manual_seed(0)
-    return DrivingLLM(PRESETS["tiny"].model_config(), DrivingTokenizer.train(corpus, 400)).eval()
+    return untrained_model(PRESETS["tiny"], split)
 
 
 def test_interfaces_for_pruning(tiny, split):
     assert len(tiny.lm.model.layers) == PRESETS["tiny"].model["num_layers"]
     ids = torch.tensor([tiny.prompt_ids(text.prompt("action"))] * 2)
     inputs = tiny.lm_inputs(collate([split.observation(0), split.observation(1)]), ids, torch.ones_like(ids))
-    assert inputs["inputs_embeds"].shape == (2, tiny.config.num_latents + ids.shape[1], tiny.config.hidden_size)
+    assert inputs["inputs_embeds"].shape == (2, tiny.prefix_tokens + ids.shape[1], tiny.config.hidden_size)
     assert inputs["attention_mask"].shape == inputs["inputs_embeds"].shape[:2]
     assert tiny.lm(**inputs).logits.shape[-1] == len(tiny.tokenizer)
     batch = Batches(split, tiny.tokenizer, 1.0, 0).collate([(0, "action"), (1, "objects")])
     logits, labels = tiny(batch)
     assert logits.shape[:2] == labels.shape
-    assert (labels[:, : tiny.config.num_latents] == -100).all()
+    assert (labels[:, : tiny.prefix_tokens] == -100).all()
     n_prompt = len(tiny.prompt_ids(text.prompt("action")))
-    assert (labels[0, : tiny.config.num_latents + n_prompt] == -100).all()
+    assert (labels[0, : tiny.prefix_tokens + n_prompt] == -100).all()
     answer = labels[0][labels[0] != -100].tolist()
     assert tiny.tokenizer.decode(answer) == split.frame["a_action"][0]  # eos is the last label
 
@@ -59,7 +49,7 @@ def test_greedy_loop_matches_hf_generate(tiny, split):
                               pad_token_id=tiny.tokenizer.pad_id, eos_token_id=tiny.tokenizer.eos_id)
     hf = [t for t in hf[0].tolist() if t != tiny.tokenizer.eos_id][: len(ids[0])]
     assert ids[0] == hf
-    assert stats["tokens_in"] == tiny.config.num_latents + prompt.shape[1]
+    assert stats["tokens_in"] == tiny.prefix_tokens + prompt.shape[1]
 
 
 def test_save_load_round_trip(tiny, split, tmp_path):
@@ -114,8 +104,10 @@ def test_train_pipeline_and_resume(tmp_path):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == PRESETS["tiny"].train.steps and log[-1]["loss"] < log[0]["loss"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "checkpoint/optimizer.pt",
-                 "data/train.parquet", "data/val.json"):
+                 "data/train.parquet", "data/val.json", "checkpoint/dagger/dagger.parquet"):
         assert (out / name).is_file(), name
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["dagger_rows"] > 0
     model = DrivingLLM.from_pretrained(out)
     again = DrivingLLM.from_pretrained(train("tiny", out_dir=out, progress=False, threads=1))  # resumes: nothing left
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

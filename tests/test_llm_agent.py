@@ -9,17 +9,12 @@ from harness.compute import COMPUTE_FIELDS, StepCompute
 from models import text
 from models.driving_llm import DrivingLLM
 from models.presets import PRESETS
-from models.tokenizer import DrivingTokenizer
+from models.train import untrained_model
 from scenarios.loader import Scenario
 from models.dataset import synthetic_split
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +23,7 @@ def split():
 
 
 def untrained(split) -> DrivingLLM:
-    corpus = [text.prompt(k) for k in text.QUESTIONS] + list(split.frame["a_action"])
-    torch.manual_seed(0)
-    return DrivingLLM(PRESETS["tiny"].model_config(), DrivingTokenizer.train(corpus, 400)).eval()
+    return untrained_model(PRESETS["tiny"], split)
 
 
 def test_untrained_model_gives_a_control_and_counts_the_fallback(split):
@@ -45,7 +38,7 @@ def test_untrained_model_gives_a_control_and_counts_the_fallback(split):
     assert set(report) <= set(COMPUTE_FIELDS) and set(report) == set(COMPUTE_FIELDS) - {
         "agent_wall_s", "agent_cpu_s", "sim_wall_s"}
     StepCompute(**report)
-    assert report["tokens_out"] <= 6 and report["tokens_in"] > agent.model.config.num_latents
+    assert report["tokens_out"] <= 6 and report["tokens_in"] > agent.model.prefix_tokens
     # Dense up to the zero <pad> row of the tied embedding / lm_head.
     assert 0.99 * report["dense_flops"] < report["effective_flops"] <= report["dense_flops"]
     assert 0.99 * report["params"] < report["nonzero_params"] <= report["params"] and report["peak_mem_bytes"] > 0

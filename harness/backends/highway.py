@@ -6,7 +6,6 @@ highway-env's IDM/MOBIL vehicles. The route is a lane-level polyline through the
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 from highway_env.envs.highway_env import HighwayEnv

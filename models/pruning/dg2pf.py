@@ -28,7 +28,6 @@ Resuming restores student, optimizer, phase, epoch, best state and history, not 
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections.abc import Callable, Iterable
