@@ -70,7 +70,8 @@ def print_comparison(table: pd.DataFrame) -> None:
 
 
 def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_id: str | None,
-              progress: bool = True, with_expert: bool = True, workers: int | None = None) -> pd.DataFrame:
+              progress: bool = True, with_expert: bool = True, workers: int | None = None,
+              mlflow: str | None = None) -> pd.DataFrame:
     from harness.distributed import AgentSpec
     from harness.results import RunDir
     from harness.runner import run_suite
@@ -111,4 +112,8 @@ def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_
     table.to_csv(run_dir.path / "bench.csv", index=False)
     print_comparison(table)
     print(f"results: {run_dir.path}")
+    if mlflow is not None:  # `--mlflow [URI]`: "" is the default store beside the run
+        from harness.mlflow_log import log_run
+
+        log_run(run_dir, mlflow)
     return table

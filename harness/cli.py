@@ -15,6 +15,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.runner import run_suite
     from harness.summary import print_tables
 
+    _check_mlflow(args)
     suite = load_suite(args.suite)
     if args.seeds:
         suite = _with_seeds(suite, args.seeds)
@@ -57,6 +58,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                              progress=not args.quiet, backend_options=backend_options)
     print_tables(episodes)
     print(f"results: {run_dir.path}")
+    if args.mlflow is not None:
+        from harness.mlflow_log import log_run
+
+        log_run(run_dir, args.mlflow)
     return 0
 
 
@@ -74,7 +79,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from models.train import cmd_train as train
 
-    train(args.preset, out_dir=args.out, data_dir=args.data, seed=args.seed, resume=not args.no_resume)
+    train(args.preset, out_dir=args.out, data_dir=args.data, seed=args.seed, resume=not args.no_resume,
+          threads=args.threads)
     return 0
 
 
@@ -100,9 +106,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from harness.bench import run_bench
 
+    _check_mlflow(args)
     run_bench(args.suite, args.preset, args.methods, args.sparsities, Path(args.out), args.run_id,
-              progress=not args.quiet, workers=args.workers)
+              progress=not args.quiet, workers=args.workers, mlflow=args.mlflow)
     return 0
+
+
+def _check_mlflow(args: argparse.Namespace) -> None:
+    if args.mlflow is not None:  # before any driving or training: a missing MLflow should cost nothing
+        from harness.mlflow_log import require_mlflow
+
+        require_mlflow(args.mlflow)
 
 
 def _resolve_run(run: str, out: str) -> Path:
@@ -114,10 +128,25 @@ def _resolve_run(run: str, out: str) -> Path:
     return path
 
 
+def _threads(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: a positive integer or 'auto'")
+
+
 def _with_seeds(suite, seeds: list[int]):
     from dataclasses import replace
 
     return replace(suite, scenarios=tuple(replace(s, seeds=tuple(seeds)) for s in suite.scenarios))
+
+
+def _add_mlflow_option(parser: argparse.ArgumentParser) -> None:
+    # const "" (a bare --mlflow) stands for the default store, which depends on the run's output folder.
+    parser.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                        help="log the finished run to MLflow, one MLflow run per agent; default store "
+                             "sqlite:///<out>/mlflow.db (needs the mlflow extra)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one CARLA server per worker (with --workers); worker i always uses server i")
     run.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray for the run)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_mlflow_option(run)
     run.set_defaults(func=cmd_run)
 
     train = sub.add_parser("train", help="train the driving LLM on expert data (CPU)")
@@ -149,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="dataset directory; default <out>/data (built when missing)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-resume", action="store_true", help="start over instead of resuming a checkpoint")
+    train.add_argument("--threads", type=_threads, default=2,
+                       help="torch CPU threads (default 2); the trained model depends on it. 'auto' picks the "
+                            "faster of 1 and 2 as the machine's load changes: quicker when busy, not reproducible")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval-open", help="open-loop metrics of a model on the held-out split")
@@ -181,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--run-id", help="default bench-<suite>-<preset>; an existing one is resumed")
     bench.add_argument("--workers", type=int, help="drive the episodes on this many Ray actors")
     bench.add_argument("--quiet", action="store_true")
+    _add_mlflow_option(bench)
     bench.set_defaults(func=cmd_bench)
 
     from harness.regress import add_regress_parser

@@ -1,6 +1,6 @@
 """A report over one or more runs: a self-contained HTML page and a Markdown file.
 
-    prunedrive report RUN [RUN ...] [--out-dir reports/NAME]
+    prunedrive report RUN [RUN ...] [--out-dir DIR]   # default results/reports/<first run>
     write_report([run_dir, ...], out_dir) -> (report.html, report.md)
 
 Content: a comparison table (one row per agent of each run: driving score, route completion,
@@ -173,11 +173,12 @@ def plot_sparsity(series: list[Series]) -> Plot:
                          key=lambda s: s.sparsity)
         x = [100 * s.sparsity for s in members]
         y = [s.summary["driving_score_mean"] for s in members]
-        err = [np.nan_to_num(s.summary["driving_score_std"]) for s in members]
+        # The standard error, not the std: the std of per-episode scores (~30 points) hides every difference
+        # between methods, while the question here is how well each mean is known.
+        err = [np.nan_to_num(s.summary["driving_score_std"] / np.sqrt(s.summary["episodes"])) for s in members]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
     ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("driving score (mean ± std)")
-    ax.set_ylim(0, 105)
+    ax.set_ylabel("driving score (mean ± standard error)")
     ax.grid(alpha=0.3)
     ax.legend(title="method")
     ax.set_title(title)
@@ -193,9 +194,8 @@ def plot_frontier(series: list[Series]) -> Plot:
     ax = figure.add_subplot()
     x = np.array([max(s.summary["agent_wall_ms_p50"], 1e-4) for s in points])
     y = np.array([s.summary["driving_score_mean"] for s in points])
-    for s, xi, yi in zip(points, x, y):
-        ax.scatter([xi], [yi], s=50, zorder=3)
-        ax.annotate(s.label, (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for s, xi, yi in zip(points, x, y):  # a legend, not annotations: pruned variants crowd one spot
+        ax.scatter([xi], [yi], s=50, zorder=3, label=s.label)
     order = np.lexsort((-y, x))  # by time, best score first among ties
     front, best = [], -np.inf
     for i in order:
@@ -207,12 +207,12 @@ def plot_frontier(series: list[Series]) -> Plot:
     from matplotlib.ticker import NullFormatter
 
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log range overlap
-    ax.set_xlim(x.min() / 2, x.max() * 3)  # room for the labels
+    ax.set_xlim(x.min() / 2, x.max() * 2)
     ax.set_xlabel("agent wall time per step, p50 (ms, log)")
     ax.set_ylabel("driving score (mean)")
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
     ax.set_title(title)
     return Plot("ds_vs_time", title, _png(figure))
 
@@ -462,7 +462,7 @@ def add_report_parser(sub) -> None:
     parser = sub.add_parser("report", help="HTML + Markdown report comparing runs (tables, plots, videos)")
     parser.add_argument("runs", nargs="+", help="run ids (under --out) or directories")
     parser.add_argument("--out", default="results", help="where run ids are looked up; default results/")
-    parser.add_argument("--out-dir", help="where the report goes; default reports/<first run>[+N]")
+    parser.add_argument("--out-dir", help="where the report goes; default <out>/reports/<first run>[+N]")
     parser.add_argument("--title", help="page title")
     parser.set_defaults(func=cmd_report)
 
@@ -476,7 +476,8 @@ def cmd_report(args) -> int:
         if not (path / "manifest.json").is_file():
             raise FileNotFoundError(f"{run}: no run directory with a manifest.json (looked in {run} and {path})")
         paths.append(path)
-    out_dir = Path(args.out_dir) if args.out_dir else Path("reports") / (
+    # Beside the runs, not in the working tree: reports are outputs, like the runs they are made from.
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.out) / "reports" / (
         paths[0].name + (f"+{len(paths) - 1}" if len(paths) > 1 else ""))
     html_path, md_path = write_report(paths, out_dir, title=args.title)
     print(f"report: {html_path}\n        {md_path}")

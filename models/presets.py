@@ -8,7 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 from models.driving_llm import DrivingLLMConfig
 
-FORMAT = 2  # version of the features (models/driving_llm.py) and texts (models/text.py) a model was trained with
+# Version of what a model's training data depends on beyond the recipe: features (models/driving_llm.py), texts
+# (models/text.py) and the simulator set-up (harness/backends/highway.py). 3: intersection traffic no longer
+# retunes every later episode's IDM traffic (IntersectionIDMVehicle).
+FORMAT = 3
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,7 @@ def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> 
 def pick_threads(model: DrivingLLM, batch: dict, candidates=(1, 2)) -> int:
     """The faster torch thread count for a training step right now. On a 2-core machine shared with other
     busy processes, 2 threads can be ~10-100x slower than 1 (every parallel region waits for a core), so
-    `threads=None` probes instead of trusting the core count. The probe's gradients are discarded."""
+    `threads="auto"` probes instead of trusting the core count. The probe's gradients are discarded."""
     times = {}
     for n in candidates:
         torch.set_num_threads(n)
@@ -150,13 +150,16 @@ def _save_checkpoint(ckpt: Path, model: DrivingLLM, optimizer, state: dict) -> N
 
 
 def train(preset: str | Preset = "small", data_dir: str | Path | None = None, out_dir: str | Path | None = None,
-          seed: int = 0, resume: bool = True, progress: bool = True, threads: int | None = None) -> Path:
+          seed: int = 0, resume: bool = True, progress: bool = True, threads: int | str = 2) -> Path:
     """Train `preset` (data -> tokenizer -> model) and save the model in out_dir (default: the zoo dir).
     Returns out_dir.
 
-    threads: torch CPU threads; None probes 1 vs 2 at the start and at every checkpoint and takes the
-    faster (see pick_threads). Results are bitwise reproducible for a fixed thread count; across thread
-    counts they agree to ~1e-8 (float summation order)."""
+    threads: torch CPU threads, fixed by default because the model depends on it: the float summation
+    order changes with the thread count, and 1500 steps amplify a 1e-6 difference into a different driver.
+    Bitwise reproducible for the same seed, thread count and CPU. "auto" probes 1 vs 2 at the start and at
+    every checkpoint and takes the faster (see pick_threads): quicker on a busy machine, not reproducible."""
+    if threads != "auto" and not (isinstance(threads, int) and threads >= 1):
+        raise ValueError(f"threads must be a positive integer or 'auto', not {threads!r}")
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if out_dir is None:
         from models.zoo import default_model_dir
@@ -164,7 +167,7 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
     out_dir = Path(out_dir)
     data_dir = Path(data_dir) if data_dir is not None else out_dir / "data"
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(threads or 2)
+    torch.set_num_threads(2 if threads == "auto" else threads)
     start = time.time()
     ensure_data(data_dir, preset, seed=seed, progress=progress)
     data_seconds = time.time() - start
@@ -209,7 +212,7 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
     stream = batches.stream(r.batch_size, start_step=step)
     model.train()
     thread_log = []
-    if threads is None:
+    if threads == "auto":
         thread_log.append((step, pick_threads(model, batches.collate(batches.epoch(0)[: r.batch_size]))))
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -248,7 +251,7 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
             if step % r.checkpoint_every == 0 or step == r.steps:
                 _save_checkpoint(ckpt, model, optimizer, {"step": step, "config_hash": preset.hash(), "seed": seed,
                                                           "rows": state_rows})
-                if threads is None and step < r.steps:  # the machine's load may have changed
+                if threads == "auto" and step < r.steps:  # the machine's load may have changed
                     thread_log.append((step, pick_threads(model, batches.collate(batches.epoch(0)[: r.batch_size]))))
     model.eval()
     model.save_pretrained(out_dir)
@@ -263,9 +266,9 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
 
 
 def cmd_train(preset: str = "small", out_dir: str | Path | None = None, data_dir: str | Path | None = None,
-              seed: int = 0, resume: bool = True) -> Path:
+              seed: int = 0, resume: bool = True, threads: int | str = 2) -> Path:
     """CLI entry (`prunedrive train`): train and print where the model went. Returns the model dir."""
-    out = train(preset, data_dir=data_dir, out_dir=out_dir, seed=seed, resume=resume, progress=True)
+    out = train(preset, data_dir=data_dir, out_dir=out_dir, seed=seed, resume=resume, progress=True, threads=threads)
     summary = json.loads((out / "train_summary.json").read_text())
     print(f"trained {summary['preset']} ({summary['parameters']['total']:,} parameters) in "
           f"{summary['total_seconds']:.0f} s (data {summary['data_seconds']:.0f} s) -> {out}")

@@ -111,6 +111,16 @@ def test_train_pipeline_and_resume(tmp_path):
     model = DrivingLLM.from_pretrained(out)
     again = DrivingLLM.from_pretrained(train("tiny", out_dir=out, progress=False, threads=1))  # resumes: nothing left
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    fresh = DrivingLLM.from_pretrained(train("tiny", out_dir=tmp_path / "fresh", progress=False, threads=1))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values())), \
+        "same seed and thread count, from scratch (data included), must give the same weights"
+
+
+def test_train_refuses_a_bad_thread_count(tmp_path):
+    from models.train import train
+
+    with pytest.raises(ValueError, match="positive integer or 'auto'"):
+        train("tiny", out_dir=tmp_path, progress=False, threads=0)
 
 
 def test_calibration_samples_feed_the_lm(tiny, split):

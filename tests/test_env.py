@@ -91,3 +91,28 @@ def test_rgb_frames_when_rendering():
     frame = env.render()
     assert frame.ndim == 3 and frame.shape[2] == 3 and frame.dtype == np.uint8
     env.close()
+
+
+def test_an_intersection_episode_does_not_change_later_traffic():
+    """highway-env's intersection retunes its vehicle class's IDM constants; that must not reach other scenarios
+    run later in the same process (a bench drives every kind in one worker)."""
+    from highway_env.vehicle.behavior import IDMVehicle
+
+    def rollout():
+        env = DriveEnv(scenario(vehicles=8))
+        obs, _ = env.reset(seed=7)
+        agent, trace = ExpertAgent(), []
+        for _ in range(20):
+            obs, *_ = env.step(agent.act(obs))
+            trace.append(obs["vehicles"].copy())
+        env.close()
+        return np.stack(trace)
+
+    constants = ("DISTANCE_WANTED", "COMFORT_ACC_MAX", "COMFORT_ACC_MIN")
+    before_constants = {name: getattr(IDMVehicle, name) for name in constants}
+    before = rollout()
+    intersection = DriveEnv(scenario("intersection", pedestrians=1))
+    intersection.reset(seed=1)
+    intersection.close()
+    assert {name: getattr(IDMVehicle, name) for name in constants} == before_constants
+    assert np.array_equal(rollout(), before)

@@ -12,6 +12,7 @@ from highway_env.envs.highway_env import HighwayEnv
 from highway_env.envs.intersection_env import IntersectionEnv
 from highway_env.envs.merge_env import MergeGenericEnv
 from highway_env.envs.roundabout_env import RoundaboutGenericEnv
+from highway_env.vehicle.behavior import IDMVehicle
 from highway_env.vehicle.kinematics import Vehicle
 from highway_env.vehicle.objects import Obstacle, RoadObject
 
@@ -59,8 +60,19 @@ class RoundaboutScenarioEnv(_NoRewards, RoundaboutGenericEnv):
     pass
 
 
+class IntersectionIDMVehicle(IDMVehicle):
+    """Intersection traffic's own IDM class. highway-env's IntersectionEnv tunes its traffic by assigning
+    class attributes (DISTANCE_WANTED, COMFORT_ACC_MAX/MIN) on the configured vehicle class; on the shared
+    IDMVehicle that changed every later highway, merge and roundabout episode in the same process, so a
+    result depended on which scenarios had run before it. The tuning now lands on this subclass only."""
+
+
 class IntersectionScenarioEnv(_NoRewards, IntersectionEnv):
-    pass
+    @classmethod
+    def default_config(cls) -> dict:
+        config = super().default_config()
+        config["other_vehicles_type"] = f"{__name__}.{IntersectionIDMVehicle.__name__}"
+        return config
 
 
 class RampMergeEnv(_NoRewards, MergeGenericEnv):
