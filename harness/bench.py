@@ -115,5 +115,6 @@ def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_
     if mlflow is not None:  # `--mlflow [URI]`: "" is the default store beside the run
         from harness.mlflow_log import log_run
 
-        log_run(run_dir, mlflow)
+        log_run(run_dir, mlflow, extra_metrics={name: {f"open_loop.{k}": v for k, v in metrics.items()}
+                                                 for name, metrics in open_loop.items()})
     return table

@@ -8,9 +8,11 @@ only from here, and only when `--mlflow` is given.
 from __future__ import annotations
 
 import importlib
+import numbers
 import os
 import time
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -44,8 +46,11 @@ def tracking_uri(option: str, out_dir: Path) -> str:
     return option or f"sqlite:///{(Path(out_dir) / STORE_FILE).resolve()}"
 
 
-def log_run(run_dir: RunDir, option: str) -> list[str]:
-    """Log (or update) one MLflow run per agent of `run_dir`; return their MLflow run ids."""
+def log_run(run_dir: RunDir, option: str,
+            extra_metrics: Mapping[str, Mapping[str, float]] | None = None) -> list[str]:
+    """Log (or update) one MLflow run per agent of `run_dir`; return their MLflow run ids. extra_metrics:
+    {agent: {name: value}} logged beside the summary's (the bench's open-loop errors); values that are not
+    finite numbers (NaN, the bench's example answers) are left out."""
     uri = tracking_uri(option, run_dir.path.parent)
     require_mlflow(uri)
     # An offline evaluation harness should not phone home; a user who wants MLflow's telemetry sets it.
@@ -66,8 +71,11 @@ def log_run(run_dir: RunDir, option: str) -> list[str]:
     for _, row in summarize(episodes, ["agent"]).iterrows():
         tags = {RUN_ID_TAG: run_dir.path.name, AGENT_TAG: row.agent}
         run_id = _mlflow_run_id(client, experiment_id, tags, f"{run_dir.path.name}/{row.agent}")
+        extra = (extra_metrics or {}).get(row.agent, {})
+        metrics = {**summary_metrics(row), **{name: float(v) for name, v in extra.items()
+                                              if isinstance(v, numbers.Real) and np.isfinite(v)}}
         client.log_batch(run_id,
-                         metrics=[Metric(k, v, now_ms, 0) for k, v in summary_metrics(row).items()],
+                         metrics=[Metric(k, v, now_ms, 0) for k, v in metrics.items()],
                          params=[Param(k, v) for k, v in run_params(manifest, row.agent).items()],
                          tags=[RunTag(k, v) for k, v in tags.items()])
         if artifact.is_file():

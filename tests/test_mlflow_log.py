@@ -108,3 +108,18 @@ def test_mlflow_is_not_imported_without_the_flag(tiny_suite, tmp_path):
             "assert 'mlflow' not in sys.modules, 'mlflow imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_extra_metrics_are_logged_beside_the_summary_and_non_numbers_are_left_out(tiny_suite, tmp_path):
+    """What `bench` adds: each model's open-loop errors, under their own names, in the same MLflow run."""
+    pytest.importorskip("mlflow")
+    out = tmp_path / "results"
+    assert main(["run", "--suite", str(tiny_suite), "--agent", "expert", "--seeds", "1",
+                 "--out", str(out), "--run-id", "x", "--quiet"]) == 0
+    extra = {"expert": {"open_loop.lon_control_error": 0.125, "open_loop.traffic_light_distance_error": float("nan"),
+                        "open_loop.examples": {"action": ["Brake pedal 100%"]}}}
+    log_run(RunDir(out / "x"), "", extra_metrics=extra)
+    metrics = logged_runs(tracking_uri("", out), "tiny")["expert"].data.metrics
+    assert metrics["open_loop.lon_control_error"] == 0.125
+    assert "open_loop.traffic_light_distance_error" not in metrics and "open_loop.examples" not in metrics
+    assert "driving_score_mean" in metrics
