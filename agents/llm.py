@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from harness.action import BRAKE, Control
-from harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES
+from harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES, OBS_SHAPES
 from models import text
-from models.driving_llm import OBS_SHAPES, DrivingLLM, collate
+from models.driving_llm import DrivingLLM, collate
 from models.pruning.masks import find_linears
 from models.sparse_linear import accelerate, executed_weights
 from scenarios.loader import Scenario

@@ -49,23 +49,20 @@ TRAFFIC_LIGHT_STATES = ("green", "yellow", "red")
 _BIG = np.float32(1e4)
 
 
-def observation_space() -> spaces.Dict:
-    def box(*shape: int) -> spaces.Box:
-        return spaces.Box(-_BIG, _BIG, shape=shape, dtype=np.float32)
+# The observation's keys and array shapes, in the order above; masks end in "_mask".
+OBS_SHAPES = {
+    "ego": (len(EGO_FEATURES),),
+    "route": (ROUTE_POINTS, 2), "route_mask": (ROUTE_POINTS,),
+    "vehicles": (MAX_VEHICLES, len(VEHICLE_FEATURES)), "vehicles_mask": (MAX_VEHICLES,),
+    "pedestrians": (MAX_PEDESTRIANS, len(PEDESTRIAN_FEATURES)), "pedestrians_mask": (MAX_PEDESTRIANS,),
+    "traffic_light": (len(TRAFFIC_LIGHT_FEATURES),), "traffic_light_mask": (1,),
+}
 
-    return spaces.Dict(
-        {
-            "ego": box(len(EGO_FEATURES)),
-            "route": box(ROUTE_POINTS, 2),
-            "route_mask": spaces.MultiBinary(ROUTE_POINTS),
-            "vehicles": box(MAX_VEHICLES, len(VEHICLE_FEATURES)),
-            "vehicles_mask": spaces.MultiBinary(MAX_VEHICLES),
-            "pedestrians": box(MAX_PEDESTRIANS, len(PEDESTRIAN_FEATURES)),
-            "pedestrians_mask": spaces.MultiBinary(MAX_PEDESTRIANS),
-            "traffic_light": box(len(TRAFFIC_LIGHT_FEATURES)),
-            "traffic_light_mask": spaces.MultiBinary(1),
-        }
-    )
+
+def observation_space() -> spaces.Dict:
+    return spaces.Dict({key: spaces.MultiBinary(shape[0]) if key.endswith("_mask")
+                        else spaces.Box(-_BIG, _BIG, shape=shape, dtype=np.float32)
+                        for key, shape in OBS_SHAPES.items()})
 
 
 @dataclass

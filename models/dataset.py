@@ -11,6 +11,7 @@ which is what keeps a behaviour-cloned policy from drifting in closed loop.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -24,13 +25,9 @@ import pyarrow.parquet as pq
 from agents.expert import ExpertAgent
 from harness.action import Control
 from harness.env import DriveEnv
-from harness.observation import EGO_FEATURES, TRAFFIC_LIGHT_STATES
-from harness.observation import observation_space
+from harness.observation import EGO_FEATURES, OBS_SHAPES, TRAFFIC_LIGHT_STATES
 from models import text
 from scenarios.loader import Scenario, load_suite
-
-# Observation layout (no torch import here: rollout workers stay light).
-OBS_SHAPES = {k: space.shape for k, space in observation_space().spaces.items()}
 
 TRAIN_SEED_BASE, VAL_SEED_BASE, DAGGER_SEED_BASE = 100_000, 90_000, 200_000  # evaluation suites use seeds < 10000
 _SPEED, _LIMIT = EGO_FEATURES.index("speed_mps"), EGO_FEATURES.index("speed_limit_mps")
@@ -160,11 +157,11 @@ def _policy(model_dir: str | None):
     if model_dir is None:
         return None
     if model_dir not in _WORKER_POLICIES:
+        import multiprocessing
+
         import torch
 
         from agents.llm import LLMAgent
-
-        import multiprocessing
 
         if multiprocessing.parent_process() is not None:
             torch.set_num_threads(1)  # one rollout process per core; batch-1 decoding gains nothing from threads
@@ -172,9 +169,14 @@ def _policy(model_dir: str | None):
     return _WORKER_POLICIES[model_dir]
 
 
+@functools.cache
+def _worker_suite(suite_path: str):
+    return load_suite(suite_path)  # once per process, not per episode
+
+
 def _episode(job: tuple) -> tuple[list[dict], dict]:
     suite_path, index, split, seed, noise, max_steps, policy_dir, beta = job
-    suite = load_suite(suite_path)
+    suite = _worker_suite(suite_path)
     scenario = suite.scenarios[index % len(suite.scenarios)]
     key = f"{suite_path}:{scenario.name}"
     if key not in _WORKER_ENVS:

@@ -41,18 +41,11 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from harness.observation import (EGO_FEATURES, MAX_PEDESTRIANS, MAX_VEHICLES, PEDESTRIAN_FEATURES, ROUTE_POINTS,
-                                 TRAFFIC_LIGHT_FEATURES, TRAFFIC_LIGHT_STATES, VEHICLE_FEATURES)
+from harness.observation import (EGO_FEATURES, MAX_PEDESTRIANS, MAX_VEHICLES, OBS_SHAPES, ROUTE_POINTS,
+                                 TRAFFIC_LIGHT_STATES)
 from models.text import CORRIDOR_HALF_WIDTH_M
 from models.tokenizer import DrivingTokenizer
 
-OBS_SHAPES = {
-    "ego": (len(EGO_FEATURES),), "route": (ROUTE_POINTS, 2), "route_mask": (ROUTE_POINTS,),
-    "vehicles": (MAX_VEHICLES, len(VEHICLE_FEATURES)), "vehicles_mask": (MAX_VEHICLES,),
-    "pedestrians": (MAX_PEDESTRIANS, len(PEDESTRIAN_FEATURES)), "pedestrians_mask": (MAX_PEDESTRIANS,),
-    "traffic_light": (len(TRAFFIC_LIGHT_FEATURES),), "traffic_light_mask": (1,),
-}
-OBS_KEYS = tuple(OBS_SHAPES)
 _E = {name: i for i, name in enumerate(EGO_FEATURES)}
 EGO_IN, ROUTE_IN, VEHICLE_IN, PEDESTRIAN_IN, LIGHT_IN = 6, 4 * ROUTE_POINTS, 18, 14, len(TRAFFIC_LIGHT_STATES) + 1
 WEIGHTS_NAME, CONFIG_NAME, TOKENIZER_NAME = "model.safetensors", "config.json", "tokenizer.json"

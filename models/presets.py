@@ -53,7 +53,8 @@ class Preset:
         return DrivingLLMConfig(**self.model, preset=self.name, config_hash=self.hash())
 
     def hash(self) -> str:
-        """Covers the recipe, the training suite's file and FORMAT (bump it when features or texts change)."""
+        """Covers the recipe, the training suite's file and FORMAT (bump it when features, texts or the
+        simulator set-up change)."""
         from scenarios.loader import suite_path
 
         suite = suite_path(self.data.scenarios).read_text()
@@ -69,7 +70,7 @@ PRESETS = {
                    DataRecipe(train_episodes=2, val_episodes=1, max_steps=12),
                    TrainRecipe(steps=30, batch_size=8, lr=3e-3, warmup=3, checkpoint_every=10, log_every=5,
                                tokenizer_vocab=400, dagger_episodes=1, dagger_at=0.5)),
-    # The default: trains on a 2-core CPU in ~10 minutes including data generation.
+    # The default: trains on a 2-core CPU in 7-11 minutes including data generation.
     "small": Preset("small", dict(enc_dim=128, enc_heads=4, num_latents=8, direct_tokens=2, hidden_size=160, num_layers=4,
                                   num_heads=4, intermediate_size=640)),
     # For users with time: ~4x the LM, 16 latents, more data.
