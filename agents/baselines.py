@@ -5,8 +5,8 @@ import zlib
 
 import numpy as np
 
-from harness.action import Control
-from scenarios.loader import Scenario
+from prunedrive.harness.action import Control
+from prunedrive.scenarios.loader import Scenario
 
 
 class ConstantAgent:

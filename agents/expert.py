@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.action import Control
-from harness.observation import EGO_FEATURES, TRAFFIC_LIGHT_STATES
-from harness.route import project_points
-from scenarios.loader import Scenario
+from prunedrive.harness.action import Control
+from prunedrive.harness.observation import EGO_FEATURES, TRAFFIC_LIGHT_STATES
+from prunedrive.harness.route import project_points
+from prunedrive.models.text import perception_labels
+from prunedrive.scenarios.loader import Scenario
 
 _SPEED = EGO_FEATURES.index("speed_mps")
 _LIMIT = EGO_FEATURES.index("speed_limit_mps")
@@ -56,6 +57,32 @@ class ExpertAgent:
         if accel >= 0:
             return Control(throttle=float(np.clip(accel / c.max_accel, 0, 1)), steer=steer)
         return Control(brake=float(np.clip(-accel / c.max_decel, 0, 1)), steer=steer)
+
+    def reason(self, obs: dict[str, np.ndarray]) -> str:
+        """Why the expert does what it does in `obs`, from its own internals (IDM gap, curve speed): the
+        reason the driving LLM is trained to give."""
+        c = self.config
+        route = obs["route"][obs["route_mask"].astype(bool)]
+        if len(route) < 2:
+            return "the route ends"
+        speed, limit = float(obs["ego"][_SPEED]), float(obs["ego"][_LIMIT])
+        _, curvature = self._steer(route, speed)
+        target = min(limit, np.sqrt(c.max_lateral_accel / max(curvature, 1e-4)))
+        gap, lead_speed = self._nearest_obstacle(obs, route, speed)
+        if np.isfinite(gap):
+            desired = c.min_gap_m + speed * c.time_headway_s + speed * (speed - lead_speed) / (
+                2.0 * np.sqrt(c.comfort_accel * c.comfort_decel))
+            if (max(desired, 0.0) / max(gap, 0.1)) ** 2 > 0.25:  # the obstacle term costs >= 0.5 m/s^2
+                if obs["traffic_light_mask"][0] and obs["traffic_light"][0] in (_RED, _YELLOW) and \
+                        abs(gap - (float(obs["traffic_light"][1]) - 2.0)) < 1e-4:
+                    return "stopping for the traffic light"
+                lead = perception_labels(obs)["lead_distance_m"]
+                if lead is not None and abs(gap - (lead - c.vehicle_length_m)) < 1e-3:
+                    return "following the lead car"
+                return "yielding"
+        if target < limit - 0.5 and speed > target - 2.0:
+            return "slowing for the curve"
+        return "cruising"
 
     def _steer(self, route: np.ndarray, speed: float) -> tuple[float, float]:
         """Pure pursuit towards the route point one look-ahead distance away."""

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.action import BRAKE, Control
-from harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES, OBS_SHAPES
-from models import text
-from models.driving_llm import DrivingLLM, collate
-from models.pruning.masks import find_linears
-from models.sparse_linear import accelerate, executed_weights
-from scenarios.loader import Scenario
+from prunedrive.harness.action import BRAKE, Control
+from prunedrive.harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES, OBS_SHAPES
+from prunedrive.models import text
+from prunedrive.models.driving_llm import DrivingLLM, collate
+from prunedrive.models.pruning.masks import find_linears
+from prunedrive.models.sparse_linear import accelerate, executed_weights
+from prunedrive.scenarios.loader import Scenario
 
 
 def _linear_weights(module: nn.Module) -> dict[str, nn.Linear]:
@@ -146,3 +146,8 @@ class LLMAgent:
                 "effective_flops": float(effective), "executed_flops": float(executed),
                 "params": float(self.params), "nonzero_params": float(self.nonzero_params),
                 "peak_mem_bytes": float(peak)}
+
+
+def make_llm_agent(model: str | Path, **options) -> LLMAgent:
+    """The registry's `llm`: named after the model directory, so a dense model and its pruned variants stay apart."""
+    return LLMAgent(model, name=f"llm-{Path(model).name}", **options)

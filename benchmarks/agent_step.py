@@ -40,14 +40,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.llm import LLMAgent  # noqa: E402
-from models import text  # noqa: E402
-from models.dataset import synthetic_split  # noqa: E402
-from models.driving_llm import DrivingLLM, collate  # noqa: E402
-from models.presets import PRESETS  # noqa: E402
-from models.pruning import find_linears, prune_magnitude  # noqa: E402
-from models.sparse_linear import SparseLinear, layer_type, storage_bytes  # noqa: E402
-from models.train import untrained_model  # noqa: E402
+from prunedrive.agents.llm import LLMAgent  # noqa: E402
+from prunedrive.models import text  # noqa: E402
+from prunedrive.app.dataset import synthetic_split  # noqa: E402
+from prunedrive.models.driving_llm import DrivingLLM, collate  # noqa: E402
+from prunedrive.models.presets import PRESETS  # noqa: E402
+from prunedrive.models.pruning import find_linears, prune_magnitude  # noqa: E402
+from prunedrive.models.sparse_linear import SparseLinear, layer_type, storage_bytes  # noqa: E402
+from prunedrive.app.train import untrained_model  # noqa: E402
 
 PRUNED = {"u50": (0.5, None), "u70": (0.7, None), "u90": (0.9, None), "2:4": (None, "2:4")}
 TARGET_LINEAR_RATIO = 0.3  # the Amdahl "what if": pruned linears at 0.3x their dense time

@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.expert import ExpertAgent  # noqa: E402
-from agents.llm import LLMAgent  # noqa: E402
-from harness.env import DriveEnv  # noqa: E402
-from harness.scoring import score_episode  # noqa: E402
-from scenarios.loader import load_suite  # noqa: E402
+from prunedrive.agents.expert import ExpertAgent  # noqa: E402
+from prunedrive.agents.llm import LLMAgent  # noqa: E402
+from prunedrive.harness.env import DriveEnv  # noqa: E402
+from prunedrive.harness.scoring import score_episode  # noqa: E402
+from prunedrive.scenarios.loader import load_suite  # noqa: E402
 
 
 def drive(env: DriveEnv, agent, scenario, seed: int) -> dict:
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model is None:
-        from models.zoo import ensure_default_model
+        from prunedrive.app.train import ensure_default_model
         args.model = ensure_default_model("small")
     llm = LLMAgent(args.model)
     rows = []

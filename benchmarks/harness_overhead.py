@@ -13,10 +13,10 @@ import time
 
 import numpy as np
 
-from harness.action import Control
-from harness.env import DriveEnv
-from harness.runner import run_episode
-from scenarios.loader import load_suite
+from prunedrive.harness.action import Control
+from prunedrive.harness.env import DriveEnv
+from prunedrive.harness.runner import run_episode
+from prunedrive.scenarios.loader import load_suite
 
 
 class ReplayAgent:

@@ -17,11 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import text  # noqa: E402
-from models.dataset import synthetic_split  # noqa: E402
-from models.driving_llm import collate  # noqa: E402
-from models.presets import PRESETS  # noqa: E402
-from models.train import untrained_model  # noqa: E402
+from prunedrive.models import text  # noqa: E402
+from prunedrive.app.dataset import synthetic_split  # noqa: E402
+from prunedrive.models.driving_llm import collate  # noqa: E402
+from prunedrive.models.presets import PRESETS  # noqa: E402
+from prunedrive.app.train import untrained_model  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:

@@ -26,19 +26,41 @@ class Control:
     brake: float = 0.0
     steer: float = 0.0
 
-    @classmethod
-    def from_array(cls, action) -> "Control":
-        a = np.asarray(action, dtype=np.float64).reshape(3)
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"action must be finite, got {a.tolist()}")
-        return cls(
-            throttle=float(np.clip(a[0], 0.0, 1.0)),
-            brake=float(np.clip(a[1], 0.0, 1.0)),
-            steer=float(np.clip(a[2], -1.0, 1.0)),
-        )
-
     def to_array(self) -> np.ndarray:
         return np.array([self.throttle, self.brake, self.steer], np.float32)
 
 
 BRAKE = Control(throttle=0.0, brake=1.0, steer=0.0)
+
+_RANGES = {"throttle": (0.0, 1.0), "brake": (0.0, 1.0), "steer": (-1.0, 1.0)}
+
+
+class ActionError(ValueError):
+    """An agent returned something that is not a control: the episode fails, the run goes on."""
+
+
+def checked_control(action, agent: str = "agent", step: int = 0) -> tuple[Control, bool]:
+    """The action as a `Control` inside VehicleControl's ranges, and whether it had to be clamped.
+
+    Accepts a `Control` or three numbers (throttle, brake, steer). Out-of-range values are clamped, as
+    CARLA clamps a VehicleControl; a missing, non-numeric or non-finite value raises `ActionError`
+    naming the agent, the step and the value."""
+    if isinstance(action, Control):
+        values = [action.throttle, action.brake, action.steer]
+    else:
+        try:
+            values = list(np.asarray(action, dtype=object).reshape(-1))
+        except Exception:  # noqa: BLE001 -- anything not array-like is reported below
+            values = []
+        if len(values) != 3:
+            raise ActionError(f"agent {agent!r}, step {step}: the action must be a Control or (throttle, brake, steer), "
+                              f"got {action!r}")
+    checked = []
+    for name, value in zip(ACTION_FIELDS, values):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ActionError(f"agent {agent!r}, step {step}: {name} must be a number, got {value!r}")
+        if not np.isfinite(value):
+            raise ActionError(f"agent {agent!r}, step {step}: {name} must be finite, got {value!r}")
+        checked.append(float(value))
+    clamped = [float(np.clip(v, *_RANGES[n])) for n, v in zip(ACTION_FIELDS, checked)]
+    return Control(*clamped), clamped != checked

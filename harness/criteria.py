@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.backends.base import BackendState
-from harness.events import Event, EventKind
-from harness.route import Route
+from prunedrive.harness.backends.base import BackendState
+from prunedrive.harness.events import Event, EventKind
+from prunedrive.harness.route import Route
 
 MIN_SPEED_CHECKPOINTS = 4
 ROUTE_MATCH_M = 10.0              # RouteCompletionTest: route points count as reached within this

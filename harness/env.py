@@ -3,18 +3,18 @@ CARLA-style continuous control, Leaderboard events in `info`."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
 
-from harness.action import Control, action_space
-from harness.backends.base import Backend, BackendState
-from harness.criteria import RouteCriteria
-from harness.events import COLLISIONS, Event
-from harness.observation import build_observation, observation_space
-from harness.route import Route
-from scenarios.loader import Scenario
+from prunedrive.harness.action import action_space, checked_control
+from prunedrive.harness.backends.base import Backend, BackendState
+from prunedrive.harness.criteria import RouteCriteria
+from prunedrive.harness.events import COLLISIONS, Event
+from prunedrive.harness.observation import build_observation, observation_space
+from prunedrive.harness.route import Route
+from prunedrive.scenarios.loader import Scenario
 
 
 @dataclass
@@ -30,19 +30,13 @@ class EpisodeOutcome:
     comfort: float
     steps: int
     outside_lanes_m: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def make_backend(scenario: Scenario, render: bool = False, **options) -> Backend:
-    if scenario.backend == "highway":
-        from harness.backends.highway import HighwayBackend
+    """The scenario's backend (harness.backends: built-in or plug-in); `options` go to its constructor."""
+    from prunedrive.harness.backends import backend_class
 
-        return HighwayBackend(scenario, render=render)
-    if scenario.backend == "carla":
-        from harness.backends.carla import CarlaBackend
-
-        return CarlaBackend(scenario, render=render, **options)
-    raise ValueError(f"scenario {scenario.name!r}: no backend for kind {scenario.kind!r}")
+    return backend_class(scenario.backend)(scenario, render=render, **options)
 
 
 class DriveEnv(gym.Env):
@@ -89,7 +83,7 @@ class DriveEnv(gym.Env):
     def step(self, action):
         if self.criteria is None or self._done:
             raise RuntimeError("call reset() before step(), and again after an episode ends")
-        control = action if isinstance(action, Control) else Control.from_array(action)
+        control, _ = checked_control(action, agent="env.step", step=self._step + 1)
         previous = self.criteria.route_completion
         started = time.perf_counter()
         state, step_events = self.backend.step(control)
@@ -125,7 +119,11 @@ class DriveEnv(gym.Env):
         self.backend.close()
 
 
-def register() -> None:
-    """Register `prunedrive/Drive-v0` (kwargs: scenario=Scenario)."""
-    if "prunedrive/Drive-v0" not in gym.registry:
-        gym.register(id="prunedrive/Drive-v0", entry_point="harness.env:DriveEnv")
+def make_drive_env(scenario: Scenario | str, **kwargs) -> DriveEnv:
+    """The entry point of `prunedrive/Drive-v0` (registered by `import prunedrive`): `scenario` is a
+    `Scenario` or "SUITE/SCENARIO", a suite name or YAML path and one of its scenarios' names."""
+    if isinstance(scenario, str):
+        from prunedrive.scenarios.loader import load_scenario
+
+        scenario = load_scenario(scenario)
+    return DriveEnv(scenario, **kwargs)

@@ -16,7 +16,7 @@ import pytest
 
 
 def assert_no_regression(baseline, candidate, max_drop: float = 5.0, **options):
-    from harness.regress import assert_no_regression as check
+    from prunedrive.harness.regress import assert_no_regression as check
 
     return check(baseline, candidate, max_drop=max_drop, **options)
 

@@ -186,7 +186,7 @@ def load_run(path: str | Path) -> tuple[dict, pd.DataFrame]:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise RegressInputError(f"{path}: no run directory with a manifest.json")
-    from harness.results import RunDir
+    from prunedrive.harness.results import RunDir
 
     episodes = RunDir(path).episodes()
     if episodes.empty:

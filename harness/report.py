@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.results import RunDir, episode_key
-from harness.summary import INFRACTIONS, summarize
+from prunedrive.harness.results import RunDir, episode_key
+from prunedrive.harness.summary import INFRACTIONS, summarize
 
 NON_MODEL_AGENTS = ("expert", "constant", "random")
 

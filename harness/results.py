@@ -1,31 +1,67 @@
 """Run outputs: one directory per run, one pair of Parquet files per finished episode.
 
-    results/<run-id>/manifest.json          versions, config, planned episodes
+    results/<run-id>/manifest.json          versions, config, identity (what a resume must match), planned episodes
     results/<run-id>/episodes/<key>.parquet one row: scores, infractions, compute aggregates
-    results/<run-id>/steps/<key>.parquet    one row per step: controls, ego, compute
+    results/<run-id>/steps/<key>.parquet    one row per step: the episode's key, controls, ego, compute
     results/<run-id>/episodes.parquet       all episodes, written when the run ends
     results/<run-id>/steps.parquet          all steps, likewise
+    results/<run-id>/.lock                  held by the one process writing the run
 
-Each episode's files are written to a temporary name and renamed, so a killed run leaves either a
-whole episode or none: `--resume` reruns exactly the episodes without a file.
+Each episode's files are written to a unique temporary name, flushed to disk and renamed, so a killed
+run leaves either a whole episode or none. On resume nothing is trusted: an episode file that cannot be
+read, lacks the schema or holds another episode's key is moved to `quarantine/` and its episode re-run;
+an episode that failed for infrastructure reasons (simulator, worker, harness time limit) is re-run;
+one whose agent failed is a result and stays (unless `retry_failed`).
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import platform
 import re
+import tempfile
+import warnings
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import pandas as pd
 
 MANIFEST = "manifest.json"
+EPISODE_KEY_COLUMNS = ("agent", "scenario", "seed")
+REQUIRED_EPISODE_COLUMNS = ("run_id", "agent", "scenario", "seed", "status", "driving_score", "route_completion",
+                            "infraction_penalty", "km_driven", "collisions", "error")
+SAFE_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,199}")
+
+
+class RunError(ValueError):
+    """A run directory that cannot be used as asked (exit code 2); the message says why and what to do."""
+
+
+def _part(text: str) -> str:
+    # Percent-escape everything but letters, digits, "." and "-" ("_" too), so "__" only ever separates parts.
+    return quote(str(text), safe="").replace("_", "%5F").replace("~", "%7E")
 
 
 def episode_key(agent: str, scenario: str, seed: int) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{agent}__{scenario}__{seed}")
+    """The file stem of an episode: injective (two different episodes never share one) and readable for
+    the usual names ("llm-owl-0.7__dense-highway__3")."""
+    return f"{_part(agent)}__{_part(scenario)}__{int(seed)}"
+
+
+def parse_episode_key(key: str) -> tuple[str, str, int]:
+    """(agent, scenario, seed) of an episode key: the inverse of `episode_key`."""
+    agent, scenario, seed = key.split("__")
+    return unquote(agent), unquote(scenario), int(seed)
+
+
+def check_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not SAFE_RUN_ID.fullmatch(run_id):
+        raise RunError(f"run id {run_id!r}: use 1-200 letters, digits and _.=+- (it names a directory under --out)")
+    return run_id
 
 
 def versions() -> dict[str, str]:
@@ -38,60 +74,183 @@ def versions() -> dict[str, str]:
     return out
 
 
+def content_hash(value) -> str:
+    """sha256 of a JSON-able value, keys sorted: what `identity` fields are compared by."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    @classmethod
+    def under(cls, out: str | Path, run_id: str) -> "RunDir":
+        """The run `run_id` inside the results root `out`; the id cannot leave it."""
+        return cls(Path(out) / check_run_id(run_id))
 
     @property
     def manifest_path(self) -> Path:
         return self.path / MANIFEST
 
-    def create(self, config: dict, planned: list[str]) -> None:
+    def create(self, config: dict, planned: list[str], identity: dict | None = None) -> None:
+        """A new run. `identity`: what a resume must match exactly (suite content, agents, model hashes)."""
         if self.manifest_path.exists():
-            raise FileExistsError(f"{self.path} already holds a run; use --resume to finish it or pick another --run-id")
+            raise RunError(f"{self.path} already holds a run; use --resume to finish it or pick another --run-id")
         (self.path / "episodes").mkdir(parents=True, exist_ok=True)
         (self.path / "steps").mkdir(exist_ok=True)
         manifest = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
-                    "config": config, "planned": planned}
-        _atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2))
+                    "config": config, "identity": identity or {}, "planned": planned}
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, default=str))
 
     def manifest(self) -> dict:
         if not self.manifest_path.is_file():
-            raise FileNotFoundError(f"{self.path}: no {MANIFEST}; not a prunedrive run directory")
-        return json.loads(self.manifest_path.read_text())
+            raise RunError(f"{self.path}: no {MANIFEST}; not a prunedrive run directory")
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RunError(f"{self.manifest_path}: unreadable ({exc}); the run cannot be resumed") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+            raise RunError(f"{self.manifest_path}: field 'config' missing; not a prunedrive manifest")
+        return manifest
 
-    def finished(self) -> set[str]:
-        return {p.stem for p in (self.path / "episodes").glob("*.parquet")}
+    def check_identity(self, identity: dict) -> None:
+        """Refuse to resume with anything different: name each field that differs."""
+        recorded = self.manifest().get("identity") or {}
+        differ = [key for key in sorted(set(recorded) | set(identity)) if recorded.get(key) != identity.get(key)]
+        if differ:
+            details = "; ".join(f"{key}: run has {recorded.get(key)!r}, now {identity.get(key)!r}" for key in differ)
+            raise RunError(f"{self.path} cannot be resumed with different settings ({details}); "
+                           "resume with the same suite, seeds, agents and models, or start a new run")
+
+    # -- one writer ------------------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold the run's lock until `unlock` or process exit; a second writer gets a clear message."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunError(f"{self.path} is being written by another prunedrive process; wait for it to end "
+                           "(one run directory has one writer at a time)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- episodes --------------------------------------------------------------------------------------
+    def finished(self, retry_failed: bool = False) -> set[str]:
+        """Keys of the episodes that count as done. Checks every file: unreadable, schema-less or misnamed
+        ones are moved to quarantine/ (with a warning) so their episodes run again; infrastructure
+        failures are not done; agent failures are, unless `retry_failed`."""
+        done = set()
+        for path in sorted((self.path / "episodes").glob("*.parquet")):
+            row, problem = _read_episode_file(path)
+            if problem:
+                self._quarantine(path, problem)
+                continue
+            if row["status"] == "failed" and (retry_failed or row.get("failure", "") != "agent"):
+                self._quarantine(path, "a failed episode to be run again", warn=False)
+                continue
+            done.add(path.stem)
+        return done
+
+    def _quarantine(self, path: Path, why: str, warn: bool = True) -> None:
+        target = self.path / "quarantine"
+        target.mkdir(exist_ok=True)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        for kind in ("episodes", "steps"):
+            source = self.path / kind / path.name
+            if source.exists():
+                os.replace(source, target / f"{kind}-{path.stem}-{stamp}.parquet")
+        if warn:
+            warnings.warn(f"{path}: {why}; moved to {target} and its episode will run again", stacklevel=3)
+
+    def video_path(self, agent: str, scenario: str, seed: int) -> Path:
+        return self.path / "videos" / f"{episode_key(agent, scenario, seed)}.mp4"
 
     def write_episode(self, key: str, episode: dict, steps: pd.DataFrame) -> None:
+        # Every step row says whose it is; the steps of a failed episode are kept, flagged.
+        ids = {"episode": key, "agent": episode["agent"], "scenario": episode["scenario"], "seed": episode["seed"],
+               "failed": episode["status"] == "failed"}
+        steps = pd.concat([pd.DataFrame(ids, index=steps.index), steps], axis=1)
         # Steps first: an episode row is the mark of a finished episode.
-        _atomic_parquet(steps, self.path / "steps" / f"{key}.parquet")
-        _atomic_parquet(pd.DataFrame([episode]), self.path / "episodes" / f"{key}.parquet")
+        atomic_parquet(steps, self.path / "steps" / f"{key}.parquet")
+        atomic_parquet(pd.DataFrame([episode]), self.path / "episodes" / f"{key}.parquet")
 
     def episodes(self) -> pd.DataFrame:
         files = sorted((self.path / "episodes").glob("*.parquet"))
         if not files:
             consolidated = self.path / "episodes.parquet"
-            return pd.read_parquet(consolidated) if consolidated.is_file() else pd.DataFrame()
-        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+            return _read_parquet(consolidated) if consolidated.is_file() else pd.DataFrame()
+        return pd.concat([_read_parquet(f) for f in files], ignore_index=True)
 
     def consolidate(self) -> None:
         episodes = self.episodes()
         if len(episodes):
-            _atomic_parquet(episodes, self.path / "episodes.parquet")
+            atomic_parquet(episodes, self.path / "episodes.parquet")
         step_files = sorted((self.path / "steps").glob("*.parquet"))
         if step_files:
-            _atomic_parquet(pd.concat([pd.read_parquet(f) for f in step_files], ignore_index=True),
-                            self.path / "steps.parquet")
+            atomic_parquet(pd.concat([_read_parquet(f) for f in step_files], ignore_index=True),
+                           self.path / "steps.parquet")
 
 
-def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(tmp, index=False)
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 -- pyarrow raises several types for a torn file
+        raise RunError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+
+
+def _read_episode_file(path: Path) -> tuple[dict, str]:
+    """(row, "") for a sound episode file, else ({}, what is wrong)."""
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001
+        return {}, f"unreadable ({type(exc).__name__})"
+    missing = [c for c in REQUIRED_EPISODE_COLUMNS if c not in frame.columns]
+    if missing or len(frame) != 1:
+        return {}, f"not an episode row (missing {', '.join(missing)})" if missing else f"{len(frame)} rows, not 1"
+    row = frame.iloc[0].to_dict()
+    try:
+        key = episode_key(row["agent"], row["scenario"], int(row["seed"]))
+    except (TypeError, ValueError):
+        return {}, "its agent/scenario/seed are not valid"
+    if key != path.stem:
+        return {}, f"holds episode {key}, not {path.stem}"
+    return row, ""
+
+
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        frame.to_parquet(tmp, index=False)
+        _fsync_replace(Path(tmp), path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

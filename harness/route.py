@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.observation import ROUTE_POINTS, ROUTE_SPACING_M
+from prunedrive.harness.observation import ROUTE_POINTS, ROUTE_SPACING_M
 
 # How far ahead of the last matched point the projection searches, in points: bounded so that a
 # route crossing itself (roundabouts, loops) cannot jump ahead.

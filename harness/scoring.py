@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from harness.events import COLLISIONS, Event, EventKind
+from prunedrive.harness.events import COLLISIONS, Event, EventKind
 
 # Events that multiply the penalty by a fixed coefficient (PENALTY_VALUE_DICT).
 PENALTY_COEFFICIENT = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from harness.events import EventKind
-from harness.scoring import mean_std
+from prunedrive.harness.events import EventKind
+from prunedrive.harness.scoring import mean_std
 
 INFRACTIONS = [k.value for k in EventKind if k not in (EventKind.MIN_SPEED, EventKind.OUTSIDE_ROUTE_LANES)]
 

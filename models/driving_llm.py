@@ -41,10 +41,10 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from harness.observation import (EGO_FEATURES, MAX_PEDESTRIANS, MAX_VEHICLES, OBS_SHAPES, ROUTE_POINTS,
+from prunedrive.harness.observation import (EGO_FEATURES, MAX_PEDESTRIANS, MAX_VEHICLES, OBS_SHAPES, ROUTE_POINTS,
                                  TRAFFIC_LIGHT_STATES)
-from models.text import CORRIDOR_HALF_WIDTH_M
-from models.tokenizer import DrivingTokenizer
+from prunedrive.models.text import CORRIDOR_HALF_WIDTH_M
+from prunedrive.models.tokenizer import DrivingTokenizer
 
 _E = {name: i for i, name in enumerate(EGO_FEATURES)}
 EGO_IN, ROUTE_IN, VEHICLE_IN, PEDESTRIAN_IN, LIGHT_IN = 6, 4 * ROUTE_POINTS, 18, 14, len(TRAFFIC_LIGHT_STATES) + 1

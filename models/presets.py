@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from models.driving_llm import DrivingLLMConfig
+from prunedrive.models.driving_llm import DrivingLLMConfig
 
 # Version of what a model's training data depends on beyond the recipe: features (models/driving_llm.py), texts
 # (models/text.py) and the simulator set-up (harness/backends/highway.py). 3: intersection traffic no longer
@@ -55,7 +55,7 @@ class Preset:
     def hash(self) -> str:
         """Covers the recipe, the training suite's file and FORMAT (bump it when features, texts or the
         simulator set-up change)."""
-        from scenarios.loader import suite_path
+        from prunedrive.scenarios.loader import suite_path
 
         suite = suite_path(self.data.scenarios).read_text()
         blob = json.dumps({"name": self.name, "model": self.model, "data": asdict(self.data),

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.pruning.masks import EXCLUDE, find_linears
+from prunedrive.models.pruning.masks import EXCLUDE, find_linears
 
 PATHS = ("dense", "csr", "ell", "semi_structured")
 SPARSE_PATHS = PATHS[1:]

@@ -22,9 +22,9 @@ import re
 
 import numpy as np
 
-from harness.action import Control
-from harness.route import project_points
-from harness.observation import TRAFFIC_LIGHT_STATES
+from prunedrive.harness.action import Control
+from prunedrive.harness.route import project_points
+from prunedrive.harness.observation import TRAFFIC_LIGHT_STATES
 
 NEARBY_M = 30.0               # "nearby" for the object counts
 CORRIDOR_HALF_WIDTH_M = 2.2   # a vehicle this close to the route centreline is "in the lane" (the expert's corridor)

@@ -12,13 +12,21 @@ A suite file is YAML (read with ``yaml.safe_load``)::
         lanes: 3
 
 Every scenario x seed is one episode. Unknown or mistyped fields are errors that name the file,
-the scenario and the field, and list what is allowed.
+the scenario and the field, and list what is allowed. Suite files are untrusted input: at most
+`MAX_SUITE_BYTES`, no YAML aliases (`*name`: an alias bomb expands exponentially), every value's type
+checked before use.
+
+Kinds: the built-in ones in `KIND_BACKEND`; a simulator backend installed as a plug-in (entry point
+group `prunedrive.backends`, name NAME) drives the kinds written `NAME.KIND`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import re
+from importlib import metadata
 
 import yaml
 
@@ -33,6 +41,24 @@ KIND_BACKEND = {
     "intersection": "highway",
     "carla_route": "carla",
 }
+
+
+MAX_SUITE_BYTES = 1_000_000
+MAX_SCENARIOS = 10_000
+# Suite and scenario names become parts of file names (run directories, episode keys): no separators.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,127}")
+
+
+def plugin_backends() -> dict[str, metadata.EntryPoint]:
+    """Simulator backends installed as plug-ins (read from package metadata; nothing is imported)."""
+    return {ep.name: ep for ep in metadata.entry_points(group="prunedrive.backends")}
+
+
+def backend_of_kind(kind: str) -> str | None:
+    if kind in KIND_BACKEND:
+        return KIND_BACKEND[kind]
+    name, dot, rest = kind.partition(".")
+    return name if dot and rest and name in plugin_backends() else None
 
 
 class ScenarioError(ValueError):
@@ -58,10 +84,7 @@ class Scenario:
 
     @property
     def backend(self) -> str:
-        return KIND_BACKEND[self.kind]
-
-    def with_seed_id(self, seed: int) -> str:
-        return f"{self.name}/seed={seed}"
+        return backend_of_kind(self.kind)
 
 
 @dataclass(frozen=True)
@@ -100,10 +123,26 @@ def suite_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without aliases: `&a [...]` / `*a` can expand exponentially (a YAML bomb)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in suite files",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_suite(name_or_path: str | Path) -> Suite:
     path = suite_path(name_or_path)
+    size = path.stat().st_size
+    if size > MAX_SUITE_BYTES:
+        raise ScenarioError(f"{path}: {size} bytes; a suite file may have at most {MAX_SUITE_BYTES}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # noqa: S506 -- a SafeLoader
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{path}: not UTF-8 text: {exc}") from None
     except yaml.YAMLError as exc:
         raise ScenarioError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -118,17 +157,39 @@ def load_suite(name_or_path: str | Path) -> Suite:
     items = raw.get("scenarios")
     if not isinstance(items, list) or not items:
         raise ScenarioError(f"{path}: field 'scenarios' must be a non-empty list")
+    if len(items) > MAX_SCENARIOS:
+        raise ScenarioError(f"{path}: {len(items)} scenarios; at most {MAX_SCENARIOS}")
     scenarios = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             raise ScenarioError(f"{path}: scenarios[{index}] must be a mapping")
         scenarios.append(_scenario({**defaults, **item}, f"{path}: scenarios[{index}]"))
-    names = [s.name for s in scenarios]
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise ScenarioError(f"{path}: scenario names must be unique; repeated: {', '.join(duplicated)}")
-    return Suite(name=str(raw.get("name", path.stem)), path=path, scenarios=tuple(scenarios),
-                 description=str(raw.get("description", "")))
+    seen: dict[str, str] = {}
+    for s in scenarios:  # case-insensitively: on macOS and Windows "A" and "a" are one file
+        if s.name.lower() in seen:
+            raise ScenarioError(f"{path}: scenario names must be unique (ignoring case); repeated: "
+                                f"{seen[s.name.lower()]!r} and {s.name!r}")
+        seen[s.name.lower()] = s.name
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise ScenarioError(f"{path}: field 'name' is {name!r}; a suite name is 1-128 letters, digits and _.=+- "
+                            "(it names run directories)")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise ScenarioError(f"{path}: field 'description' must be text")
+    return Suite(name=name, path=path, scenarios=tuple(scenarios), description=description)
+
+
+def load_scenario(reference: str) -> Scenario:
+    """"SUITE/SCENARIO" (a suite name or .yaml path, then a scenario name) -> that scenario."""
+    suite_ref, sep, name = str(reference).rpartition("/")
+    if not sep:
+        raise ScenarioError(f"scenario {reference!r}: expected SUITE/SCENARIO, e.g. smoke/roundabout")
+    suite = load_suite(suite_ref)
+    for scenario in suite.scenarios:
+        if scenario.name == name:
+            return scenario
+    raise ScenarioError(f"{suite.path}: no scenario {name!r}; it has: {', '.join(s.name for s in suite.scenarios)}")
 
 
 def _scenario(item: dict[str, Any], where: str) -> Scenario:
@@ -140,8 +201,14 @@ def _scenario(item: dict[str, Any], where: str) -> Scenario:
     for required in ("name", "kind"):
         if required not in item:
             raise ScenarioError(f"{where}: missing required field {required!r}")
-    if item["kind"] not in KIND_BACKEND:
-        raise ScenarioError(f"{where}: field 'kind' is {item['kind']!r}; allowed: {', '.join(KIND_BACKEND)}")
+    if not isinstance(item["name"], (str, int)) or isinstance(item["name"], bool) \
+            or not SAFE_NAME.fullmatch(str(item["name"])):
+        raise ScenarioError(f"{where}: field 'name' is {item['name']!r}; a scenario name is 1-128 letters, digits "
+                            "and _.=+- (it names result files)")
+    if not isinstance(item["kind"], str) or backend_of_kind(item["kind"]) is None:
+        plugins = [f"{name}.KIND" for name in plugin_backends()]
+        raise ScenarioError(f"{where}: field 'kind' is {item['kind']!r}; allowed: "
+                            f"{', '.join([*KIND_BACKEND, *plugins])}")
     values: dict[str, Any] = {"name": str(item["name"]), "kind": item["kind"]}
     for key, value in item.items():
         if key in _NUMERIC or key in _INTEGER:
@@ -150,8 +217,8 @@ def _scenario(item: dict[str, Any], where: str) -> Scenario:
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
     if (not isinstance(seeds, list) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
-        raise ScenarioError(f"{where}: field 'seeds' must be a non-negative integer or a non-empty list of them")
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds)):
+        raise ScenarioError(f"{where}: field 'seeds' must be an integer in [0, 2**32) or a non-empty list of them")
     if len(set(seeds)) != len(seeds):
         raise ScenarioError(f"{where}: field 'seeds' repeats a seed")
     values["seeds"] = tuple(seeds)

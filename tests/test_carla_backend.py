@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 import carla_standin as standin
-from agents.expert import ExpertAgent
-from harness.action import Control
-from harness.backends.base import SimulatorError
-from harness.backends.carla import CarlaBackend, import_carla
-from harness.env import DriveEnv
-from harness.events import COLLISIONS, EventKind
-from scenarios.loader import Scenario
+from prunedrive.agents.expert import ExpertAgent
+from prunedrive.harness.action import Control
+from prunedrive.harness.backends.base import SimulatorError
+from prunedrive.harness.backends.carla import CarlaBackend, import_carla
+from prunedrive.harness.env import DriveEnv
+from prunedrive.harness.events import COLLISIONS, EventKind
+from prunedrive.scenarios.loader import Scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTES = """<routes>

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import carla_standin as standin
-from harness.backends.carla_routes import (
+from prunedrive.harness.backends.carla_routes import (
     BASE_WEATHER, CHANGELANERIGHT, LANEFOLLOW, RIGHT, STRAIGHT, WEATHER_DEFAULTS, LaneGraph, LaneSegment,
     RouteFileError, densify, load_route, parse_routes, plan_route, weather_at,
 )

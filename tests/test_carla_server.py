@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from agents.expert import ExpertAgent
-from harness.backends.carla_routes import load_route
-from harness.env import DriveEnv
-from harness.events import EventKind
-from scenarios.loader import Scenario
+from prunedrive.agents.expert import ExpertAgent
+from prunedrive.harness.backends.carla_routes import load_route
+from prunedrive.harness.env import DriveEnv
+from prunedrive.harness.events import EventKind
+from prunedrive.scenarios.loader import Scenario
 
 pytestmark = [
     pytest.mark.carla,

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from models.compress import prune_model_dir
-from models.driving_llm import DrivingLLM
-from models.pruning import sparsity_report
-from models.train import train
+from prunedrive.app.compress import prune_model_dir
+from prunedrive.models.driving_llm import DrivingLLM
+from prunedrive.models.pruning import sparsity_report
+from prunedrive.app.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -56,7 +56,7 @@ def test_dg2pf_reaches_the_target(tiny_model, tmp_path):
 
 
 def test_bad_method_and_scope_are_refused(tiny_model, tmp_path):
-    with pytest.raises(ValueError, match="unknown method 'owls'; allowed: magnitude, wanda"):
+    with pytest.raises(ValueError, match="unknown pruning method 'owls'; allowed: magnitude, wanda"):
         prune_model_dir(tiny_model, "owls", 0.5, tmp_path / "x")
     with pytest.raises(ValueError, match="unknown scope"):
         prune_model_dir(tiny_model, "wanda", 0.5, tmp_path / "x", scope="encoder")

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from harness.backends.base import BackendState
-from harness.criteria import RouteCriteria
-from harness.events import EventKind as K
-from harness.observation import EgoState, WorldObjects
-from harness.route import Route
+from prunedrive.harness.backends.base import BackendState
+from prunedrive.harness.criteria import RouteCriteria
+from prunedrive.harness.events import EventKind as K
+from prunedrive.harness.observation import EgoState, WorldObjects
+from prunedrive.harness.route import Route
 
 
 def state(x, y=0.0, speed=10.0, t=0.0, outside=False, vehicles=None):

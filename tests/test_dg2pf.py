@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.pruning.dg2pf import (CHECKPOINT, DG2PFConfig, causal_lm_forward, dg2pf_prune, distillation_loss,
+from prunedrive.models.pruning.dg2pf import (CHECKPOINT, DG2PFConfig, causal_lm_forward, dg2pf_prune, distillation_loss,
                                   finetune_step, gradual_step, magnitude_masks)
-from models.pruning.masks import find_linears
+from prunedrive.models.pruning.masks import find_linears
 
 
 

@@ -14,14 +14,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from agents.expert import ExpertAgent
-from harness.results import RunDir
-from harness.runner import run_suite
-from scenarios.loader import load_suite
+from prunedrive.agents.expert import ExpertAgent
+from prunedrive.harness.results import RunDir
+from prunedrive.harness.runner import run_suite
+from prunedrive.scenarios.loader import load_suite
 
-from harness.backends.base import SimulatorError
-from harness.distributed import AgentSpec, run_suite_distributed
-from harness.runner import default_make_env, run_episode_with_retries
+from prunedrive.harness.backends.base import SimulatorError
+from prunedrive.agents.registry import AgentError, AgentSpec
+from prunedrive.harness.distributed import run_suite_distributed
+from prunedrive.harness.runner import default_make_env, run_episode_with_retries
 
 try:
     import ray
@@ -121,7 +122,7 @@ def test_two_workers_give_the_in_process_numbers(suite, in_process, tmp_path):
 @pytest.mark.skipif(ray is None, reason="ray is not installed (pip install ray)")
 def test_a_killed_worker_loses_nothing_and_its_episode_is_rerun(local_ray, suite, in_process, tmp_path):
     marker = tmp_path / "crashed"
-    spec = AgentSpec("expert", factory=functools.partial(CrashingAgent, str(marker)))
+    spec = functools.partial(CrashingAgent, str(marker))
     run_dir = _new_run(tmp_path / "run")
     episodes = run_suite_distributed(suite, [spec], run_dir, workers=2, progress=False, retries=1)
     assert marker.is_file(), "the worker should have killed itself once"
@@ -136,7 +137,7 @@ def test_a_killed_worker_loses_nothing_and_its_episode_is_rerun(local_ray, suite
 def test_a_worker_that_always_dies_ends_as_a_failed_episode(local_ray, suite, tmp_path):
     doomed = replace(suite.scenarios[0], name="doomed", seeds=(1,))
     two = replace(suite, scenarios=(replace(suite.scenarios[0], seeds=(1,)), doomed))
-    spec = AgentSpec("expert", factory=functools.partial(CrashingAgent, str(tmp_path / "m"), "doomed"))
+    spec = functools.partial(CrashingAgent, str(tmp_path / "m"), "doomed")
     episodes = run_suite_distributed(two, [spec], _new_run(tmp_path / "run"), workers=2, progress=False,
                                      retries=1).set_index("scenario")
     assert episodes.loc["short-cruise", "status"] != "failed"
@@ -151,25 +152,25 @@ def test_resume_runs_only_the_missing_episodes(local_ray, suite, in_process, tmp
     run_suite(first, [ExpertAgent()], run_dir, progress=False)
     [done] = (tmp_path / "run" / "episodes").glob("*.parquet")
     before = done.stat().st_mtime_ns
-    episodes = run_suite_distributed(suite, ["expert"], run_dir, workers=2, progress=False)
+    episodes = run_suite_distributed(suite, [AgentSpec("expert")], run_dir, workers=2, progress=False)
     assert done.stat().st_mtime_ns == before  # the finished episode was not run again
     pd.testing.assert_frame_equal(_scores(episodes), in_process)
 
 
 def test_bad_specs_and_options_are_messages(suite, tmp_path):
     run_dir = _new_run(tmp_path / "run")
-    with pytest.raises(ValueError, match="needs --model"):
-        run_suite_distributed(suite, [AgentSpec("llm")], run_dir, workers=2)
-    with pytest.raises(ValueError, match="unknown agent"):
-        run_suite_distributed(suite, ["nope"], run_dir, workers=2)
+    with pytest.raises(AgentError, match="needs --model"):  # checked in the driver, before any worker starts
+        AgentSpec("llm").check()
+    with pytest.raises(AgentError, match="unknown agent"):
+        AgentSpec("nope").check()
     with pytest.raises(ValueError, match="as many CARLA servers"):
-        run_suite_distributed(suite, ["expert"], run_dir, workers=3, carla_servers=["a:2000", "b:2000"])
+        run_suite_distributed(suite, [AgentSpec("expert")], run_dir, workers=3, carla_servers=["a:2000", "b:2000"])
     with pytest.raises(ValueError, match="host:port"):
-        run_suite_distributed(suite, ["expert"], run_dir, workers=1, carla_servers=["a"])
+        run_suite_distributed(suite, [AgentSpec("expert")], run_dir, workers=1, carla_servers=["a"])
 
 
 def test_cli_checks_worker_options_before_any_ray(tmp_path, capsys, monkeypatch):
-    from harness.cli import main
+    from prunedrive.app.cli import main
 
     if ray is not None:  # another test's module-scoped Ray may be up; what matters is that this CLI starts none
         monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("ray.init was called"))
@@ -185,8 +186,8 @@ def test_cli_checks_worker_options_before_any_ray(tmp_path, capsys, monkeypatch)
 
 
 def test_ray_is_not_imported_without_workers():
-    code = ("import sys, harness.cli, harness.distributed, harness.runner, harness.report, harness.regress; "
-            "harness.cli.build_parser(); assert 'ray' not in sys.modules, 'ray imported'")
+    code = ("import sys, prunedrive.app.cli, prunedrive.harness.distributed, prunedrive.harness.runner, "
+            "prunedrive.harness.report, prunedrive.harness.regress; prunedrive.app.cli.build_parser(); assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 

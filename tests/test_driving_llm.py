@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from models import text
-from models.dataset import synthetic_split
-from models.driving_llm import DrivingLLM, DrivingLLMConfig, collate
-from models.presets import PRESETS
-from models.train import Batches, untrained_model
+from prunedrive.models import text
+from prunedrive.models.data import synthetic_split
+from prunedrive.models.driving_llm import DrivingLLM, DrivingLLMConfig, collate
+from prunedrive.models.presets import PRESETS
+from prunedrive.app.train import Batches, untrained_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -98,7 +98,7 @@ def test_tiny_model_loss_falls(tiny, split):
 
 def test_train_pipeline_and_resume(tmp_path):
     """The whole recipe on the tiny preset: simulator data, tokenizer, training, checkpoint, final model."""
-    from models.train import train
+    from prunedrive.app.train import train
 
     out = train("tiny", out_dir=tmp_path / "tiny", progress=False, threads=1)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -117,14 +117,14 @@ def test_train_pipeline_and_resume(tmp_path):
 
 
 def test_train_refuses_a_bad_thread_count(tmp_path):
-    from models.train import train
+    from prunedrive.app.train import train
 
     with pytest.raises(ValueError, match="positive integer or 'auto'"):
         train("tiny", out_dir=tmp_path, progress=False, threads=0)
 
 
 def test_calibration_samples_feed_the_lm(tiny, split):
-    from models.dataset import lm_calibration_samples
+    from prunedrive.models.data import lm_calibration_samples
 
     samples = lm_calibration_samples(tiny, split, n_samples=5)
     assert len(samples) == 5 and all(s["inputs_embeds"].shape[0] == 1 for s in samples)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from agents.expert import ExpertAgent
-from harness.env import DriveEnv, register
-from harness.observation import EGO_FEATURES, observation_space
-from scenarios.loader import KIND_BACKEND, Scenario
+from prunedrive.agents.expert import ExpertAgent
+from prunedrive.harness.env import DriveEnv
+from prunedrive.harness.observation import EGO_FEATURES, observation_space
+from prunedrive.scenarios.loader import KIND_BACKEND, Scenario
 
 HIGHWAY_KINDS = [k for k, b in KIND_BACKEND.items() if b == "highway"]
 
@@ -25,11 +25,15 @@ def test_env_checker_passes_for_every_kind(kind):
     env.close()
 
 
-def test_registered_with_gymnasium():
-    register()
+def test_registered_with_gymnasium_by_importing_the_package():
+    import prunedrive  # noqa: F401 -- registers prunedrive/Drive-v0
+
     env = gym.make("prunedrive/Drive-v0", scenario=scenario())
     obs, _ = env.reset(seed=3)
     assert observation_space().contains(obs)
+    env.close()
+    env = gym.make("prunedrive/Drive-v0", scenario="smoke/roundabout")  # a suite/scenario name works too
+    assert env.unwrapped.scenario.kind == "roundabout"
     env.close()
 
 

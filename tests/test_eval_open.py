@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from harness.observation import MAX_VEHICLES
-from models import eval_open, text
-from models.dataset import synthetic_split
+from prunedrive.harness.observation import MAX_VEHICLES
+from prunedrive.app import eval_open
+from prunedrive.models import text
+from prunedrive.models.data import synthetic_split
 
 
 @pytest.fixture(scope="module")

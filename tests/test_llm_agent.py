@@ -2,16 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from agents.base import Agent, compute_report
-from agents.llm import LLMAgent
-from harness.action import BRAKE, Control
-from harness.compute import COMPUTE_FIELDS, StepCompute
-from models import text
-from models.driving_llm import DrivingLLM
-from models.presets import PRESETS
-from models.train import untrained_model
-from scenarios.loader import Scenario
-from models.dataset import synthetic_split
+from prunedrive.harness.agent import Agent, compute_report
+from prunedrive.agents.llm import LLMAgent
+from prunedrive.harness.action import BRAKE, Control
+from prunedrive.harness.compute import COMPUTE_FIELDS, StepCompute
+from prunedrive.models import text
+from prunedrive.models.driving_llm import DrivingLLM
+from prunedrive.models.presets import PRESETS
+from prunedrive.app.train import untrained_model
+from prunedrive.scenarios.loader import Scenario
+from prunedrive.models.data import synthetic_split
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -68,7 +68,7 @@ def test_effective_flops_count_nonzero_weights(split):
 
 
 def test_agent_loads_from_a_directory_and_survives_an_episode(split, tmp_path):
-    from harness.env import DriveEnv
+    from prunedrive.harness.env import DriveEnv
 
     untrained(split).save_pretrained(tmp_path / "m")
     agent = LLMAgent(str(tmp_path / "m"), name="llm-test", max_new_tokens=4)

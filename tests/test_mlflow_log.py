@@ -12,10 +12,10 @@ from urllib.parse import urlparse
 import pandas as pd
 import pytest
 
-from harness.cli import main
-from harness.mlflow_log import AGENT_TAG, INSTALL_HINT, RUN_ID_TAG, log_run, tracking_uri
-from harness.results import RunDir, episode_key
-from harness.summary import summarize
+from prunedrive.app.cli import main
+from prunedrive.app.mlflow_log import AGENT_TAG, INSTALL_HINT, RUN_ID_TAG, log_run, tracking_uri
+from prunedrive.harness.results import RunDir, episode_key
+from prunedrive.harness.summary import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_METRICS = ("driving_score_mean", "route_completion_mean", "infraction_penalty_mean", "collisions_per_km",
@@ -93,7 +93,7 @@ def test_missing_mlflow_is_a_message_before_any_driving(missing, tiny_suite, tmp
     def never(*args, **kwargs):
         raise AssertionError("bench started without MLflow")
 
-    monkeypatch.setattr("harness.bench.run_bench", never)
+    monkeypatch.setattr("prunedrive.app.bench.run_bench", never)
     assert main(["run", "--suite", str(tiny_suite), "--out", str(tmp_path), "--run-id", "x", "--mlflow"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {INSTALL_HINT}"
     assert not (tmp_path / "x").exists()
@@ -102,8 +102,8 @@ def test_missing_mlflow_is_a_message_before_any_driving(missing, tiny_suite, tmp
 
 
 def test_mlflow_is_not_imported_without_the_flag(tiny_suite, tmp_path):
-    code = ("import sys, harness.cli, harness.bench; "
-            f"assert harness.cli.main(['run', '--suite', {str(tiny_suite)!r}, '--agent', 'constant', '--seeds', '1', "
+    code = ("import sys, app.cli, app.bench; "
+            f"assert app.cli.main(['run', '--suite', {str(tiny_suite)!r}, '--agent', 'constant', '--seeds', '1', "
             f"'--out', {str(tmp_path)!r}, '--quiet']) == 0; "
             "assert 'mlflow' not in sys.modules, 'mlflow imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

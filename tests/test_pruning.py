@@ -5,14 +5,14 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.pruning import (capture_block_inputs, driving_calibration, find_linears, generic_text_calibration,
+from prunedrive.models.pruning import (capture_block_inputs, driving_calibration, find_linears, generic_text_calibration,
                             nm_mask, parse_pattern, prune, prune_linears_with_inputs, prune_magnitude, prune_wanda,
                             run_block, sparsity_report, unstructured_mask)
-from models.pruning.calibration import feed_linears, sequential_blocks
-from models.pruning.masks import decoder_layers
-from models.pruning.owl import owl_outlier_ratios, owl_sparsities_from_ratios, prune_owl
-from models.pruning.sparsegpt import Hessian, sparsegpt_prune_linear
-from models.pruning.wanda import ColumnNorms, wanda_prune_linear
+from prunedrive.models.pruning.calibration import feed_linears, sequential_blocks
+from prunedrive.models.pruning.masks import decoder_layers
+from prunedrive.models.pruning.owl import owl_outlier_ratios, owl_sparsities_from_ratios, prune_owl
+from prunedrive.models.pruning.sparsegpt import Hessian, sparsegpt_prune_linear
+from prunedrive.models.pruning.wanda import ColumnNorms, wanda_prune_linear
 
 VOCAB = 100
 

@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.env import EpisodeOutcome
-from harness.events import Event, EventKind
-from harness.regress import RegressInputError, assert_no_regression, compare, paired_bootstrap_ci, regress
-from harness.results import RunDir, episode_key
-from harness.runner import episode_row
-from scenarios.loader import Scenario
+from prunedrive.harness.env import EpisodeOutcome
+from prunedrive.harness.events import Event, EventKind
+from prunedrive.harness.regress import RegressInputError, assert_no_regression, compare, paired_bootstrap_ci, regress
+from prunedrive.harness.results import RunDir, episode_key
+from prunedrive.harness.runner import episode_row
+from prunedrive.scenarios.loader import Scenario
 
 KINDS = ("highway_cruise", "dense_highway", "roundabout", "intersection")
 
@@ -179,7 +179,7 @@ def test_several_agents_need_agent(tmp_path):
     ("empty", "no finished episodes"),
 ])
 def test_unusable_input_is_exit_2_with_a_message(tmp_path, capsys, case, message):
-    from harness.regress import add_regress_parser, cmd_regress
+    from prunedrive.harness.regress import add_regress_parser, cmd_regress
 
     base = make_run(tmp_path / "base", "expert", {e: 70.0 for e in episodes(2)})
     if case == "missing":
@@ -201,7 +201,7 @@ def test_unusable_input_is_exit_2_with_a_message(tmp_path, capsys, case, message
 
 
 def test_cli_exit_codes_and_table(tmp_path, capsys):
-    from harness.regress import add_regress_parser, cmd_regress
+    from prunedrive.harness.regress import add_regress_parser, cmd_regress
 
     scores = {e: 50.0 + i for i, e in enumerate(episodes())}
     base = make_run(tmp_path / "base", "expert", scores)
@@ -238,8 +238,8 @@ def test_pytest_plugin_fixture(tmp_path):
         "    with pytest.raises(AssertionError, match='significant regression'):\n"
         f"        assert_no_regression({str(tmp_path / 'base')!r}, {str(tmp_path / 'worse')!r}, max_drop=5)\n")
     # Installed with its pytest11 entry point, pytest loads it by itself (and -p would register it twice).
-    installed = any(ep.value.split(":")[0] == "harness.pytest_plugin" for ep in entry_points(group="pytest11"))
-    load = [] if installed and not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") else ["-p", "harness.pytest_plugin"]
+    installed = any(ep.value.split(":")[0] == "prunedrive.harness.pytest_plugin" for ep in entry_points(group="pytest11"))
+    load = [] if installed and not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") else ["-p", "prunedrive.harness.pytest_plugin"]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", *load, "-p", "no:cacheprovider",
                              str(tmp_path / "test_gate.py")], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -11,8 +11,8 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from harness.report import add_report_parser, write_report
-from harness.results import RunDir
+from prunedrive.harness.report import add_report_parser, write_report
+from prunedrive.harness.results import RunDir
 from test_regress import episodes, make_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -8,11 +8,11 @@ import time
 import pandas as pd
 import pytest
 
-from agents.expert import ExpertAgent
-from harness.cli import main
-from harness.results import RunDir
-from harness.runner import run_suite
-from scenarios.loader import load_suite
+from prunedrive.agents.expert import ExpertAgent
+from prunedrive.app.cli import main
+from prunedrive.harness.results import RunDir
+from prunedrive.harness.runner import run_suite
+from prunedrive.scenarios.loader import load_suite
 
 SCORE_COLUMNS = ["agent", "scenario", "seed", "status", "driving_score", "route_completion", "infraction_penalty",
                  "steps", "events"]
@@ -75,7 +75,7 @@ def test_same_seeds_same_numbers(tiny_suite, tmp_path):
 
 
 def test_killed_run_resumes_without_loss_or_repeats(tiny_suite, tmp_path):
-    command = [sys.executable, "-m", "harness.cli", "run", "--suite", str(tiny_suite), "--agent", "expert",
+    command = [sys.executable, "-m", "prunedrive.app.cli", "run", "--suite", str(tiny_suite), "--agent", "expert",
                "--out", str(tmp_path), "--run-id", "killed", "--quiet"]
     process = subprocess.Popen(command, start_new_session=True)
     episodes_dir = tmp_path / "killed" / "episodes"
@@ -110,7 +110,7 @@ def test_resume_with_other_options_is_refused(tiny_suite, tmp_path, capsys):
                  "--quiet"]) == 0
     assert main(["run", "--suite", str(tiny_suite), "--agent", "expert", "--out", str(tmp_path), "--resume", "x",
                  "--quiet"]) == 2
-    assert "resume it with the same options" in capsys.readouterr().err
+    assert "cannot be resumed with different settings" in capsys.readouterr().err
 
 
 def test_episode_rows_hold_scores_infractions_and_compute(tiny_suite, tmp_path):

@@ -1,7 +1,7 @@
 """Suite loading and its error messages."""
 import pytest
 
-from scenarios.loader import ScenarioError, load_suite
+from prunedrive.scenarios.loader import ScenarioError, load_suite
 
 
 def write(tmp_path, text):
@@ -32,7 +32,7 @@ def test_standard_suite_has_tens_of_episodes_over_several_seeds():
     ("    lanes: three\n", r"field 'lanes' must be an integer in \[1, 8\], got 'three'"),
     ("    lanes: 12\n", r"field 'lanes' is 12; allowed range \[1, 8\]"),
     ("    seeds: [1, 1]\n", r"field 'seeds' repeats a seed"),
-    ("    seeds: [-1]\n", r"field 'seeds' must be a non-negative integer"),
+    ("    seeds: [-1]\n", r"field 'seeds' must be an integer in \[0, 2\*\*32\)"),
     ("    speed_limit_mps: true\n", r"field 'speed_limit_mps' must be a number"),
 ])
 def test_bad_fields_name_file_scenario_field_and_allowed_values(tmp_path, extra, message):
@@ -57,7 +57,7 @@ def test_structure_errors(tmp_path):
         load_suite(write(tmp_path, "name: [t\n"))
     with pytest.raises(ScenarioError, match="unknown top-level field 'scenario'"):
         load_suite(write(tmp_path, "name: t\nscenario: []\n"))
-    with pytest.raises(ScenarioError, match="repeated: a"):
+    with pytest.raises(ScenarioError, match="repeated: 'a' and 'a'"):
         load_suite(write(tmp_path, BASE + "  - name: a\n    kind: roundabout\n"))
 
 

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from harness.events import Event, EventKind as K
-from harness.scoring import infraction_penalty, km_driven, mean_std, score_episode
+from prunedrive.harness.events import Event, EventKind as K
+from prunedrive.harness.scoring import infraction_penalty, km_driven, mean_std, score_episode
 
 
 def ev(kind, value=None):

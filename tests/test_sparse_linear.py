@@ -5,16 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.llm import LLMAgent
-from models import text
-from models.dataset import synthetic_split
-from models.driving_llm import DrivingLLM, collate
-from models.presets import PRESETS
-from models.pruning import prune_magnitude
-from models.pruning.masks import find_linears, nm_mask, unstructured_mask
-from models.sparse_linear import (PATHS, SparseLinear, accelerate, choose_path, executed_weights, is_2_4,
+from prunedrive.agents.llm import LLMAgent
+from prunedrive.models import text
+from prunedrive.models.data import synthetic_split
+from prunedrive.models.driving_llm import DrivingLLM, collate
+from prunedrive.models.presets import PRESETS
+from prunedrive.models.pruning import prune_magnitude
+from prunedrive.models.pruning.masks import find_linears, nm_mask, unstructured_mask
+from prunedrive.models.sparse_linear import (PATHS, SparseLinear, accelerate, choose_path, executed_weights, is_2_4,
                                   paths_by_type, storage_bytes)
-from models.train import untrained_model
+from prunedrive.app.train import untrained_model
 
 CPU_SPARSE = ("csr", "ell")
 

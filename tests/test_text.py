@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from harness.action import Control
-from harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES, ROUTE_POINTS, ROUTE_SPACING_M
-from models import text
+from prunedrive.harness.action import Control
+from prunedrive.harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES, ROUTE_POINTS, ROUTE_SPACING_M
+from prunedrive.models import text
 
 
 @pytest.mark.parametrize("control", [Control(0.35, 0.0, 0.015), Control(0.0, 0.8, -0.3), Control(1.0, 0.0, 0.0),

@@ -6,9 +6,9 @@ from typing import Protocol
 
 import numpy as np
 
-from harness.action import Control
-from harness.events import StepEvents
-from harness.observation import EgoState, WorldObjects
+from prunedrive.harness.action import Control
+from prunedrive.harness.events import StepEvents
+from prunedrive.harness.observation import EgoState, WorldObjects
 
 
 @dataclass

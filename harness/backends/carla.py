@@ -40,14 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from harness.action import Control
-from harness.backends.base import BackendState, SimulatorError
-from harness.backends.carla_routes import densify, load_route
-from harness.events import Event, EventKind, StepEvents
-from harness.observation import PEDESTRIAN_RANGE_M, VEHICLE_RANGE_M, EgoState, WorldObjects
-from harness.route import Route as RoutePath
-from harness.route import project_points
-from scenarios.loader import Scenario
+from prunedrive.harness.action import Control
+from prunedrive.harness.backends.base import BackendState, SimulatorError
+from prunedrive.harness.backends.carla_routes import densify, load_route
+from prunedrive.harness.events import Event, EventKind, StepEvents
+from prunedrive.harness.observation import PEDESTRIAN_RANGE_M, VEHICLE_RANGE_M, EgoState, WorldObjects
+from prunedrive.harness.route import Route as RoutePath
+from prunedrive.harness.route import project_points
+from prunedrive.scenarios.loader import Scenario
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]

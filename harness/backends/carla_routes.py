@@ -37,7 +37,7 @@ from xml.sax.handler import ContentHandler
 
 import numpy as np
 
-from harness.route import resample
+from prunedrive.harness.route import resample
 
 ROUTE_SPACING = 1.0  # m between densified points, as the Leaderboard's interpolate_trajectory
 

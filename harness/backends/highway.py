@@ -16,11 +16,11 @@ from highway_env.vehicle.behavior import IDMVehicle
 from highway_env.vehicle.kinematics import Vehicle
 from highway_env.vehicle.objects import Obstacle, RoadObject
 
-from harness.action import Control
-from harness.backends.base import BackendState
-from harness.events import Event, EventKind, StepEvents
-from harness.observation import EgoState, WorldObjects
-from scenarios.loader import Scenario
+from prunedrive.harness.action import Control
+from prunedrive.harness.backends.base import BackendState
+from prunedrive.harness.events import Event, EventKind, StepEvents
+from prunedrive.harness.observation import EgoState, WorldObjects
+from prunedrive.scenarios.loader import Scenario
 
 SIMULATION_HZ = 15
 MAX_ACCEL = 4.0      # m/s^2 at full throttle

@@ -2,22 +2,76 @@
 
     report = prune(lm, "owl", 0.5, calibration=calib, base="wanda")
     report = prune(lm, "wanda", pattern="2:4", calibration=calib)
+
+Methods are registered by name (`pruning_methods()`): the built-ins below and plug-ins under the entry
+point group `prunedrive.pruning`, each a `PruningMethod`. Adding one is one module with a function
+`run(lm, calibration, sparsity, pattern, **kwargs)` and one registration:
+
+    [project.entry-points."prunedrive.pruning"]
+    mymethod = "my_pkg.mymethod:METHOD"      # METHOD = PruningMethod("mymethod", run)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Callable
+
 from torch import nn
 
-from models.pruning.calibration import (capture_block_inputs, driving_calibration, generic_text_calibration,
+from prunedrive.models.pruning.calibration import (capture_block_inputs, driving_calibration, generic_text_calibration,
                                         run_block)
-from models.pruning.magnitude import prune_magnitude
-from models.pruning.masks import (apply_mask, check_sparsity, find_linears, nm_mask, parse_pattern,
+from prunedrive.models.pruning.magnitude import prune_magnitude
+from prunedrive.models.pruning.masks import (apply_mask, check_sparsity, find_linears, nm_mask, parse_pattern,
                                   sparsity_report, unstructured_mask)
-from models.pruning.oneshot import prune_linears_with_inputs
-from models.pruning.owl import owl_layer_sparsities, prune_owl
-from models.pruning.sparsegpt import prune_sparsegpt
-from models.pruning.wanda import prune_wanda
+from prunedrive.models.pruning.oneshot import prune_linears_with_inputs
+from prunedrive.models.pruning.owl import owl_layer_sparsities, prune_owl
+from prunedrive.models.pruning.sparsegpt import prune_sparsegpt
+from prunedrive.models.pruning.wanda import prune_wanda
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "owl")
+
+
+@dataclass(frozen=True)
+class PruningMethod:
+    """A pruning method. One-shot methods have `run(lm, calibration, sparsity, pattern, **kwargs)`, which
+    prunes in place and may return the per-block sparsities it used. `trains`: the method prunes while
+    training (DG2PF), driven by prunedrive.app.compress, and has no one-shot `run`."""
+
+    name: str
+    run: Callable | None = None
+    calibrated: bool = True
+    trains: bool = False
+
+
+BUILTIN_METHODS = {
+    "magnitude": PruningMethod("magnitude", lambda lm, calibration, s, p, **kw: prune_magnitude(lm, s, p, **kw),
+                               calibrated=False),
+    "wanda": PruningMethod("wanda", lambda lm, calibration, s, p, **kw: prune_wanda(lm, calibration, s, p, **kw)),
+    "sparsegpt": PruningMethod("sparsegpt",
+                               lambda lm, calibration, s, p, **kw: prune_sparsegpt(lm, calibration, s, p, **kw)),
+    "owl": PruningMethod("owl", lambda lm, calibration, s, p, **kw: prune_owl(lm, calibration, s, pattern=p, **kw)),
+    "dg2pf": PruningMethod("dg2pf", calibrated=False, trains=True),
+}
+
+
+def pruning_methods() -> dict[str, PruningMethod]:
+    """Every method by name: built-ins, then plug-ins (entry point group `prunedrive.pruning`)."""
+    methods = dict(BUILTIN_METHODS)
+    for entry in metadata.entry_points(group="prunedrive.pruning"):
+        method = entry.load()
+        if not isinstance(method, PruningMethod):
+            raise TypeError(f"entry point prunedrive.pruning:{entry.name} ({entry.value}) is not a PruningMethod")
+        methods.setdefault(entry.name, method)
+    return methods
+
+
+def pruning_method(name: str) -> PruningMethod:
+    methods = pruning_methods()
+    if name not in methods:
+        raise ValueError(f"unknown pruning method {name!r}; allowed: {', '.join(methods)}")
+    return methods[name]
+
+
+METHODS = tuple(BUILTIN_METHODS)
 
 
 def prune(lm: nn.Module, method: str, sparsity: float | None = None, pattern: str | None = None,
@@ -27,26 +81,20 @@ def prune(lm: nn.Module, method: str, sparsity: float | None = None, pattern: st
     With an N:M `pattern`, `sparsity` may be omitted (it is N/M). kwargs go to the method
     (owl: base, M, lam; sparsegpt: blocksize, percdamp; magnitude/wanda/sparsegpt: layer_sparsities).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; choose from {METHODS}")
+    spec = pruning_method(method)
+    if spec.run is None:
+        raise ValueError(f"{method} is not a one-shot method (it prunes while training): use prunedrive.app.compress")
     nm = parse_pattern(pattern)
     if nm and sparsity is not None and abs(sparsity - nm[0] / nm[1]) > 1e-9:
         raise ValueError(f"sparsity {sparsity} disagrees with pattern {pattern} (= {nm[0] / nm[1]})")
     if not nm and sparsity is None:
         raise ValueError("give a sparsity or an N:M pattern")
     sparsity = nm[0] / nm[1] if nm else check_sparsity(sparsity)
-    if method != "magnitude" and not calibration:
+    if spec.calibrated and not calibration:
         raise ValueError(f"{method} needs calibration data (a list of LM forward-kwarg dicts)")
 
-    layer_sparsities = kwargs.get("layer_sparsities")
-    if method == "magnitude":
-        prune_magnitude(lm, sparsity, pattern, **kwargs)
-    elif method == "wanda":
-        prune_wanda(lm, calibration, sparsity, pattern, **kwargs)
-    elif method == "sparsegpt":
-        prune_sparsegpt(lm, calibration, sparsity, pattern, **kwargs)
-    else:
-        layer_sparsities = prune_owl(lm, calibration, sparsity, pattern=pattern, **kwargs)
+    used = spec.run(lm, calibration, sparsity, pattern, **kwargs)
+    layer_sparsities = used if used is not None else kwargs.get("layer_sparsities")
     report = sparsity_report(lm)
     report.update(method=method, target_sparsity=sparsity, pattern=pattern, layer_sparsities=layer_sparsities,
                   base=kwargs.get("base", "wanda") if method == "owl" else None)
@@ -54,7 +102,7 @@ def prune(lm: nn.Module, method: str, sparsity: float | None = None, pattern: st
 
 
 __all__ = [
-    "METHODS", "prune", "prune_magnitude", "prune_wanda", "prune_sparsegpt", "prune_owl", "owl_layer_sparsities",
+    "METHODS", "PruningMethod", "pruning_methods", "pruning_method", "prune", "prune_magnitude", "prune_wanda", "prune_sparsegpt", "prune_owl", "owl_layer_sparsities",
     "prune_linears_with_inputs", "capture_block_inputs", "run_block", "generic_text_calibration",
     "driving_calibration", "unstructured_mask", "nm_mask", "apply_mask", "find_linears", "sparsity_report",
     "parse_pattern",

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from models.pruning.masks import decoder_layers, find_linears
+from prunedrive.models.pruning.masks import decoder_layers, find_linears
 
 FORWARD_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
 

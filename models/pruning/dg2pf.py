@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.pruning.masks import EXCLUDE, find_linears, sparsity_report, unstructured_mask
+from prunedrive.models.pruning.masks import EXCLUDE, find_linears, sparsity_report, unstructured_mask
 
 Forward = Callable[[nn.Module, object], tuple[torch.Tensor, torch.Tensor]]
 CHECKPOINT = "dg2pf_state.pt"

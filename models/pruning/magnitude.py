@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.pruning.masks import apply_mask, block_plan, decoder_layers, find_linears, select_mask
+from prunedrive.models.pruning.masks import apply_mask, block_plan, decoder_layers, find_linears, select_mask
 
 
 @torch.no_grad()

@@ -10,11 +10,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.pruning.calibration import eval_mode, feed_linears
-from models.pruning.magnitude import prune_magnitude
-from models.pruning.masks import EXCLUDE, check_sparsity, find_linears, parse_pattern
-from models.pruning.sparsegpt import Hessian, sparsegpt_prune_linear
-from models.pruning.wanda import ColumnNorms, wanda_prune_linear
+from prunedrive.models.pruning.calibration import eval_mode, feed_linears
+from prunedrive.models.pruning.magnitude import prune_magnitude
+from prunedrive.models.pruning.masks import EXCLUDE, check_sparsity, find_linears, parse_pattern
+from prunedrive.models.pruning.sparsegpt import Hessian, sparsegpt_prune_linear
+from prunedrive.models.pruning.wanda import ColumnNorms, wanda_prune_linear
 
 
 @torch.no_grad()

@@ -22,11 +22,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.pruning.calibration import sequential_blocks
-from models.pruning.magnitude import prune_magnitude
-from models.pruning.masks import block_plan, parse_pattern
-from models.pruning.sparsegpt import prune_sparsegpt
-from models.pruning.wanda import ColumnNorms, prune_wanda, wanda_scores
+from prunedrive.models.pruning.calibration import sequential_blocks
+from prunedrive.models.pruning.magnitude import prune_magnitude
+from prunedrive.models.pruning.masks import block_plan, parse_pattern
+from prunedrive.models.pruning.sparsegpt import prune_sparsegpt
+from prunedrive.models.pruning.wanda import ColumnNorms, prune_wanda, wanda_scores
 
 BASES = {"wanda": prune_wanda, "sparsegpt": prune_sparsegpt, "magnitude": prune_magnitude}
 

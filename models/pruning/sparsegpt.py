@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.pruning.calibration import sequential_blocks
-from models.pruning.masks import block_plan, decoder_layers, nm_mask, unstructured_mask
+from prunedrive.models.pruning.calibration import sequential_blocks
+from prunedrive.models.pruning.masks import block_plan, decoder_layers, nm_mask, unstructured_mask
 
 
 class Hessian:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.pruning.calibration import sequential_blocks
-from models.pruning.masks import apply_mask, block_plan, decoder_layers, select_mask
+from prunedrive.models.pruning.calibration import sequential_blocks
+from prunedrive.models.pruning.masks import apply_mask, block_plan, decoder_layers, select_mask
 
 
 class ColumnNorms:

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES
-from models import text
-from models.dataset import Split, load_split
-from models.driving_llm import DrivingLLM, DrivingLLMConfig
+from prunedrive.harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES
+from prunedrive.models import text
+from prunedrive.models.data import Split, load_split
+from prunedrive.models.driving_llm import DrivingLLM, DrivingLLMConfig
 
 
 def _answers(model: DrivingLLM, split: Split, rows: np.ndarray, kind: str, batch_size: int) -> list[str]:
@@ -104,7 +104,7 @@ def cmd_eval_open(model_dir: str | Path | None = None, split_dir: str | Path | N
     """CLI entry (`prunedrive eval-open`): open-loop metrics of a trained model (default: the zoo's small model,
     trained if missing) and of a random model of the same size on the held-out split (default: the model's
     own val split). Prints a table, writes <model_dir>/eval_open.json, returns {"trained": ..., "random": ...}."""
-    from models.zoo import ensure_default_model
+    from prunedrive.app.train import ensure_default_model
 
     model_dir = Path(model_dir) if model_dir else ensure_default_model("small")
     model = DrivingLLM.from_pretrained(model_dir)
@@ -112,8 +112,8 @@ def cmd_eval_open(model_dir: str | Path | None = None, split_dir: str | Path | N
         summary = model_dir / "train_summary.json"
         split_dir = Path(json.loads(summary.read_text())["data_dir"]) if summary.is_file() else model_dir / "data"
         if not (Path(split_dir) / "val.parquet").is_file():
-            from models.dataset import build_dataset
-            from models.presets import get_preset
+            from prunedrive.app.dataset import build_dataset
+            from prunedrive.models.presets import get_preset
             build_dataset(split_dir, get_preset("small").data.val_episodes, split="val")
     split = load_split(split_dir, "val")
     results = {"trained": evaluate_open_loop(model, split, max_samples)}

@@ -8,17 +8,20 @@ vector encoder's linears, with the same method where it has a one-shot form.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from models.dataset import lm_calibration_samples, load_split
-from models.driving_llm import DrivingLLM
-from models.pruning import generic_text_calibration, prune, prune_linears_with_inputs, sparsity_report
-from models.pruning.dg2pf import DG2PFConfig, dg2pf_prune, next_token
+from prunedrive.models.data import lm_calibration_samples, load_split
+from prunedrive.models.driving_llm import DrivingLLM
+from prunedrive.models.pruning import (generic_text_calibration, prune, prune_linears_with_inputs, pruning_method,
+                                       sparsity_report)
+from prunedrive.models.pruning.dg2pf import DG2PFConfig, dg2pf_prune, next_token
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "owl", "dg2pf")
+RECIPE_FORMAT = 1  # bump when a change to the pruning code changes what a recipe produces
 SCOPES = ("lm", "all")
 CALIBRATIONS = ("driving", "generic")
 GENERIC_LENGTH = 64  # tokens: about a driving sample's latents + prompt + answer
@@ -44,7 +47,7 @@ def calibration_set(model: DrivingLLM, source: str, n_samples: int, data_dir: Pa
 
 def _dg2pf(model: DrivingLLM, model_dir: Path, data_dir: Path, sparsity: float, scope: str, seed: int,
            out_dir: Path, progress: bool, config: DG2PFConfig | None) -> dict:
-    from models.train import Batches
+    from prunedrive.app.train import Batches
 
     teacher = DrivingLLM.from_pretrained(model_dir)
     batch_size, train_batches, val_batches = 16, 24, 6  # per epoch: keeps DG2PF to minutes on 2 cores
@@ -65,33 +68,52 @@ def _dg2pf(model: DrivingLLM, model_dir: Path, data_dir: Path, sparsity: float, 
     return report
 
 
+def recipe(method: str, sparsity: float | None, pattern: str | None = None, scope: str = "lm",
+           calibration: str = "driving", n_calibration: int = 64, seed: int = 0, **method_kwargs) -> dict:
+    """Everything that decides a pruned model besides the dense weights (FORMAT: bump when the code does)."""
+    return {"format": RECIPE_FORMAT, "method": method, "sparsity": sparsity, "pattern": pattern, "scope": scope,
+            "calibration": None if not pruning_method(method).calibrated else calibration,
+            "n_calibration": None if not pruning_method(method).calibrated else n_calibration, "seed": seed,
+            "hyperparameters": method_kwargs}
+
+
+def _check_output(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    if out_dir.resolve() == model_dir.resolve():
+        raise ValueError(f"--out {out_dir} is the input model directory; pruning would overwrite the dense weights")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"--out {out_dir} exists and is not empty; pick a new directory or pass --overwrite")
+
+
 def prune_model_dir(model_dir: str | Path, method: str, sparsity: float | None, out_dir: str | Path,
                     pattern: str | None = None, scope: str = "lm", calibration: str = "driving",
                     n_calibration: int = 64, data_dir: str | Path | None = None, seed: int = 0,
-                    progress: bool = True, **method_kwargs) -> dict:
-    """Prune `model_dir` into `out_dir`; returns what sparsity.json holds."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+                    progress: bool = True, overwrite: bool = False, **method_kwargs) -> dict:
+    """Prune `model_dir` into `out_dir`; returns what sparsity.json holds. The model is written to a
+    hidden sibling directory and renamed when complete, so `out_dir` holds a whole model or none."""
+    spec = pruning_method(method)
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; allowed: {', '.join(SCOPES)}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    _check_output(model_dir, out_dir, overwrite)
+    final_dir, out_dir = out_dir, out_dir.with_name(f".{out_dir.name}.partial")  # DG2PF resumes from it
+    out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(data_dir) if data_dir else training_data_dir(model_dir)
     torch.manual_seed(seed)
     model = DrivingLLM.from_pretrained(model_dir)
     started = time.time()
-    if method == "dg2pf":
+    if spec.trains:
         if sparsity is None or pattern:
             raise ValueError("dg2pf takes --sparsity (unstructured, gradual magnitude); N:M patterns are not part of it")
         report = _dg2pf(model, model_dir, data_dir, sparsity, scope, seed, out_dir, progress, None)
         calibration_source = "none (trained on the driving data's train split)"
     else:
-        samples = calibration_set(model, calibration, n_calibration, data_dir, seed) if method != "magnitude" else None
+        samples = calibration_set(model, calibration, n_calibration, data_dir, seed) if spec.calibrated else None
         with torch.no_grad():
             report = prune(model.lm, method, sparsity, pattern, samples, **method_kwargs)
         if scope == "all":
             _prune_encoder(model, "magnitude" if method in ("magnitude",) else "wanda" if method == "owl" else method,
                            report["target_sparsity"], pattern, data_dir, n_calibration, seed)
-        calibration_source = "none" if method == "magnitude" else f"{calibration} ({n_calibration} samples)"
+        calibration_source = f"{calibration} ({n_calibration} samples)" if spec.calibrated else "none"
     model.eval()
     whole = sparsity_report(model, ("lm_head",))
     record = {
@@ -105,11 +127,14 @@ def prune_model_dir(model_dir: str | Path, method: str, sparsity: float | None, 
     }
     model.save_pretrained(out_dir)
     (out_dir / "sparsity.json").write_text(json.dumps(record, indent=2, default=float))
+    if final_dir.exists():  # --overwrite, checked above
+        shutil.rmtree(final_dir)
+    os.replace(out_dir, final_dir)
     return record
 
 
 def _prune_encoder(model: DrivingLLM, method: str, sparsity: float, pattern, data_dir: Path, n: int, seed: int):
-    from models.driving_llm import collate
+    from prunedrive.models.driving_llm import collate
 
     split = load_split(data_dir, "train")
     rows = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].tolist()

@@ -22,16 +22,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from agents.expert import ExpertAgent
-from harness.action import Control
-from harness.env import DriveEnv
-from harness.observation import EGO_FEATURES, OBS_SHAPES, TRAFFIC_LIGHT_STATES
-from models import text
-from scenarios.loader import Scenario, load_suite
+from prunedrive.agents.expert import ExpertAgent
+from prunedrive.harness.action import Control
+from prunedrive.harness.env import DriveEnv
+from prunedrive.harness.runner import episode_row, run_episode
+from prunedrive.harness.observation import OBS_SHAPES
+from prunedrive.models import text
+from prunedrive.scenarios.loader import Scenario, load_suite
 
 TRAIN_SEED_BASE, VAL_SEED_BASE, DAGGER_SEED_BASE = 100_000, 90_000, 200_000  # evaluation suites use seeds < 10000
-_SPEED, _LIMIT = EGO_FEATURES.index("speed_mps"), EGO_FEATURES.index("speed_limit_mps")
-_STOP_STATES = (TRAFFIC_LIGHT_STATES.index("red"), TRAFFIC_LIGHT_STATES.index("yellow"))
 
 
 def episode_seed(split: str, seed: int, index: int) -> int:
@@ -40,32 +39,6 @@ def episode_seed(split: str, seed: int, index: int) -> int:
     if split == "dagger":
         return DAGGER_SEED_BASE + 1000 * seed + index
     return TRAIN_SEED_BASE + 1000 * seed + index
-
-
-def expert_reason(expert: ExpertAgent, obs: dict[str, np.ndarray]) -> str:
-    """Why the expert does what it does, from its own internals (IDM gap, curve speed)."""
-    c = expert.config
-    route = obs["route"][obs["route_mask"].astype(bool)]
-    if len(route) < 2:
-        return "the route ends"
-    speed, limit = float(obs["ego"][_SPEED]), float(obs["ego"][_LIMIT])
-    _, curvature = expert._steer(route, speed)
-    target = min(limit, np.sqrt(c.max_lateral_accel / max(curvature, 1e-4)))
-    gap, lead_speed = expert._nearest_obstacle(obs, route, speed)
-    if np.isfinite(gap):
-        desired = c.min_gap_m + speed * c.time_headway_s + speed * (speed - lead_speed) / (
-            2.0 * np.sqrt(c.comfort_accel * c.comfort_decel))
-        if (max(desired, 0.0) / max(gap, 0.1)) ** 2 > 0.25:  # the obstacle term costs >= 0.5 m/s^2
-            if obs["traffic_light_mask"][0] and obs["traffic_light"][0] in _STOP_STATES and \
-                    abs(gap - (float(obs["traffic_light"][1]) - 2.0)) < 1e-4:
-                return "stopping for the traffic light"
-            lead = text.perception_labels(obs)["lead_distance_m"]
-            if lead is not None and abs(gap - (lead - c.vehicle_length_m)) < 1e-3:
-                return "following the lead car"
-            return "yielding"
-    if target < limit - 0.5 and speed > target - 2.0:
-        return "slowing for the curve"
-    return "cruising"
 
 
 @dataclass
@@ -94,48 +67,58 @@ def _new_burst(rng: np.random.Generator) -> _Burst:
     return _Burst(int(rng.integers(5, 11)), pedal=(0.0, 1.0))
 
 
-def rollout(scenario: Scenario, seed: int, noise: float = 0.0, max_steps: int | None = None,
-            env: DriveEnv | None = None, policy=None, beta: float = 0.0) -> tuple[list[dict], dict]:
-    """One episode -> per-step rows (labelled by the expert) and an episode summary.
+class _LabelledDriver:
+    """The agent of a data rollout. Every step becomes a row labelled with the expert's control and reason.
+    Executed: the expert's control (through noise bursts), or with a `policy` the policy's, except on a
+    `beta` share of steps where the expert's is (DAgger: the states the learner itself visits, labelled
+    with what the expert would do there)."""
 
-    Without `policy` the expert drives (with noise bursts). With a policy (an Agent, e.g. the LLM) that
-    policy drives, except on a `beta` share of steps where the expert does: DAgger, which collects the
-    states the learner itself visits, labelled with what the expert would do there."""
-    from harness.scoring import score_episode
+    name = "data"
 
-    env = env or DriveEnv(scenario)
-    expert, rng, burst = ExpertAgent(), np.random.default_rng(seed), _Burst()
-    obs, _ = env.reset(seed=seed)
-    if policy is not None:
-        policy.reset(scenario)
-    rows, step, info = [], 0, {}
-    while True:
-        label = expert.act(obs)
-        reason = expert_reason(expert, obs)
-        if policy is not None:
-            executed = label if rng.random() < beta else policy.act(obs)
+    def __init__(self, seed: int, noise: float, policy=None, beta: float = 0.0):
+        self.expert, self.rng, self.burst = ExpertAgent(), np.random.default_rng(seed), _Burst()
+        self.noise, self.policy, self.beta = noise, policy, beta
+        self.scenario: Scenario | None = None
+        self.seed = seed
+        self.rows: list[dict] = []
+
+    def reset(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        if self.policy is not None:
+            self.policy.reset(scenario)
+
+    def act(self, obs: dict[str, np.ndarray]) -> Control:
+        label = self.expert.act(obs)
+        reason = self.expert.reason(obs)
+        if self.policy is not None:
+            executed = label if self.rng.random() < self.beta else self.policy.act(obs)
         else:
-            if burst.steps_left <= 0 and noise > 0 and rng.random() < noise:
-                burst = _new_burst(rng)
-            executed = burst.apply(label) if burst.steps_left > 0 else label
-        p = text.perception_labels(obs)
-        rows.append({
-            "scenario": scenario.name, "kind": scenario.kind, "seed": seed, "step": step,
+            if self.burst.steps_left <= 0 and self.noise > 0 and self.rng.random() < self.noise:
+                self.burst = _new_burst(self.rng)
+            executed = self.burst.apply(label) if self.burst.steps_left > 0 else label
+        scenario = self.scenario
+        self.rows.append({
+            "scenario": scenario.name, "kind": scenario.kind, "seed": self.seed, "step": len(self.rows),
             **{f"obs_{k}": np.asarray(obs[k], np.float32).ravel() for k in OBS_SHAPES},
             "throttle": label.throttle, "brake": label.brake, "steer": label.steer,
             "exec_throttle": executed.throttle, "exec_brake": executed.brake, "exec_steer": executed.steer,
-            "noisy": executed != label, "reason": reason, **p,
+            "noisy": executed != label, "reason": reason, **text.perception_labels(obs),
             **{f"q_{k}": text.prompt(k) for k in text.QUESTIONS},
             **{f"a_{k}": a for k, a in text.answers(obs, label, reason).items()},
         })
-        obs, _, terminated, truncated, info = env.step(executed)
-        step += 1
-        if terminated or truncated or (max_steps and step >= max_steps):
-            break
-    outcome = info.get("outcome") or env.outcome(collision_ended=False)
-    score = score_episode(outcome.route_completion, outcome.events, outcome.collision_ended)
-    return rows, {"scenario": scenario.name, "kind": scenario.kind, "seed": seed, "steps": step,
-                  "driving_score": score.driving_score, "status": score.status}
+        return executed
+
+
+def rollout(scenario: Scenario, seed: int, noise: float = 0.0, max_steps: int | None = None,
+            env: DriveEnv | None = None, policy=None, beta: float = 0.0) -> tuple[list[dict], dict]:
+    """One episode -> per-step rows (labelled by the expert) and an episode summary. The expert drives
+    (with noise bursts), or `policy` does with the expert on a `beta` share of steps (see _LabelledDriver)."""
+    env = env or DriveEnv(scenario)
+    driver = _LabelledDriver(seed, noise, policy, beta)
+    outcome, steps = run_episode(env, driver, scenario, seed, max_steps=max_steps)
+    row = episode_row(outcome, steps, run_id="data", agent=driver.name, scenario=scenario, seed=seed, wall_s=0.0)
+    return driver.rows, {"scenario": scenario.name, "kind": scenario.kind, "seed": seed, "steps": len(driver.rows),
+                         "driving_score": row["driving_score"], "status": row["status"]}
 
 
 def _to_table(rows: list[dict]) -> pa.Table:
@@ -161,7 +144,7 @@ def _policy(model_dir: str | None):
 
         import torch
 
-        from agents.llm import LLMAgent
+        from prunedrive.agents.llm import LLMAgent
 
         if multiprocessing.parent_process() is not None:
             torch.set_num_threads(1)  # one rollout process per core; batch-1 decoding gains nothing from threads
@@ -238,69 +221,3 @@ def build_dataset(out_dir: str | Path, n_episodes: int, seed: int = 0, split: st
               "workers": workers, "questions": text.QUESTIONS, "nearby_m": text.NEARBY_M, "episodes": episodes}
     (out_dir / f"{split}.json").write_text(json.dumps(config, indent=2, default=str))
     return path
-
-
-@dataclass
-class Split:
-    """A loaded split: observations as arrays (N, ...) keyed like the env's observation, plus the table."""
-    obs: dict[str, np.ndarray]
-    frame: pd.DataFrame
-
-    def __len__(self) -> int:
-        return len(self.frame)
-
-    def observation(self, i: int) -> dict[str, np.ndarray]:
-        return {k: v[i] for k, v in self.obs.items()}
-
-
-def load_split(path: str | Path, split: str = "val") -> Split:
-    """Load `<dir>/<split>.parquet` or a parquet file path."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / f"{split}.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"no dataset split at {path}; build one with models.dataset.build_dataset")
-    table = pq.read_table(path)
-    obs = {k: table.column(f"obs_{k}").combine_chunks().flatten().to_numpy().reshape(len(table), *shape)
-           for k, shape in OBS_SHAPES.items()}
-    frame = table.drop_columns([f"obs_{k}" for k in OBS_SHAPES]).to_pandas()
-    return Split(obs, frame)
-
-
-def synthetic_split(n: int = 24, seed: int = 0) -> Split:
-    """Random but well-formed observations with expert-style answers and labels, no simulator needed
-    (for unit tests and quick pruning-calibration checks; not driving data)."""
-    rng = np.random.default_rng(seed)
-    obs = {k: rng.normal(0, 5, (n, *s)).astype(np.float32) for k, s in OBS_SHAPES.items()}
-    for k in ("route_mask", "vehicles_mask", "pedestrians_mask", "traffic_light_mask"):
-        obs[k] = (rng.random((n, *OBS_SHAPES[k])) < 0.6).astype(np.float32)
-    obs["route_mask"][:] = 1
-    obs["route"][:, :, 0] = np.abs(obs["route"][:, :, 0]).cumsum(1)
-    obs["traffic_light"][:, 0] = rng.integers(0, 3, n)
-    rows = []
-    for i in range(n):
-        o = {k: v[i] for k, v in obs.items()}
-        c = Control(float(rng.random()), 0.0, float(rng.uniform(-0.3, 0.3)))
-        rows.append({**text.perception_labels(o), "throttle": c.throttle, "brake": c.brake, "steer": c.steer,
-                     **{f"a_{k}": a for k, a in text.answers(o, c, "cruising").items()}})
-    return Split(obs, pd.DataFrame(rows))
-
-
-def lm_calibration_samples(model, split: Split, n_samples: int = 128, seed: int = 0,
-                           kinds: tuple[str, ...] = tuple(text.QUESTIONS)) -> list[dict]:
-    """Driving-domain calibration for pruning: per sampled row, the LM forward kwargs of the full teacher-forced
-    sequence [latents] + prompt + answer (batch 1, unpadded, detached), questions cycling over `kinds`.
-    Feed the list to models.pruning.driving_calibration / prune(..., calibration=...)."""
-    import torch
-
-    from models.driving_llm import collate
-
-    rows = np.random.default_rng(seed).permutation(len(split))[:n_samples]
-    samples = []
-    with torch.no_grad():
-        for j, r in enumerate(rows):
-            kind = kinds[j % len(kinds)]
-            ids = model.prompt_ids(text.prompt(kind)) + model.tokenizer.encode(split.frame[f"a_{kind}"].iloc[r])
-            inputs = model.lm_inputs(collate([split.observation(int(r))]), torch.tensor([ids]))
-            samples.append({k: v.detach() for k, v in inputs.items()})
-    return samples

@@ -16,11 +16,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from models import text
-from models.dataset import Split, build_dataset, load_split
-from models.driving_llm import DrivingLLM
-from models.presets import Preset, get_preset
-from models.tokenizer import DrivingTokenizer
+from prunedrive.models import text
+from prunedrive.models.data import Split, load_split
+from prunedrive.app.dataset import build_dataset
+from prunedrive.app.zoo import default_model_dir, is_trained
+from prunedrive.models.driving_llm import DrivingLLM
+from prunedrive.models.presets import Preset, get_preset
+from prunedrive.models.tokenizer import DrivingTokenizer
 
 
 def tokenizer_corpus(split: Split) -> list[str]:
@@ -162,7 +164,6 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
         raise ValueError(f"threads must be a positive integer or 'auto', not {threads!r}")
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if out_dir is None:
-        from models.zoo import default_model_dir
         out_dir = default_model_dir(preset.name)
     out_dir = Path(out_dir)
     data_dir = Path(data_dir) if data_dir is not None else out_dir / "data"
@@ -273,3 +274,11 @@ def cmd_train(preset: str = "small", out_dir: str | Path | None = None, data_dir
     print(f"trained {summary['preset']} ({summary['parameters']['total']:,} parameters) in "
           f"{summary['total_seconds']:.0f} s (data {summary['data_seconds']:.0f} s) -> {out}")
     return out
+
+
+def ensure_default_model(preset: str = "small", progress: bool = True) -> Path:
+    """The zoo directory of `preset`, training it (data + training, resumable) when absent or stale."""
+    directory = default_model_dir(preset)
+    if not is_trained(directory, preset):
+        train(preset, out_dir=directory, progress=progress)
+    return directory

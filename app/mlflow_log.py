@@ -17,8 +17,8 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from harness.results import RunDir
-from harness.summary import summarize
+from prunedrive.harness.results import RunDir, parse_episode_key
+from prunedrive.harness.summary import summarize
 
 INSTALL_HINT = '--mlflow needs MLflow: pip install "prunedrive[mlflow]"'
 STORE_FILE = "mlflow.db"
@@ -97,9 +97,10 @@ def run_params(manifest: dict, agent: str) -> dict[str, str]:
     """What the manifest knows about how `agent` was run. Only the manifest: it does not change when a
     run is resumed, and MLflow refuses to change a logged param."""
     config = manifest["config"]
-    planned = [p for p in manifest.get("planned", []) if p.split("/", 1)[0] == agent]
+    planned = [parse_episode_key(key) for key in manifest.get("planned", [])]
+    planned = [(scenario, seed) for name, scenario, seed in planned if name == agent]
     params = {"suite": config["suite"], "agent": agent, "planned_episodes": len(planned),
-              "seeds": len({p.rsplit("/", 1)[1] for p in planned})}
+              "seeds": len({seed for _, seed in planned})}
     # `bench` records model, method and sparsity per agent; `run` has one --model for the whole run.
     model = config.get("models", {}).get(agent) or config.get("model")
     for name, value in (("model", model), ("method", config.get("method", {}).get(agent)),

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from models.presets import get_preset
+from prunedrive.models.presets import get_preset
 
 
 def home() -> Path:
@@ -26,13 +26,3 @@ def is_trained(directory: str | Path, preset: str = "small") -> bool:
     if not (config.is_file() and (Path(directory) / "model.safetensors").is_file()):
         return False
     return json.loads(config.read_text()).get("config_hash") == get_preset(preset).hash()
-
-
-def ensure_default_model(preset: str = "small", progress: bool = True) -> Path:
-    """The zoo directory of `preset`, training it (data + training, resumable) when absent or stale."""
-    directory = default_model_dir(preset)
-    if not is_trained(directory, preset):
-        from models.train import train
-
-        train(preset, out_dir=directory, progress=progress)
-    return directory

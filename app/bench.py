@@ -9,18 +9,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-DEFAULT_METHODS = ("owl", "dg2pf", "wanda", "magnitude")
-DEFAULT_SPARSITIES = (0.5, 0.7)
-
-
 def pruned_models(dense_dir: Path, methods, sparsities, progress: bool) -> dict[str, tuple[str, float, Path]]:
-    """{agent name: (method, sparsity, model dir)}, pruning only what is not there yet."""
-    from models.compress import prune_model_dir
+    """{agent name: (method, sparsity, model dir)}, pruning only what is not there yet. A pruned model is
+    cached under a hash of its full recipe and of the dense weights, so changed settings or a retrained
+    dense model never reuse a stale one."""
+    from prunedrive.app.compress import prune_model_dir, recipe
+    from prunedrive.app.drive import weights_hash
+    from prunedrive.harness.results import content_hash
 
+    dense_hash = weights_hash(dense_dir)
     models = {"llm-dense": ("dense", 0.0, dense_dir)}
     for method in methods:
         for sparsity in sparsities:
-            out = dense_dir / "pruned" / f"{method}-{sparsity:g}"
+            key = content_hash({"recipe": recipe(method, sparsity), "dense": dense_hash})[:10]
+            out = dense_dir / "pruned" / f"{method}-{sparsity:g}-{key}"
             if not (out / "sparsity.json").is_file():
                 prune_model_dir(dense_dir, method, sparsity, out, progress=progress)
             models[f"llm-{method}-{sparsity:g}"] = (method, sparsity, out)
@@ -28,7 +30,7 @@ def pruned_models(dense_dir: Path, methods, sparsities, progress: bool) -> dict[
 
 
 def comparison_table(episodes: pd.DataFrame, models: dict, open_loop: dict) -> pd.DataFrame:
-    from harness.summary import summarize
+    from prunedrive.harness.summary import summarize
 
     table = summarize(episodes, ["agent"]).set_index("agent")
     rows = []
@@ -71,38 +73,29 @@ def print_comparison(table: pd.DataFrame) -> None:
 
 def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_id: str | None,
               progress: bool = True, with_expert: bool = True, workers: int | None = None,
-              mlflow: str | None = None) -> pd.DataFrame:
-    from harness.distributed import AgentSpec
-    from harness.results import RunDir
-    from harness.runner import run_suite
-    from models.compress import training_data_dir
-    from models.dataset import load_split
-    from models.driving_llm import DrivingLLM
-    from models.eval_open import evaluate_open_loop
-    from models.zoo import ensure_default_model
-    from scenarios.loader import load_suite
+              mlflow: str | None = None) -> int:
+    """The main job; returns the exit code (app.drive.exit_code)."""
+    from prunedrive.agents.registry import AgentSpec
+    from prunedrive.app.compress import training_data_dir
+    from prunedrive.app.drive import drive, exit_code
+    from prunedrive.app.eval_open import evaluate_open_loop
+    from prunedrive.app.train import ensure_default_model
+    from prunedrive.models.data import load_split
+    from prunedrive.models.driving_llm import DrivingLLM
+    from prunedrive.scenarios.loader import load_suite
 
     suite = load_suite(suite_name)
     dense_dir = ensure_default_model(preset, progress=progress)
     models = pruned_models(dense_dir, methods, sparsities, progress)
     specs = ([AgentSpec("expert")] if with_expert else []) + [
         AgentSpec("llm", str(path), label=name) for name, (_, _, path) in models.items()]
-    names = [spec.label or spec.name for spec in specs]
-    run_dir = RunDir(out / (run_id or f"bench-{suite.name}-{preset}"))
     # Per agent: its model, method and target sparsity (of the LM), which `prunedrive report` plots.
-    config = {"suite": suite.name, "agents": names, "model": str(dense_dir),
-              "methods": list(methods), "sparsities": list(sparsities),
+    config = {"model": str(dense_dir), "methods": list(methods), "sparsities": list(sparsities),
               "models": {name: str(path) for name, (_, _, path) in models.items()},
               "method": {name: method for name, (method, _, _) in models.items()},
               "sparsity": {name: sparsity for name, (_, sparsity, _) in models.items()}}
-    if not run_dir.manifest_path.exists():
-        run_dir.create(config, [f"{name}/{s.name}/{seed}" for name in names for s, seed in suite.episodes()])
-    if workers:
-        from harness.distributed import run_suite_distributed
-
-        episodes = run_suite_distributed(suite, specs, run_dir, workers, progress=progress)
-    else:
-        episodes = run_suite(suite, [spec.build() for spec in specs], run_dir, progress=progress)
+    run_dir, episodes = drive(suite, specs, out, run_id=run_id, default_run_id=f"bench-{suite.name}-{preset}",
+                              workers=workers, progress=progress, config=config)
 
     split = load_split(training_data_dir(dense_dir), "val")
     open_loop = {name: evaluate_open_loop(DrivingLLM.from_pretrained(path), split, 200)
@@ -111,10 +104,10 @@ def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_
     table = comparison_table(episodes, models, open_loop)
     table.to_csv(run_dir.path / "bench.csv", index=False)
     print_comparison(table)
-    print(f"results: {run_dir.path}")
+    print(f"results: {run_dir.path.resolve()}")
     if mlflow is not None:  # `--mlflow [URI]`: "" is the default store beside the run
-        from harness.mlflow_log import log_run
+        from prunedrive.app.mlflow_log import log_run
 
         log_run(run_dir, mlflow, extra_metrics={name: {f"open_loop.{k}": v for k, v in metrics.items()}
                                                  for name, metrics in open_loop.items()})
-    return table
+    return exit_code(episodes, run_dir)

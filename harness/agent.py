@@ -5,8 +5,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from harness.action import Control
-from scenarios.loader import Scenario
+from prunedrive.harness.action import Control
+from prunedrive.scenarios.loader import Scenario
 
 
 @runtime_checkable

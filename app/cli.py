@@ -1,0 +1,319 @@
+"""The `prunedrive` command line: every subcommand's options and dispatch, in one place.
+
+Exit codes: 0 every planned episode scored (or the command did its work); 1 `regress` found a
+regression; 2 bad input (a message names the file, field or option); 3 some episodes failed for
+infrastructure reasons (simulator, worker, harness time limit; listed, and `--resume` runs them again).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from prunedrive.agents.registry import AgentError, AgentSpec, agent_names, parse_agent_args
+from prunedrive.app.drive import EXIT_BAD_INPUT, drive, exit_code, find_run
+from prunedrive.harness.results import RunError
+from prunedrive.models.pruning import pruning_methods
+from prunedrive.scenarios.loader import ScenarioError, Suite, load_suite
+
+
+# -- run / summary ---------------------------------------------------------------------------------------
+
+def _check_seeds(seeds: list[int] | None) -> None:
+    if seeds is None:
+        return
+    bad = [s for s in seeds if not 0 <= s < 2**32]
+    if bad:
+        raise ValueError(f"--seeds: {bad[0]} is outside [0, 2**32)")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds repeats a seed: {' '.join(map(str, seeds))}")
+
+
+def _with_seeds(suite: Suite, seeds: list[int] | None) -> Suite:
+    if not seeds:
+        return suite
+    return replace(suite, scenarios=tuple(replace(s, seeds=tuple(seeds)) for s in suite.scenarios))
+
+
+def _backend_options(args: argparse.Namespace, suite: Suite) -> dict:
+    options = {k: v for k, v in (("host", args.carla_host), ("port", args.carla_port)) if v is not None}
+    if args.carla_servers and not args.workers:
+        raise ValueError("--carla-servers needs --workers (one server per worker); "
+                         "for one server use --carla-host/--carla-port")
+    if (options or args.carla_servers) and not any(s.backend == "carla" for s in suite.scenarios):
+        raise ValueError(f"--carla-host/--carla-port/--carla-servers: suite {suite.name!r} has no CARLA scenario")
+    return options
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from prunedrive.harness.summary import print_tables
+
+    _check_mlflow(args)
+    _check_seeds(args.seeds)
+    if args.resume and not (args.suite or args.agent or args.seeds):  # everything from the manifest
+        config = find_run(args.resume, args.out).manifest()["config"]
+        suite = _with_seeds(load_suite(config["suite_path"]), config.get("seeds"))
+        specs = [AgentSpec(**{**s, "args": tuple(tuple(kv) for kv in s.get("args", ()))}) for s in config["specs"]]
+        seeds = config.get("seeds")
+    else:
+        suite = _with_seeds(load_suite(args.suite or "smoke"), args.seeds)
+        agent_args = tuple(sorted(parse_agent_args(args.agent_arg).items()))
+        specs = [AgentSpec(name, str(args.model) if args.model else None, None, agent_args)
+                 for name in (args.agent or ["expert"])]
+        seeds = args.seeds
+    run_dir, episodes = drive(
+        suite, specs, args.out, run_id=args.run_id, resume=args.resume, workers=args.workers, record=args.record,
+        retries=args.retries, backend_options=_backend_options(args, suite), carla_servers=args.carla_servers,
+        ray_address=args.ray_address, progress=not args.quiet, retry_failed=args.retry_failed,
+        config={"model": str(args.model) if args.model else None, "seeds": seeds})
+    print_tables(episodes)
+    print(f"results: {run_dir.path.resolve()}")
+    if args.mlflow is not None:
+        from prunedrive.app.mlflow_log import log_run
+
+        log_run(run_dir, args.mlflow)
+    return exit_code(episodes, run_dir)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from prunedrive.harness.summary import print_tables
+
+    episodes = find_run(args.run, args.out).episodes()
+    if episodes.empty:
+        print(f"error: {args.run} has no finished episodes", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print_tables(episodes)
+    return 0
+
+
+# -- models ----------------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from prunedrive.app.train import cmd_train as train
+
+    train(args.preset, out_dir=args.out, data_dir=args.data, seed=args.seed, resume=not args.no_resume,
+          threads=args.threads)
+    return 0
+
+
+def cmd_eval_open(args: argparse.Namespace) -> int:
+    from prunedrive.app.eval_open import cmd_eval_open as evaluate
+
+    evaluate(args.model, split_dir=args.data, max_samples=args.max_samples, with_random=not args.no_random)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from prunedrive.app.compress import prune_model_dir
+
+    record = prune_model_dir(args.model, args.method, args.sparsity, args.out, pattern=args.pattern, scope=args.scope,
+                             calibration=args.calibration, n_calibration=args.calibration_samples,
+                             data_dir=args.data, seed=args.seed, overwrite=args.overwrite)
+    print(f"{args.method}: global sparsity {record['global']:.3f} (language model {record['lm_global']:.3f}) -> {args.out}")
+    if record.get("layer_sparsities"):
+        print("per-block sparsities: " + ", ".join(f"{s:.3f}" for s in record["layer_sparsities"]))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from prunedrive.app.bench import run_bench
+
+    _check_mlflow(args)
+    return run_bench(args.suite, args.preset, args.methods, args.sparsities, Path(args.out), args.run_id,
+                     progress=not args.quiet, workers=args.workers, mlflow=args.mlflow)
+
+
+# -- results ---------------------------------------------------------------------------------------------
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from prunedrive.harness.report import write_report
+
+    paths = [find_run(run, args.out).path for run in args.runs]
+    # Beside the runs, not in the working tree: reports are outputs, like the runs they are made from.
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.out) / "reports" / (
+        paths[0].name + (f"+{len(paths) - 1}" if len(paths) > 1 else ""))
+    html_path, md_path = write_report(paths, out_dir, title=args.title)
+    print(f"report: {html_path}\n        {md_path}")
+    return 0
+
+
+def cmd_regress(args: argparse.Namespace) -> int:
+    import json
+
+    from prunedrive.harness.regress import RegressInputError, regress
+
+    try:
+        verdict = regress(find_run(args.baseline, args.out).path, find_run(args.candidate, args.out).path,
+                          max_drop=args.max_drop, alpha=args.alpha, n_boot=args.n_boot, seed=args.seed,
+                          agent=args.agent, baseline_agent=args.baseline_agent, candidate_agent=args.candidate_agent,
+                          max_collision_increase=args.max_collision_increase, max_slowdown=args.max_slowdown)
+    except (RegressInputError, RunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    verdict.print()
+    if args.json:
+        Path(args.json).write_text(json.dumps(verdict.to_dict(), indent=2, default=float))
+    return verdict.exit_code
+
+
+# -- parser ----------------------------------------------------------------------------------------------
+
+def _check_mlflow(args: argparse.Namespace) -> None:
+    if args.mlflow is not None:  # before any driving or training: a missing MLflow should cost nothing
+        from prunedrive.app.mlflow_log import require_mlflow
+
+        require_mlflow(args.mlflow)
+
+
+def _threads(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: a positive integer or 'auto'")
+
+
+def _at_least(minimum: int):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{number} is below {minimum}")
+        return number
+    return parse
+
+
+def _add_mlflow_option(parser: argparse.ArgumentParser) -> None:
+    # const "" (a bare --mlflow) stands for the default store, which depends on the run's output folder.
+    parser.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                        help="log the finished run to MLflow, one MLflow run per agent; default store "
+                             "sqlite:///<out>/mlflow.db (needs the mlflow extra)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunedrive", description=__doc__.split("\n\n")[0])
+    from importlib.metadata import version
+
+    parser.add_argument("--version", action="version", version=f"prunedrive {version('prunedrive')}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="drive a scenario suite closed-loop and score it")
+    run.add_argument("--suite", help="suite name (a YAML in scenarios/) or path; default smoke")
+    run.add_argument("--agent", nargs="+", action="extend", metavar="AGENT",
+                     help=f"one or more of: {', '.join(agent_names())}, or package.module:factory; default expert")
+    run.add_argument("--agent-arg", action="append", metavar="KEY=VALUE", help="keyword argument of the agents' factories")
+    run.add_argument("--model", help="model directory for --agent llm (or a plug-in that takes one)")
+    run.add_argument("--seeds", type=int, nargs="+", help="override every scenario's seeds (0 <= seed < 2**32)")
+    run.add_argument("--out", default="results", help="where run directories go; default results/")
+    run.add_argument("--run-id", help="name of the run directory; default suite-agents-timestamp")
+    run.add_argument("--resume", metavar="RUN",
+                     help="finish a killed run (its id or directory); its manifest supplies suite, seeds and agents")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="with --resume, also re-run episodes whose agent failed (infrastructure failures always are)")
+    run.add_argument("--record", action="store_true", help="write a video per episode under videos/")
+    run.add_argument("--retries", type=_at_least(0), default=2, help="retries of an episode whose simulator failed (2)")
+    run.add_argument("--carla-host", help="CARLA server host (carla suites)")
+    run.add_argument("--carla-port", type=int, help="CARLA server RPC port (carla suites)")
+    run.add_argument("--workers", type=_at_least(1), help="run episodes on this many Ray actors")
+    run.add_argument("--carla-servers", nargs="+", metavar="HOST:PORT",
+                     help="one CARLA server per worker (with --workers); worker i always uses server i")
+    run.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray for the run)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_mlflow_option(run)
+    run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="train the driving LLM on expert data (CPU)")
+    train.add_argument("--preset", default="small", help="tiny | small (default) | base")
+    train.add_argument("--out", help="model directory; default the model zoo (~/.cache/prunedrive or $PRUNEDRIVE_HOME)")
+    train.add_argument("--data", help="dataset directory; default <out>/data (built when missing)")
+    train.add_argument("--seed", type=int, default=0, help="training seed (0)")
+    train.add_argument("--no-resume", action="store_true", help="start over instead of resuming a checkpoint")
+    train.add_argument("--threads", type=_threads, default=2,
+                       help="torch CPU threads (default 2); the trained model depends on it. 'auto' picks the "
+                            "faster of 1 and 2 as the machine's load changes: quicker when busy, not reproducible")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval-open", help="open-loop metrics of a model on the held-out split")
+    evaluate.add_argument("--model", help="model directory; default the zoo's small model")
+    evaluate.add_argument("--data", help="dataset directory with val.parquet; default the model's training data")
+    evaluate.add_argument("--max-samples", type=_at_least(1), default=400, help="held-out samples to score (400)")
+    evaluate.add_argument("--no-random", action="store_true", help="skip the random-weights contrast")
+    evaluate.set_defaults(func=cmd_eval_open)
+
+    prune = sub.add_parser("prune", help="prune a model directory into a new one (+ sparsity.json)")
+    prune.add_argument("--method", required=True, choices=list(pruning_methods()), help="pruning method")
+    prune.add_argument("--sparsity", type=float, help="target sparsity, e.g. 0.7 (implied by --pattern)")
+    prune.add_argument("--pattern", help="N:M semi-structured, e.g. 2:4 or 4:8")
+    prune.add_argument("--model", required=True, help="dense model directory")
+    prune.add_argument("--out", required=True, help="output model directory (new or empty; see --overwrite)")
+    prune.add_argument("--overwrite", action="store_true", help="replace the model in a non-empty --out")
+    prune.add_argument("--scope", default="lm", choices=("lm", "all"), help="language model only, or the encoder too")
+    prune.add_argument("--calibration", default="driving", choices=("driving", "generic"), help="calibration data")
+    prune.add_argument("--calibration-samples", type=_at_least(1), default=64, help="calibration samples (64)")
+    prune.add_argument("--data", help="dataset directory; default the one the model was trained on")
+    prune.add_argument("--seed", type=int, default=0, help="calibration sampling seed (0)")
+    prune.set_defaults(func=cmd_prune)
+
+    bench = sub.add_parser("bench", help="the main job: dense vs OWL/DG2PF/Wanda/magnitude, closed- and open-loop")
+    bench.add_argument("--suite", default="smoke", help="smoke (default) or standard, or a path")
+    bench.add_argument("--preset", default="small", help="the zoo model to train or reuse (small)")
+    bench.add_argument("--methods", nargs="+", default=["owl", "dg2pf", "wanda", "magnitude"],
+                       choices=list(pruning_methods()),
+                       help="pruning methods (owl dg2pf wanda magnitude)")
+    bench.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7], help="target sparsities (0.5 0.7)")
+    bench.add_argument("--out", default="results", help="where run directories go; default results/")
+    bench.add_argument("--run-id", help="default bench-<suite>-<preset>; an existing one is resumed")
+    bench.add_argument("--workers", type=_at_least(1), help="drive the episodes on this many Ray actors")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_mlflow_option(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    report = sub.add_parser("report", help="HTML + Markdown report comparing runs (tables, plots, videos)")
+    report.add_argument("runs", nargs="+", help="run ids (under --out) or directories")
+    report.add_argument("--out", default="results", help="where run ids are looked up; default results/")
+    report.add_argument("--out-dir", help="where the report goes; default <out>/reports/<first run>[+N]")
+    report.add_argument("--title", help="page title")
+    report.set_defaults(func=cmd_report)
+
+    from prunedrive.harness import regress
+
+    gate = sub.add_parser("regress", help="gate: is CANDIDATE significantly worse than BASELINE? (exit 1 if so)",
+                          description=regress.__doc__.split("\n\n")[0])
+    gate.add_argument("baseline", help="baseline run (id under --out, or directory)")
+    gate.add_argument("candidate", help="candidate run (id under --out, or directory)")
+    gate.add_argument("--out", default="results", help="where run ids are looked up; default results/")
+    gate.add_argument("--max-drop", type=float, default=5.0, help="driving-score points of drop tolerated (5)")
+    gate.add_argument("--alpha", type=float, default=0.05, help="the CI is 1-alpha, two-sided (0.05)")
+    gate.add_argument("--n-boot", type=_at_least(100), default=10000, help="bootstrap resamples (10000)")
+    gate.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    gate.add_argument("--agent", help="the agent to compare, in both runs (needed when a run has several)")
+    gate.add_argument("--baseline-agent", help="the baseline's agent, when it differs from the candidate's")
+    gate.add_argument("--candidate-agent", help="the candidate's agent")
+    gate.add_argument("--max-collision-increase", type=float, default=0.5, help="collisions per km tolerated (0.5)")
+    gate.add_argument("--max-slowdown", type=float, metavar="RATIO",
+                      help="make the per-step agent time a gate: fail above this candidate/baseline ratio "
+                           "(e.g. 1.5; default: reported only, since wall time depends on machine and load)")
+    gate.add_argument("--json", metavar="FILE", help="also write the verdict as JSON")
+    gate.set_defaults(func=cmd_regress)
+
+    summary = sub.add_parser("summary", help="print the tables of a finished or partial run")
+    summary.add_argument("run", help="run id or directory")
+    summary.add_argument("--out", default="results", help="where run ids are looked up; default results/")
+    summary.set_defaults(func=cmd_summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ScenarioError, RunError, AgentError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

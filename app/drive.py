@@ -1,0 +1,127 @@
+"""Drive a suite into a run directory: the one function behind `prunedrive run` and `prunedrive bench`.
+
+It owns what both need to agree on: the run id (safe, inside --out), the planned episode keys, the
+manifest (config for people, identity for resume), the resume rule (refused when the suite's content,
+the agents or the models' weights differ, naming what differs), one writer per run directory, and the
+choice of executor (in-process or Ray).
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from prunedrive.agents.registry import AgentSpec
+from prunedrive.harness.results import RunDir, RunError, content_hash, episode_key
+from prunedrive.harness.runner import InProcessExecutor, run_suite
+from prunedrive.scenarios.loader import Suite
+
+# Exit codes of `run` and `bench` (documented in the README).
+EXIT_OK, EXIT_BAD_INPUT, EXIT_INFRASTRUCTURE = 0, 2, 3
+
+
+def weights_hash(model_dir: str | Path) -> str:
+    """sha256 of a model directory's weight files (*.safetensors), streamed: what identifies a model."""
+    digest = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def suite_identity(suite: Suite) -> dict:
+    """Every field of every scenario (seeds included): two suites with one `name:` but other contents differ."""
+    return {"suite": suite.name, "suite_hash": content_hash([asdict(s) for s in suite.scenarios])}
+
+
+def identity(suite: Suite, specs: list[AgentSpec], names: list[str]) -> dict:
+    return {**suite_identity(suite),
+            "agents": [{"name": n, "agent": s.name, "args": dict(s.args)} for s, n in zip(specs, names)],
+            "models": {n: weights_hash(s.model) for s, n in zip(specs, names) if s.model is not None}}
+
+
+def drive(suite: Suite, specs: list[AgentSpec], out: str | Path, *, run_id: str | None = None,
+          resume: str | None = None, default_run_id: str | None = None, workers: int | None = None,
+          record: bool = False, retries: int = 2, backend_options: dict | None = None,
+          carla_servers: list[str] | None = None, ray_address: str | None = None, progress: bool = True,
+          retry_failed: bool = False, config: dict | None = None) -> tuple[RunDir, pd.DataFrame]:
+    """Drive every episode of `suite` for every agent into out/<run id>, resuming when asked (or when
+    `default_run_id` names an existing run, as the bench does). Returns the run and all its episodes."""
+    if retries < 0:
+        raise RunError(f"--retries must be at least 0, got {retries}")
+    if workers is not None and workers < 1:
+        raise RunError(f"--workers must be at least 1, got {workers}")
+    for spec in specs:
+        spec.check()
+    if workers:
+        from prunedrive.harness.distributed import RayExecutor
+
+        executor = RayExecutor(specs, workers, ray_address=ray_address, record=record, retries=retries,
+                               backend_options=backend_options, carla_servers=carla_servers)
+    else:
+        executor = InProcessExecutor([spec() for spec in specs], record=record, retries=retries,
+                                     backend_options=backend_options)
+    try:
+        names = executor.names()
+        if len(set(names)) != len(names):
+            raise RunError(f"agents share a name ({', '.join(names)}); give each a --label or another model")
+        ident = identity(suite, specs, names)
+        if resume:
+            run_dir = find_run(resume, out)
+        else:
+            run_dir = RunDir.under(out, run_id or default_run_id or
+                                   f"{suite.name}-{'-'.join(names)}-{datetime.now():%Y%m%d-%H%M%S}")
+        resuming = resume is not None or (default_run_id is not None and not run_id
+                                          and run_dir.manifest_path.is_file())  # the bench's fixed id: finish it
+        run_dir.lock()
+        try:
+            if resuming:
+                run_dir.check_identity(ident)
+            else:
+                planned = [episode_key(n, s.name, seed) for n in names for s, seed in suite.episodes()]
+                run_dir.create({"suite": suite.name, "suite_path": str(suite.path), "agents": names,
+                                "specs": [asdict(spec) for spec in specs], "record": record, **(config or {})},
+                               planned, ident)
+            episodes = run_suite(suite, executor, run_dir, progress=progress, retry_failed=retry_failed)
+        finally:
+            run_dir.unlock()
+    finally:
+        executor.close()
+    return run_dir, episodes
+
+
+def find_run(run: str | Path, out: str | Path) -> RunDir:
+    """A run given by directory or by id under `out`."""
+    path = Path(run)
+    if (path / "manifest.json").is_file():
+        return RunDir(path)
+    candidate = RunDir.under(out, str(run))
+    if not candidate.manifest_path.is_file():
+        raise RunError(f"{run}: no run directory with a manifest.json (looked in {path} and {candidate.path})")
+    return candidate
+
+
+def exit_code(episodes: pd.DataFrame, run_dir: RunDir) -> int:
+    """0: every planned episode scored (an agent's own failure is a score); 3: some failed for
+    infrastructure reasons, listed on stderr with the command that runs them again."""
+    if not len(episodes) or "failure" not in episodes:
+        return EXIT_OK
+    broken = episodes[episodes["status"].eq("failed") & episodes["failure"].ne("agent")]
+    if broken.empty:
+        return EXIT_OK
+    print(f"{len(broken)} episode(s) failed for infrastructure reasons (simulator, worker or time limit):",
+          file=sys.stderr)
+    for row in broken.itertuples():
+        first = (row.error.strip().splitlines() or ["unknown error"])[-1]
+        print(f"  {row.agent} {row.scenario} seed={row.seed}: {first}", file=sys.stderr)
+    print(f"run them again with: prunedrive run --resume {run_dir.path}", file=sys.stderr)
+    return EXIT_INFRASTRUCTURE
