@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prunedrive.harness.action import Control
-from prunedrive.harness.observation import EGO_FEATURES, TRAFFIC_LIGHT_STATES
+from prunedrive.harness.action import MAX_STEER_RAD, Control
+from prunedrive.harness.observation import EGO_FEATURES, TRAFFIC_LIGHT_STATES, VEHICLE_LENGTH_M
 from prunedrive.harness.route import project_points
 from prunedrive.models.text import perception_labels
 from prunedrive.scenarios.loader import Scenario
@@ -20,18 +20,20 @@ _RED, _YELLOW = TRAFFIC_LIGHT_STATES.index("red"), TRAFFIC_LIGHT_STATES.index("y
 
 @dataclass
 class ExpertConfig:
-    wheelbase_m: float = 5.0          # highway-env's bicycle: yaw rate = v * tan(delta) / wheelbase
-    max_steer_rad: float = np.pi / 4  # front-wheel angle at steer = 1
+    wheelbase_m: float = VEHICLE_LENGTH_M  # highway-env's bicycle: yaw rate = v * tan(delta) / wheelbase
+    max_steer_rad: float = MAX_STEER_RAD   # front-wheel angle at steer = 1
     max_accel: float = 4.0            # m/s^2 at full throttle
     max_decel: float = 8.0            # m/s^2 at full brake
     comfort_accel: float = 2.0        # IDM a
     comfort_decel: float = 3.0        # IDM b
     time_headway_s: float = 1.3       # IDM T
     min_gap_m: float = 3.0            # IDM s0, bumper to bumper
-    vehicle_length_m: float = 5.0
+    vehicle_length_m: float = VEHICLE_LENGTH_M
     max_lateral_accel: float = 2.5    # caps speed in curves
     horizon_s: float = 4.0            # how far ahead conflicts are predicted
     conflict_radius_m: float = 4.0
+    # Whom the expert follows; wider than the 2.2 m of models.text.CORRIDOR_HALF_WIDTH_M, which labels the
+    # lead vehicle in the training text: two different quantities, each with one home.
     corridor_half_width_m: float = 2.5
 
 

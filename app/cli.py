@@ -14,6 +14,7 @@ from pathlib import Path
 from prunedrive.agents.registry import AgentError, AgentSpec, agent_names, parse_agent_args
 from prunedrive.app.drive import EXIT_BAD_INPUT, drive, exit_code, find_run
 from prunedrive.harness.results import RunError
+from prunedrive.harness.runner import EPISODE_TIMEOUT_S, STEP_TIMEOUT_S
 from prunedrive.models.pruning import pruning_methods
 from prunedrive.scenarios.loader import ScenarioError, Suite, load_suite
 
@@ -51,22 +52,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _check_mlflow(args)
     _check_seeds(args.seeds)
-    if args.resume and not (args.suite or args.agent or args.seeds):  # everything from the manifest
-        config = find_run(args.resume, args.out).manifest()["config"]
-        suite = _with_seeds(load_suite(config["suite_path"]), config.get("seeds"))
-        specs = [AgentSpec(**{**s, "args": tuple(tuple(kv) for kv in s.get("args", ()))}) for s in config["specs"]]
-        seeds = config.get("seeds")
-    else:
-        suite = _with_seeds(load_suite(args.suite or "smoke"), args.seeds)
+    # A resume takes what is not given from the run's manifest; what is given must match it (drive checks).
+    recorded = find_run(args.resume, args.out).manifest()["config"] if args.resume else {}
+    seeds = args.seeds or recorded.get("seeds")
+    suite = _with_seeds(load_suite(args.suite or recorded.get("suite_path") or "smoke"), seeds)
+    if args.agent or not recorded.get("specs"):
         agent_args = tuple(sorted(parse_agent_args(args.agent_arg).items()))
         specs = [AgentSpec(name, str(args.model) if args.model else None, None, agent_args)
                  for name in (args.agent or ["expert"])]
-        seeds = args.seeds
+    else:
+        specs = [AgentSpec(**{**s, "args": tuple(tuple(kv) for kv in s.get("args", ()))}) for s in recorded["specs"]]
     run_dir, episodes = drive(
         suite, specs, args.out, run_id=args.run_id, resume=args.resume, workers=args.workers, record=args.record,
         retries=args.retries, backend_options=_backend_options(args, suite), carla_servers=args.carla_servers,
         ray_address=args.ray_address, progress=not args.quiet, retry_failed=args.retry_failed,
-        config={"model": str(args.model) if args.model else None, "seeds": seeds})
+        step_timeout_s=args.step_timeout, episode_timeout_s=args.episode_timeout,
+        config={"model": specs[0].model if specs else None, "seeds": seeds})
     print_tables(episodes)
     print(f"results: {run_dir.path.resolve()}")
     if args.mlflow is not None:
@@ -157,6 +158,18 @@ def cmd_regress(args: argparse.Namespace) -> int:
     return verdict.exit_code
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from prunedrive.app.leaderboard import import_leaderboard
+    from prunedrive.harness.results import RunDir
+    from prunedrive.harness.summary import print_tables
+
+    run_dir = RunDir.under(args.out, args.run_id)
+    episodes = import_leaderboard(args.files, run_dir, args.agent)
+    print_tables(episodes)
+    print(f"imported {len(episodes)} route(s) from {len(args.files)} file(s): {run_dir.path.resolve()}")
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------------------
 
 def _check_mlflow(args: argparse.Namespace) -> None:
@@ -221,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--carla-servers", nargs="+", metavar="HOST:PORT",
                      help="one CARLA server per worker (with --workers); worker i always uses server i")
     run.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray for the run)")
+    run.add_argument("--step-timeout", type=float, default=STEP_TIMEOUT_S, metavar="S",
+                     help=f"wall limit of one agent reset()/act() ({STEP_TIMEOUT_S:g} s); past it the episode fails "
+                          "with 'agent timeout' and the run goes on")
+    run.add_argument("--episode-timeout", type=float, default=EPISODE_TIMEOUT_S, metavar="S",
+                     help=f"wall limit of one episode ({EPISODE_TIMEOUT_S:g} s)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_mlflow_option(run)
     run.set_defaults(func=cmd_run)
@@ -298,6 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "(e.g. 1.5; default: reported only, since wall time depends on machine and load)")
     gate.add_argument("--json", metavar="FILE", help="also write the verdict as JSON")
     gate.set_defaults(func=cmd_regress)
+
+    imp = sub.add_parser("import", help="turn CARLA Leaderboard 2.0 results (or Bench2Drive's merged JSON) into a run")
+    imp.add_argument("source", choices=("leaderboard",),
+                     help="leaderboard: the evaluator's results/checkpoint JSON (Bench2Drive merged JSON is "
+                          "recognised by its shape)")
+    imp.add_argument("files", nargs="+", metavar="RESULTS.json", help="one or more results files")
+    imp.add_argument("--run-id", required=True, help="name of the new run directory")
+    imp.add_argument("--out", default="results", help="where run directories go; default results/")
+    imp.add_argument("--agent", default="leaderboard", help="the agent's name in the run (default leaderboard)")
+    imp.set_defaults(func=cmd_import)
 
     summary = sub.add_parser("summary", help="print the tables of a finished or partial run")
     summary.add_argument("run", help="run id or directory")

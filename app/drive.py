@@ -17,7 +17,7 @@ import pandas as pd
 
 from prunedrive.agents.registry import AgentSpec
 from prunedrive.harness.results import RunDir, RunError, content_hash, episode_key
-from prunedrive.harness.runner import InProcessExecutor, run_suite
+from prunedrive.harness.runner import EPISODE_TIMEOUT_S, STEP_TIMEOUT_S, InProcessExecutor, run_suite
 from prunedrive.scenarios.loader import Suite
 
 # Exit codes of `run` and `bench` (documented in the README).
@@ -53,7 +53,8 @@ def drive(suite: Suite, specs: list[AgentSpec], out: str | Path, *, run_id: str 
           resume: str | None = None, default_run_id: str | None = None, workers: int | None = None,
           record: bool = False, retries: int = 2, backend_options: dict | None = None,
           carla_servers: list[str] | None = None, ray_address: str | None = None, progress: bool = True,
-          retry_failed: bool = False, config: dict | None = None) -> tuple[RunDir, pd.DataFrame]:
+          retry_failed: bool = False, config: dict | None = None, step_timeout_s: float | None = STEP_TIMEOUT_S,
+          episode_timeout_s: float | None = EPISODE_TIMEOUT_S) -> tuple[RunDir, pd.DataFrame]:
     """Drive every episode of `suite` for every agent into out/<run id>, resuming when asked (or when
     `default_run_id` names an existing run, as the bench does). Returns the run and all its episodes."""
     if retries < 0:
@@ -66,10 +67,12 @@ def drive(suite: Suite, specs: list[AgentSpec], out: str | Path, *, run_id: str 
         from prunedrive.harness.distributed import RayExecutor
 
         executor = RayExecutor(specs, workers, ray_address=ray_address, record=record, retries=retries,
-                               backend_options=backend_options, carla_servers=carla_servers)
+                               backend_options=backend_options, carla_servers=carla_servers,
+                               step_timeout_s=step_timeout_s, episode_timeout_s=episode_timeout_s)
     else:
         executor = InProcessExecutor([spec() for spec in specs], record=record, retries=retries,
-                                     backend_options=backend_options)
+                                     backend_options=backend_options, step_timeout_s=step_timeout_s,
+                                     episode_timeout_s=episode_timeout_s)
     try:
         names = executor.names()
         if len(set(names)) != len(names):

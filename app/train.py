@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from prunedrive.models import text
 from prunedrive.models.data import Split, load_split
 from prunedrive.app.dataset import build_dataset
 from prunedrive.app.zoo import default_model_dir, is_trained
+from prunedrive.harness.results import atomic_write_text
 from prunedrive.models.driving_llm import DrivingLLM
 from prunedrive.models.presets import Preset, get_preset
 from prunedrive.models.tokenizer import DrivingTokenizer
@@ -145,10 +147,35 @@ def pick_threads(model: DrivingLLM, batch: dict, candidates=(1, 2)) -> int:
 
 
 def _save_checkpoint(ckpt: Path, model: DrivingLLM, optimizer, state: dict) -> None:
+    """Write step-N/ complete under a temporary name, rename it, then point `latest` at it: a kill at any
+    moment leaves the previous checkpoint readable (a torn one is never pointed at)."""
     ckpt.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(ckpt / "model.safetensors"))
-    torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")  # our own file; reloaded with weights_only=True
-    (ckpt / "state.json").write_text(json.dumps(state))
+    name = f"step-{state['step']:07d}"
+    tmp = ckpt / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # our own file; reloaded with weights_only=True
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(ckpt / name, ignore_errors=True)
+    os.replace(tmp, ckpt / name)
+    atomic_write_text(ckpt / "latest", name)
+    for old in ckpt.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _checkpoint_state(ckpt: Path) -> tuple[Path, dict] | None:
+    """(directory, state) of the latest checkpoint, or None; an unreadable one is an error that says what to do."""
+    pointer = ckpt / "latest"
+    if not pointer.is_file():
+        return None
+    directory = ckpt / pointer.read_text().strip()
+    try:
+        return directory, json.loads((directory / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{directory}: unreadable training checkpoint ({exc}); "
+                         "start over with `prunedrive train --no-resume`") from None
 
 
 def train(preset: str | Preset = "small", data_dir: str | Path | None = None, out_dir: str | Path | None = None,
@@ -177,7 +204,8 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
 
     tok_path = out_dir / "checkpoint" / "tokenizer.json"
     ckpt = out_dir / "checkpoint"
-    state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else None
+    latest = _checkpoint_state(ckpt) if resume else None
+    state = latest[1] if latest else None
     if not (resume and state and state["config_hash"] == preset.hash() and state["seed"] == seed
             and state["rows"] == state_rows and tok_path.is_file()):
         state = None
@@ -198,8 +226,12 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
                                    {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.98))
     step = 0
     if state:
-        load_model(model, str(ckpt / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        try:
+            load_model(model, str(latest[0] / "model.safetensors"))
+            optimizer.load_state_dict(torch.load(latest[0] / "optimizer.pt", weights_only=True))
+        except Exception as exc:  # noqa: BLE001 -- safetensors and torch raise several types for a torn file
+            raise ValueError(f"{latest[0]}: unreadable training checkpoint ({type(exc).__name__}: {exc}); "
+                             "start over with `prunedrive train --no-resume`") from None
         step = state["step"]
     log_path = out_dir / "train_log.jsonl"
     kept = log_path.read_text().splitlines() if step and log_path.is_file() else []

@@ -8,6 +8,7 @@ from gymnasium import spaces
 
 # Order of the action vector.
 ACTION_FIELDS = ("throttle", "brake", "steer")
+MAX_STEER_RAD = np.pi / 4  # front-wheel angle at steer = 1, in every backend
 
 
 def action_space() -> spaces.Box:

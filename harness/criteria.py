@@ -11,6 +11,7 @@ import numpy as np
 
 from prunedrive.harness.backends.base import BackendState
 from prunedrive.harness.events import Event, EventKind
+from prunedrive.harness.observation import wrap_angle
 from prunedrive.harness.route import Route
 
 MIN_SPEED_CHECKPOINTS = 4
@@ -62,8 +63,8 @@ class RouteCriteria:
         """Project the ego on the route; called at reset and by `update`."""
         ego = state.ego
         self.segment, arc, self.lateral_m = self.route.project(np.array((ego.x, ego.y)), self.segment)
-        self.heading_error = float((ego.yaw - self.route.headings[min(self.segment, len(self.route.headings) - 1)]
-                                    + np.pi) % (2 * np.pi) - np.pi)
+        self.heading_error = float(wrap_angle(ego.yaw - self.route.headings[min(self.segment,
+                                                                               len(self.route.headings) - 1)]))
         self._arc = arc
 
     def update(self, state: BackendState, step: int, backend_events: list[Event] = ()) -> list[Event]:
@@ -144,7 +145,7 @@ class RouteCriteria:
         ok = MIN_LON_ACCEL <= accel <= MAX_LON_ACCEL
         if self._last_accel is not None:
             ok = ok and abs(accel - self._last_accel) / self.dt <= MAX_ABS_LON_JERK
-            yaw_rate = ((yaw - self._last_yaw + np.pi) % (2 * np.pi) - np.pi) / self.dt
+            yaw_rate = wrap_angle(yaw - self._last_yaw) / self.dt
             ok = ok and abs(yaw_rate) <= MAX_ABS_YAW_RATE
         self._last_accel, self._last_yaw = accel, yaw
         self._steps += 1

@@ -9,8 +9,8 @@ keeps one env per scenario it has driven, and returns one episode's row and step
 leaves whole episodes or none and `--resume` runs exactly the missing ones.
 
 A worker that dies mid-episode (the process crashed, was OOM-killed, its node went away), or one that
-has spent longer than `episode_timeout_s` on an episode (a hung agent), is killed and replaced by a
-fresh actor. A died episode is re-queued up to `retries` times, after which it is recorded as `failed`
+has spent longer than `episode_timeout_s` + WORKER_GRACE_S on an episode (an agent hung where the
+worker's own time limit cannot interrupt it), is killed and replaced by a fresh actor. A died episode is re-queued up to `retries` times, after which it is recorded as `failed`
 (an infrastructure failure: `--resume` runs it again); a timed-out one is recorded at once as failed
 with `agent timeout`. Finished episodes are never re-run.
 
@@ -33,11 +33,12 @@ from typing import Any, Callable
 import pandas as pd
 
 from prunedrive.harness.results import RunDir
-from prunedrive.harness.runner import EpisodeJob, close_quietly, episode_row, run_episode_with_retries, run_suite
+from prunedrive.harness.runner import (EPISODE_TIMEOUT_S, STEP_TIMEOUT_S, EpisodeJob, close_quietly, episode_row,
+                                       run_episode_with_retries, run_suite)
 from prunedrive.scenarios.loader import Scenario, Suite
 
 OBJECT_STORE_BYTES = 200 * 1024**2  # results are a few hundred KB per episode; Ray's default is 30% of RAM
-EPISODE_TIMEOUT_S = 3600.0           # wall limit of one episode on a worker; a generous default
+WORKER_GRACE_S = 60.0  # beyond the episode's own wall limit, before the driver declares its worker hung
 AgentFactory = Callable[[], Any]
 
 
@@ -45,9 +46,9 @@ class EpisodeWorker:
     """The actor: agents built from factories, one env per scenario, one episode per `run` call."""
 
     def __init__(self, factories: list[AgentFactory], record: bool, retries: int, backend_options: dict | None,
-                 backoff_s: float):
+                 backoff_s: float, timeouts: dict):
         self.agents = [factory() for factory in factories]
-        self.record, self.retries = record, retries
+        self.record, self.retries, self.timeouts = record, retries, timeouts
         self.backend_options, self.backoff_s = backend_options or {}, backoff_s
         self.envs: dict = {}
 
@@ -59,7 +60,8 @@ class EpisodeWorker:
         video = run_dir.video_path(agent.name, scenario.name, seed) if self.record else None
         return run_episode_with_retries(self.envs, agent, scenario, seed, run_id=run_dir.path.name,
                                         video=video, record=self.record, retries=self.retries,
-                                        backend_options=self.backend_options, backoff_s=self.backoff_s)
+                                        backend_options=self.backend_options, backoff_s=self.backoff_s,
+                                        **self.timeouts)
 
     def close(self) -> None:
         for env in self.envs.values():
@@ -73,7 +75,7 @@ class RayExecutor:
     def __init__(self, factories: list[AgentFactory], workers: int, *, ray_address: str | None = None,
                  record: bool = False, retries: int = 2, backend_options: dict | None = None,
                  carla_servers: list[str] | None = None, backoff_s: float = 2.0,
-                 episode_timeout_s: float = EPISODE_TIMEOUT_S):
+                 step_timeout_s: float | None = STEP_TIMEOUT_S, episode_timeout_s: float | None = EPISODE_TIMEOUT_S):
         if workers < 1:
             raise ValueError(f"--workers must be at least 1, got {workers}")
         if retries < 0:
@@ -84,7 +86,9 @@ class RayExecutor:
                              f"{', '.join(carla_servers)}")
         self.factories, self.workers, self.ray_address = list(factories), workers, ray_address
         self.record, self.retries, self.backend_options, self.backoff_s = record, retries, backend_options, backoff_s
-        self.episode_timeout_s = episode_timeout_s
+        self.timeouts = {"step_timeout_s": step_timeout_s, "episode_timeout_s": episode_timeout_s}
+        # The worker enforces the episode's limit itself; this one catches a worker that cannot (hung in C code).
+        self.episode_timeout_s = (episode_timeout_s or EPISODE_TIMEOUT_S) + WORKER_GRACE_S
         self.actors: list = []
         self.started_ray = False
         self._names: list[str] | None = None
@@ -109,7 +113,7 @@ class RayExecutor:
         options = dict(self.backend_options or {})
         if self.servers:
             options.update(host=self.servers[slot][0], port=self.servers[slot][1])
-        return self._remote.remote(self.factories, self.record, self.retries, options, self.backoff_s)
+        return self._remote.remote(self.factories, self.record, self.retries, options, self.backoff_s, self.timeouts)
 
     def names(self) -> list[str]:
         if self._names is None:

@@ -2,6 +2,7 @@
 CARLA-style continuous control, Leaderboard events in `info`."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -71,8 +72,10 @@ class DriveEnv(gym.Env):
         episode_seed = int(self.np_random.integers(2**31 - 1)) if seed is None else int(seed)
         state = self.backend.reset(episode_seed)
         route = Route(self.backend.route_polyline())
-        self.criteria = RouteCriteria(route, self.backend.dt, self.scenario.duration_s,
-                                      self.scenario.blocked_s, self.scenario.deviation_m)
+        # A backend that keeps the Leaderboard's own route timeout (CARLA) ends the route itself.
+        duration_s = math.inf if hasattr(self.backend, "route_timeout_s") else self.scenario.duration_s
+        self.criteria = RouteCriteria(route, self.backend.dt, duration_s, self.scenario.blocked_s,
+                                      self.scenario.deviation_m)
         self.criteria.locate(state)
         self._step = 0
         self._collided = False

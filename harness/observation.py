@@ -46,6 +46,9 @@ PEDESTRIAN_FEATURES = ("x_m", "y_m", "vx_mps", "vy_mps")
 TRAFFIC_LIGHT_FEATURES = ("state", "distance_m")  # state: one of TRAFFIC_LIGHT_STATES' indices
 TRAFFIC_LIGHT_STATES = ("green", "yellow", "red")
 
+# highway-env's vehicle: 5 m long, and its kinematic bicycle uses the length as the wheelbase.
+VEHICLE_LENGTH_M = 5.0
+
 _BIG = np.float32(1e4)
 
 
@@ -143,7 +146,7 @@ def build_observation(
     if len(vehicles):
         vehicles = np.concatenate(
             (_to_ego(vehicles[:, :2], ego), _rotate_to_ego(vehicles[:, 2:4], ego),
-             _wrap_angle(vehicles[:, 4:5] - ego.yaw), vehicles[:, 5:7]),
+             wrap_angle(vehicles[:, 4:5] - ego.yaw), vehicles[:, 5:7]),
             axis=1,
         )
         vehicles = _nearest_slots(vehicles, MAX_VEHICLES, VEHICLE_RANGE_M)
@@ -176,9 +179,7 @@ def build_observation(
     }
 
 
-def _wrap_angle(a: np.ndarray) -> np.ndarray:
+def wrap_angle(a):
+    """An angle (or array of them) in [-pi, pi)."""
     return (a + np.pi) % (2 * np.pi) - np.pi
 
-
-def ego_feature(observation: dict[str, np.ndarray], name: str) -> float:
-    return float(observation["ego"][EGO_FEATURES.index(name)])

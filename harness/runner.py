@@ -13,8 +13,11 @@ record (its own steps, km and events, or zeros when the failure came before the 
 """
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -36,6 +39,33 @@ from prunedrive.scenarios.loader import Scenario, Suite
 MakeEnv = Callable[..., DriveEnv]
 STEP_COLUMNS = ("step", "sim_time_s", "throttle", "brake", "steer", "speed_mps", "route_completion", *COMPUTE_FIELDS)
 _MODEL_FIELDS = COMPUTE_FIELDS[3:]  # what a model-backed agent reports per step (harness.compute)
+# Generous defaults: a hung agent must not hang the run, a slow 7B model on a CPU must still finish.
+STEP_TIMEOUT_S = 300.0      # one reset() or act() of the agent
+EPISODE_TIMEOUT_S = 3600.0  # one whole episode, wall time
+
+
+class AgentTimeout(Exception):
+    """The agent ran past a harness time limit: the episode fails (`agent timeout`) and the run goes on."""
+
+
+@contextmanager
+def time_limit(seconds: float | None, what: str):
+    """Interrupt the block after `seconds` of wall time with AgentTimeout (SIGALRM: main thread only; elsewhere,
+    e.g. in a thread pool, the block runs unlimited and the Ray executor's episode limit is the guard)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise AgentTimeout(f"agent timeout: {what} ran past {seconds:.3g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def default_make_env(scenario: Scenario, record: bool, **backend_options) -> DriveEnv:
@@ -59,14 +89,28 @@ OnStep = Callable[[dict, Any, dict], None]  # (observation the control was chose
 
 
 def run_episode(env: DriveEnv, agent: Agent, scenario: Scenario, seed: int, video_path: Path | None = None, *,
-                on_step: OnStep | None = None, max_steps: int | None = None,
-                trace: EpisodeTrace | None = None) -> tuple[EpisodeOutcome, pd.DataFrame]:
+                on_step: OnStep | None = None, max_steps: int | None = None, trace: EpisodeTrace | None = None,
+                step_timeout_s: float | None = None, episode_timeout_s: float | None = None,
+                ) -> tuple[EpisodeOutcome, pd.DataFrame]:
     """One closed-loop episode. Exceptions propagate; pass a `trace` to keep what was driven before one.
-    `max_steps` cuts the episode short (the outcome is then the env's state at the cut)."""
+    `max_steps` cuts the episode short (the outcome is then the env's state at the cut). The agent's
+    reset() and each act() get at most `step_timeout_s`, and never more than what is left of
+    `episode_timeout_s` (AgentTimeout)."""
     trace = trace if trace is not None else EpisodeTrace()
     columns = trace.columns
+    deadline = time.monotonic() + episode_timeout_s if episode_timeout_s else None
+
+    def limit(what: str):
+        if deadline is None:
+            return time_limit(step_timeout_s, what)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AgentTimeout(f"agent timeout: the episode ran past its wall limit of {episode_timeout_s:.3g} s")
+        return time_limit(min(step_timeout_s or left, left), what)
+
     trace.phase = "agent reset"
-    agent.reset(scenario)
+    with limit(f"{agent.name}.reset()"):
+        agent.reset(scenario)
     trace.phase = "env reset"
     observation, _ = env.reset(seed=seed)
     trace.env_reset = True
@@ -75,7 +119,8 @@ def run_episode(env: DriveEnv, agent: Agent, scenario: Scenario, seed: int, vide
         while True:
             trace.phase = "act"
             wall, cpu = time.perf_counter(), time.process_time()
-            answer = agent.act(observation)
+            with limit(f"{agent.name}.act() at step {len(columns['step']) + 1}"):
+                answer = agent.act(observation)
             agent_wall_s, agent_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
             report = compute_report(agent)
             trace.phase = "action"
@@ -149,7 +194,8 @@ def episode_row(outcome: EpisodeOutcome | None, steps: pd.DataFrame, *, run_id: 
 def run_episode_with_retries(envs: dict, agent, scenario: Scenario, seed: int, *, run_id: str,
                              video: Path | None = None, record: bool = False, retries: int = 2,
                              make_env: MakeEnv = default_make_env, backend_options: dict | None = None,
-                             backoff_s: float = 2.0) -> tuple[dict, pd.DataFrame]:
+                             backoff_s: float = 2.0, step_timeout_s: float | None = STEP_TIMEOUT_S,
+                             episode_timeout_s: float | None = EPISODE_TIMEOUT_S) -> tuple[dict, pd.DataFrame]:
     """One episode, as a run drives it: the env for `scenario` from `envs` (created on first use); a
     simulator failure closes the env, backs off and retries (up to `retries` times), after which the
     episode is an infrastructure failure; any other exception (the agent's code, a bad action,
@@ -164,7 +210,8 @@ def run_episode_with_retries(envs: dict, agent, scenario: Scenario, seed: int, *
             if scenario.name not in envs:
                 trace.phase = "env create"
                 envs[scenario.name] = make_env(scenario, record, **(backend_options or {}))
-            outcome, _ = run_episode(envs[scenario.name], agent, scenario, seed, video, trace=trace)
+            outcome, _ = run_episode(envs[scenario.name], agent, scenario, seed, video, trace=trace,
+                                     step_timeout_s=step_timeout_s, episode_timeout_s=episode_timeout_s)
             error = None
             break
         except SimulatorError as exc:
@@ -176,8 +223,10 @@ def run_episode_with_retries(envs: dict, agent, scenario: Scenario, seed: int, *
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 -- one failing episode (even its sys.exit) must not stop the run
-            error = f"{exc}\n" if isinstance(exc, ActionError) else traceback.format_exc()
-            failure = "agent" if trace.phase in ("agent reset", "act", "action") else "infrastructure"
+            error = f"{exc}\n" if isinstance(exc, (ActionError, AgentTimeout)) else traceback.format_exc()
+            # A time limit is the harness's, not a result of the agent's: `--resume` runs it again.
+            own = trace.phase in ("agent reset", "act", "action") and not isinstance(exc, AgentTimeout)
+            failure = "agent" if own else "infrastructure"
             env = envs.get(scenario.name)
             # Only this episode's own state: before its reset the env may still hold the previous episode.
             outcome = env.outcome(collision_ended=False) if trace.env_reset and env is not None else None
@@ -222,9 +271,11 @@ class InProcessExecutor:
     """One env per scenario (created on first use), episodes one after another in this process."""
 
     def __init__(self, agents: list[Agent], *, record: bool = False, retries: int = 2,
-                 make_env: MakeEnv = default_make_env, backend_options: dict | None = None, backoff_s: float = 2.0):
+                 make_env: MakeEnv = default_make_env, backend_options: dict | None = None, backoff_s: float = 2.0,
+                 step_timeout_s: float | None = STEP_TIMEOUT_S, episode_timeout_s: float | None = EPISODE_TIMEOUT_S):
         self.agents, self.record, self.retries = agents, record, retries
         self.make_env, self.backend_options, self.backoff_s = make_env, backend_options, backoff_s
+        self.timeouts = {"step_timeout_s": step_timeout_s, "episode_timeout_s": episode_timeout_s}
         self.envs: dict[str, DriveEnv] = {}
 
     def names(self) -> list[str]:
@@ -237,7 +288,7 @@ class InProcessExecutor:
                 self.envs, agent, job.scenario, job.seed, run_id=run_dir.path.name,
                 video=run_dir.video_path(agent.name, job.scenario.name, job.seed) if self.record else None,
                 record=self.record, retries=self.retries, make_env=self.make_env,
-                backend_options=self.backend_options, backoff_s=self.backoff_s)
+                backend_options=self.backend_options, backoff_s=self.backoff_s, **self.timeouts)
             yield job, row, steps
 
     def close(self) -> None:

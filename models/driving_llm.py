@@ -29,7 +29,6 @@ which drifts in closed loop.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,8 +40,9 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from prunedrive.harness.action import MAX_STEER_RAD
 from prunedrive.harness.observation import (EGO_FEATURES, MAX_PEDESTRIANS, MAX_VEHICLES, OBS_SHAPES, ROUTE_POINTS,
-                                 TRAFFIC_LIGHT_STATES)
+                                 TRAFFIC_LIGHT_STATES, VEHICLE_LENGTH_M)
 from prunedrive.models.text import CORRIDOR_HALF_WIDTH_M
 from prunedrive.models.tokenizer import DrivingTokenizer
 
@@ -165,7 +165,7 @@ def featurize(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                          (ego[:, _E["lane_offset_m"]] / 2).clamp(-5, 5), ego[:, _E["speed_limit_mps"]] / 20,
                          remaining / 100, (remaining < 10).float()], -1)
     x, y = route[..., 0], route[..., 1]
-    pursuit = torch.atan(5.0 * 2 * y / (x * x + y * y).clamp_min(1.0)) / (math.pi / 4)
+    pursuit = torch.atan(VEHICLE_LENGTH_M * 2 * y / (x * x + y * y).clamp_min(1.0)) / MAX_STEER_RAD
     route_f = torch.cat([x / 25 * route_mask, (y / 10).clamp(-5, 5) * route_mask, pursuit * route_mask,
                          route_mask.float()], -1)
     light = batch["traffic_light"]
@@ -363,12 +363,60 @@ class DrivingLLM(nn.Module):
         missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME) if not (path / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{str(path)!r} lacks {', '.join(missing)}. {how}.")
-        meta = json.loads((path / CONFIG_NAME).read_text())
-        if meta.get("model_type") != "prunedrive-driving-llm":
+        try:
+            meta = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path / CONFIG_NAME}: not valid JSON ({exc}). {how}.") from None
+        if not isinstance(meta, dict) or meta.get("model_type") != "prunedrive-driving-llm":
             raise ValueError(f"{path / CONFIG_NAME} is not a prunedrive driving LLM config. {how}.")
         known = DrivingLLMConfig.__dataclass_fields__
-        model = cls(DrivingLLMConfig(**{k: v for k, v in meta.items() if k in known}),
-                    DrivingTokenizer.from_file(path / TOKENIZER_NAME))
-        missing_keys, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=True)
+        try:
+            config = DrivingLLMConfig(**{k: v for k, v in meta.items() if k in known})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path / CONFIG_NAME}: bad field ({exc})") from None
+        try:
+            tokenizer = DrivingTokenizer.from_file(path / TOKENIZER_NAME)
+        except Exception as exc:  # noqa: BLE001 -- the tokenizers library raises its own exception types
+            raise ValueError(f"{path / TOKENIZER_NAME}: not a readable tokenizer ({exc})") from None
+        _check_weight_shapes(cls, config, tokenizer, path / WEIGHTS_NAME)
+        model = cls(config, tokenizer)
+        load_model(model, str(path / WEIGHTS_NAME), strict=True)
         model.eval()
         return model
+
+
+def _check_weight_shapes(cls, config: DrivingLLMConfig, tokenizer: DrivingTokenizer, weights: Path) -> None:
+    """Compare the shapes the config implies (a model built on the meta device: no memory) with the
+    safetensors header before anything is allocated: a config that promises a huge model over a small
+    or torn weights file is an error naming the file, not gigabytes of allocation."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{weights}: not a readable safetensors file ({exc})") from None
+    try:
+        with torch.device("meta"):
+            model = cls(config, tokenizer)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{weights.parent / CONFIG_NAME}: the config does not describe a buildable model ({exc})") from None
+    # Tied weights (embeddings and lm_head) are stored once under one of their names: group names by tensor.
+    groups: dict[int, list[str]] = {}
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    persistent = set(model.state_dict())
+    for name, tensor in tensors:
+        if name in persistent:
+            groups.setdefault(id(tensor), []).append(name)
+    shapes = {id(t): tuple(t.shape) for _, t in tensors}
+    problems = []
+    for key, names in groups.items():
+        found = [n for n in names if n in stored]
+        if not found:
+            problems.append(f"missing {names[0]}")
+        elif stored[found[0]] != shapes[key]:
+            problems.append(f"{found[0]}: stored {stored[found[0]]}, config says {shapes[key]}")
+    known = {n for names in groups.values() for n in names}
+    problems += [f"unexpected {n}" for n in sorted(set(stored) - known)]
+    if problems:
+        raise ValueError(f"{weights} does not match {weights.parent / CONFIG_NAME}: {'; '.join(problems[:4])}")

@@ -27,7 +27,7 @@ from prunedrive.harness.route import project_points
 from prunedrive.harness.observation import TRAFFIC_LIGHT_STATES
 
 NEARBY_M = 30.0               # "nearby" for the object counts
-CORRIDOR_HALF_WIDTH_M = 2.2   # a vehicle this close to the route centreline is "in the lane" (the expert's corridor)
+CORRIDOR_HALF_WIDTH_M = 2.2   # a vehicle this close to the route centreline is "in the lane" (the lead-vehicle label)
 
 QUESTIONS = {
     "objects": "How many cars and pedestrians are nearby?",

@@ -70,7 +70,7 @@ class Scenario:
     name: str
     kind: str
     seeds: tuple[int, ...] = (0,)
-    duration_s: float = 40.0        # route timeout in simulated seconds
+    duration_s: float = 40.0        # route timeout in simulated seconds (CARLA: the Leaderboard's own rule instead)
     lanes: int = 3
     vehicles: int = 10              # background traffic
     density: float = 1.0            # traffic spacing factor (highway-env vehicles_density)

@@ -103,9 +103,11 @@ def test_train_pipeline_and_resume(tmp_path):
     out = train("tiny", out_dir=tmp_path / "tiny", progress=False, threads=1)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == PRESETS["tiny"].train.steps and log[-1]["loss"] < log[0]["loss"]
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "checkpoint/optimizer.pt",
+    latest = "checkpoint/" + (out / "checkpoint" / "latest").read_text().strip()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", f"{latest}/optimizer.pt",
                  "data/train.parquet", "data/val.json", "checkpoint/dagger/dagger.parquet"):
         assert (out / name).is_file(), name
+    assert len(list((out / "checkpoint").glob("step-*"))) == 1 and not list((out / "checkpoint").glob(".*tmp"))
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["dagger_rows"] > 0
     model = DrivingLLM.from_pretrained(out)
@@ -114,6 +116,10 @@ def test_train_pipeline_and_resume(tmp_path):
     fresh = DrivingLLM.from_pretrained(train("tiny", out_dir=tmp_path / "fresh", progress=False, threads=1))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values())), \
         "same seed and thread count, from scratch (data included), must give the same weights"
+    torn = out / latest / "model.safetensors"
+    torn.write_bytes(torn.read_bytes()[:100])
+    with pytest.raises(ValueError, match="unreadable training checkpoint.*--no-resume"):
+        train("tiny", out_dir=out, progress=False, threads=1)
 
 
 def test_train_refuses_a_bad_thread_count(tmp_path):

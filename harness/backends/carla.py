@@ -24,7 +24,19 @@ What the backend reports beyond the pose (the shared criteria in harness/criteri
   lies in the sign's trigger volume (enlarged 1.2x, like RunningStopTest). Leaving that area without
   having gone below STOP_SPEED_MPS inside it is an infraction;
 - outside route lanes (OutsideRouteLanesTest's two cases): the ego stands on no driving or parking
-  lane, or, outside junctions, on a driving lane whose direction is opposite to the route's.
+  lane, or, outside junctions, on a driving lane whose direction is opposite to the route's;
+- the route timeout, as the Leaderboard 2.0 sets it (scenario_runner's RouteTimeoutBehavior):
+  ROUTE_TIMEOUT_MIN_S to start with, growing by the time each metre advanced along the route takes at
+  ROUTE_TIMEOUT_SPEED_PCT % of the lane's speed limit; a ROUTE_TIMEOUT event once the simulated time is
+  past it (`route_timeout_s`). The env then applies no fixed timeout: the suite's `duration_s` is not used.
+
+What is read off the world each step (ego, vehicles, walkers, the light ahead, outside the route's
+lanes) is `WorldReader`, which agents/leaderboard_agent.py shares inside the official evaluator.
+
+Not done: the route file's <scenarios> (the Leaderboard's scenario_runner scenarios such as
+ParkedObstacle or YieldToEmergencyVehicle) are parsed but never spawned, so scenario timeouts and
+yield-to-emergency-vehicle infractions never occur here; background traffic is the Traffic Manager's,
+not the Leaderboard's BackgroundBehavior.
 
 Times out and crashes: every RuntimeError from the client (a time-out, a lost connection, a failed
 spawn) becomes SimulatorError; the runner then closes the env and retries on a new one. `reset`
@@ -77,6 +89,8 @@ TRAFFIC_LIGHT_RANGE_M = 50.0  # the observation reports a light this far ahead a
 ROUTE_LIGHT_MATCH_M = 2.5     # a stop waypoint this close to the route belongs to it
 BACKGROUND_RADIUS_M = 60.0    # background vehicles spawn this close to the route ...
 EGO_CLEARANCE_M = 15.0        # ... and this far from the ego
+ROUTE_TIMEOUT_MIN_S = 300.0   # RouteTimeoutBehavior.MIN_TIMEOUT (scenario_runner timer.py) ...
+ROUTE_TIMEOUT_SPEED_PCT = 10  # ... plus each metre advanced at TIMEOUT_ROUTE_PERC % of the speed limit
 
 
 def import_carla():
@@ -239,8 +253,10 @@ class CarlaBackend:
         self._spawn_ego()
         self._spawn_background()
         world.tick(self.timeout_s)
-        self._steps, self._segment, self._control = 0, 0, Control()
-        self._kind_cache: dict[int, tuple] = {}  # actor id -> (vehicle / walker / None, length, width)
+        self._steps, self._control = 0, Control()
+        self._reader = WorldReader(carla, world, self._map, self._path, self._statics, self._ego,
+                                   self.scenario.speed_limit_mps)
+        self._timeout_s, self._timeout_arc, self._timed_out = ROUTE_TIMEOUT_MIN_S, 0.0, False
         self.lane_invasions = 0
         self._collisions.clear()  # contacts while spawning are nobody's infraction
         self._last_hit = (None, -math.inf, None)  # other actor id, time, ego location of the last counted hit
@@ -269,37 +285,7 @@ class CarlaBackend:
         self._polyline = self._town_cache[self.route.town]["polyline"]
         self._path = self._town_cache[self.route.town]["path"]
         if self._statics is None:
-            self._statics = self._read_statics()
-
-    def _read_statics(self) -> dict:
-        """Stop lines of every traffic light, which of them lie on the route, and stop-sign areas."""
-        actors = self._world.get_actors()
-        lights = list(actors.filter("traffic.traffic_light*"))
-        rows = []  # x, y, forward x, forward y, half width, light index
-        for k, light in enumerate(lights):
-            for wp in light.get_stop_waypoints():
-                t = wp.transform
-                yaw = math.radians(t.rotation.yaw)
-                rows.append((t.location.x, t.location.y, math.cos(yaw), math.sin(yaw), wp.lane_width / 2, k))
-        stops = np.array(rows, float).reshape(-1, 6)
-        on_route, arcs = np.zeros(0, int), np.zeros(0)
-        near = np.flatnonzero(_min_distance(stops[:, :2], self._path.points) < ROUTE_LIGHT_MATCH_M + 2.0)
-        if len(near):  # project only the stop lines near the route: big towns have thousands
-            path = self._path
-            distance, arc = project_points(stops[near, :2], path.points)
-            seg = np.clip(np.searchsorted(path.arc, arc) - 1, 0, len(path.headings) - 1)
-            same_way = np.cos(path.headings[seg]) * stops[near, 2] + np.sin(path.headings[seg]) * stops[near, 3] > 0.5
-            keep = (distance < ROUTE_LIGHT_MATCH_M) & same_way
-            order = np.argsort(arc[keep])
-            on_route, arcs = near[keep][order], arc[keep][order]
-        signs = []
-        for sign in actors.filter("traffic.stop*"):
-            t, volume = sign.get_transform(), sign.trigger_volume
-            c = t.transform(volume.location)
-            yaw = math.radians(t.rotation.yaw + volume.rotation.yaw)
-            signs.append((sign.id, c.x, c.y, yaw, volume.extent.x * STOP_BOX_SCALE, volume.extent.y * STOP_BOX_SCALE))
-        return {"lights": lights, "light_index": {l.id: k for k, l in enumerate(lights)}, "stops": stops,
-                "route_stops": on_route, "route_stop_arcs": arcs, "signs": signs}
+            self._statics = read_statics(self._world, self._path)
 
     def _spawn_ego(self) -> None:
         carla, world = self.carla, self._world
@@ -430,7 +416,7 @@ class CarlaBackend:
             self._world.tick(self.timeout_s)
             events += self._watch_tick()
         state = self._read_state()
-        events = self._collision_events() + events
+        events = self._collision_events() + events + self._timeout(state)
         self._update_weather(100.0 * self._arc / max(self._path.length, 1e-9))
         return state, StepEvents(events=events)
 
@@ -531,34 +517,120 @@ class CarlaBackend:
 
     # -- state -----------------------------------------------------------------------------------
     def _read_state(self) -> BackendState:
-        snapshot = self._world.get_snapshot()
-        ego = snapshot.find(self._ego.id)
-        t, v, acc = ego.get_transform(), ego.get_velocity(), ego.get_acceleration()
-        yaw = math.radians(t.rotation.yaw)
-        x, y = t.location.x, t.location.y
-        speed = math.hypot(v.x, v.y)
-        self._forget_far_hit(x, y)
-        self._segment, self._arc, _ = self._path.project(np.array((x, y)), self._segment)
-        limit = float(self._ego.get_speed_limit()) / 3.6  # km/h
-        ego_state = EgoState(x=x, y=y, yaw=yaw, speed=speed, accel=acc.x * math.cos(yaw) + acc.y * math.sin(yaw),
-                             speed_limit=limit if limit > 0.5 else self.scenario.speed_limit_mps,
-                             throttle=self._control.throttle, brake=self._control.brake, steer=self._control.steer)
-        vehicles, walkers = self._others(snapshot, x, y)
-        objects = WorldObjects(vehicles=vehicles, pedestrians=walkers, traffic_light=self._light_ahead(x, y))
-        return BackendState(ego=ego_state, objects=objects, outside_route_lanes=self._outside_lanes(t),
-                            sim_time_s=self._steps * self.dt)
+        state = self._reader.read(self._control, self._steps * self.dt)
+        self._forget_far_hit(state.ego.x, state.ego.y)
+        self._arc = self._reader.arc
+        return state
 
     def _forget_far_hit(self, x: float, y: float) -> None:
         other_id, time, xy = self._last_hit
         if xy is not None and math.hypot(x - xy[0], y - xy[1]) > COLLISION_RADIUS_M:
             self._last_hit = (other_id, time, None)
 
+    @property
+    def route_timeout_s(self) -> float:
+        """The Leaderboard's route timeout as it stands now (it grows as the ego advances); see `_timeout`."""
+        return self._timeout_s
+
+    def _timeout(self, state: BackendState) -> list[Event]:
+        """The Leaderboard 2.0 route timeout (scenario_runner's RouteTimeoutBehavior): ROUTE_TIMEOUT_MIN_S to
+        start with, plus, for each metre the ego advances along the route, the time that metre takes at
+        ROUTE_TIMEOUT_SPEED_PCT % of the lane's speed limit; the route times out once the simulated time
+        exceeds it."""
+        if self._arc > self._timeout_arc:
+            speed = state.ego.speed_limit * ROUTE_TIMEOUT_SPEED_PCT / 100.0
+            self._timeout_s += (self._arc - self._timeout_arc) / max(speed, 1e-3)
+            self._timeout_arc = self._arc
+        if self._timed_out or state.sim_time_s <= self._timeout_s:
+            return []
+        self._timed_out = True
+        return [Event(EventKind.ROUTE_TIMEOUT, self._steps,
+                      detail=f"route not finished in {self._timeout_s:.0f} s (Leaderboard route timeout)")]
+
+    def _update_weather(self, percentage: float) -> None:
+        """Apply the route's weather at each whole percent of progress (RouteWeatherBehavior)."""
+        whole = int(min(max(percentage, 0.0), 100.0))
+        if whole == self._weather_percent:
+            return
+        self._weather_percent = whole
+        weather = self.carla.WeatherParameters()
+        for name, value in self.route.weather_at(whole).items():
+            if hasattr(weather, name):
+                setattr(weather, name, value)
+        self._world.set_weather(weather)
+
+
+def read_statics(world, path: RoutePath) -> dict:
+    """Stop lines of every traffic light, which of them lie on the route `path`, and stop-sign areas: what
+    the world holds that never moves (read once per loaded world)."""
+    actors = world.get_actors()
+    lights = list(actors.filter("traffic.traffic_light*"))
+    rows = []  # x, y, forward x, forward y, half width, light index
+    for k, light in enumerate(lights):
+        for wp in light.get_stop_waypoints():
+            t = wp.transform
+            yaw = math.radians(t.rotation.yaw)
+            rows.append((t.location.x, t.location.y, math.cos(yaw), math.sin(yaw), wp.lane_width / 2, k))
+    stops = np.array(rows, float).reshape(-1, 6)
+    on_route, arcs = np.zeros(0, int), np.zeros(0)
+    near = np.flatnonzero(_min_distance(stops[:, :2], path.points) < ROUTE_LIGHT_MATCH_M + 2.0)
+    if len(near):  # project only the stop lines near the route: big towns have thousands
+        distance, arc = project_points(stops[near, :2], path.points)
+        seg = np.clip(np.searchsorted(path.arc, arc) - 1, 0, len(path.headings) - 1)
+        same_way = np.cos(path.headings[seg]) * stops[near, 2] + np.sin(path.headings[seg]) * stops[near, 3] > 0.5
+        keep = (distance < ROUTE_LIGHT_MATCH_M) & same_way
+        order = np.argsort(arc[keep])
+        on_route, arcs = near[keep][order], arc[keep][order]
+    signs = []
+    for sign in actors.filter("traffic.stop*"):
+        t, volume = sign.get_transform(), sign.trigger_volume
+        c = t.transform(volume.location)
+        yaw = math.radians(t.rotation.yaw + volume.rotation.yaw)
+        signs.append((sign.id, c.x, c.y, yaw, volume.extent.x * STOP_BOX_SCALE, volume.extent.y * STOP_BOX_SCALE))
+    return {"lights": lights, "light_index": {l.id: k for k, l in enumerate(lights)}, "stops": stops,
+            "route_stops": on_route, "route_stop_arcs": arcs, "signs": signs}
+
+class WorldReader:
+    """The ego and the objects around it, read off a CARLA world in one snapshot per call: the state
+    (BackendState) that the backend's env observes and that the Leaderboard adapter
+    (agents/leaderboard_agent.py) turns into the same observation inside the official evaluator.
+
+    `api` is the `carla` module, `path` the route (harness.route.Route), `statics` what `read_statics`
+    found for that world and route, `ego` the hero vehicle; `default_speed_limit` (m/s) is used where the
+    lane reports none. `segment` and `arc` are the ego's projection on the route after the last `read`.
+    """
+
+    def __init__(self, api, world, world_map, path: RoutePath, statics: dict, ego, default_speed_limit: float):
+        self.carla, self.world, self.map, self.path, self.statics = api, world, world_map, path, statics
+        self.ego, self.default_speed_limit = ego, float(default_speed_limit)
+        self.segment, self.arc = 0, 0.0
+        self._kinds: dict[int, tuple] = {}  # actor id -> (vehicle / walker / None, length, width)
+
+    def read(self, control: Control, sim_time_s: float) -> BackendState:
+        """World-frame ego state (with the last applied `control`), vehicles and walkers in range, the
+        light ahead on the route, and whether the ego is outside the route's lanes."""
+        snapshot = self.world.get_snapshot()
+        ego = snapshot.find(self.ego.id)
+        t, v, acc = ego.get_transform(), ego.get_velocity(), ego.get_acceleration()
+        yaw = math.radians(t.rotation.yaw)
+        x, y = t.location.x, t.location.y
+        speed = math.hypot(v.x, v.y)
+        self.segment, self.arc, _ = self.path.project(np.array((x, y)), self.segment)
+        limit = float(self.ego.get_speed_limit()) / 3.6  # km/h
+        ego_state = EgoState(x=x, y=y, yaw=yaw, speed=speed, accel=acc.x * math.cos(yaw) + acc.y * math.sin(yaw),
+                             speed_limit=limit if limit > 0.5 else self.default_speed_limit,
+                             throttle=control.throttle, brake=control.brake, steer=control.steer)
+        vehicles, walkers = self._others(snapshot, x, y)
+        objects = WorldObjects(vehicles=vehicles, pedestrians=walkers, traffic_light=self._light_ahead(x, y))
+        return BackendState(ego=ego_state, objects=objects, outside_route_lanes=self._outside_lanes(t),
+                            sim_time_s=sim_time_s)
+
     def _others(self, snapshot, x: float, y: float) -> tuple[np.ndarray, np.ndarray]:
         """Vehicles and walkers in range, from one snapshot; what each actor is gets asked once."""
-        kinds = self._kind_cache
+        kinds = self._kinds
         unknown = [s.id for s in snapshot if s.id not in kinds]
         if unknown:
-            for actor in self._world.get_actors(unknown):
+            for actor in self.world.get_actors(unknown):
                 e = actor.bounding_box.extent
                 kind = "vehicle" if actor.type_id.startswith("vehicle.") else \
                        "walker" if actor.type_id.startswith("walker.") else None
@@ -568,7 +640,7 @@ class CarlaBackend:
         vehicles, walkers = [], []
         for s in snapshot:
             kind, length, width = kinds[s.id]
-            if kind is None or s.id == self._ego.id:
+            if kind is None or s.id == self.ego.id:
                 continue
             t, v = s.get_transform(), s.get_velocity()
             reach = VEHICLE_RANGE_M if kind == "vehicle" else PEDESTRIAN_RANGE_M
@@ -583,15 +655,15 @@ class CarlaBackend:
     def _light_ahead(self, x: float, y: float) -> tuple[int, float] | None:
         """The next light on the route within TRAFFIC_LIGHT_RANGE_M, else the one the ego is in the
         trigger volume of (`Vehicle.get_traffic_light`): (state index, metres to its stop line)."""
-        statics = self._statics
+        statics = self.statics
         arcs = statics["route_stop_arcs"]
-        k = int(np.searchsorted(arcs, self._arc - 0.5))
+        k = int(np.searchsorted(arcs, self.arc - 0.5))
         light = distance = None
-        if k < len(arcs) and arcs[k] - self._arc <= TRAFFIC_LIGHT_RANGE_M:
+        if k < len(arcs) and arcs[k] - self.arc <= TRAFFIC_LIGHT_RANGE_M:
             row = statics["stops"][statics["route_stops"][k]]
-            light, distance = statics["lights"][int(row[5])], max(float(arcs[k] - self._arc), 0.0)
+            light, distance = statics["lights"][int(row[5])], max(float(arcs[k] - self.arc), 0.0)
         else:
-            light = self._ego.get_traffic_light()
+            light = self.ego.get_traffic_light()
             if light is not None:
                 stops = statics["stops"]
                 mine = stops[stops[:, 5] == statics["light_index"].get(light.id, -1)]
@@ -605,27 +677,15 @@ class CarlaBackend:
     def _outside_lanes(self, transform) -> bool:
         carla = self.carla
         location = carla.Location(x=transform.location.x, y=transform.location.y, z=transform.location.z)
-        wp = self._map.get_waypoint(location, False, carla.LaneType.Any)
+        wp = self.map.get_waypoint(location, False, carla.LaneType.Any)
         inside = int(carla.LaneType.Driving) | int(carla.LaneType.Parking)
         if wp is None or not int(wp.lane_type) & inside:
             return True
         if wp.is_junction or not int(wp.lane_type) & int(carla.LaneType.Driving):
             return False
-        route_heading = self._path.headings[min(self._segment, len(self._path.headings) - 1)]
+        route_heading = self.path.headings[min(self.segment, len(self.path.headings) - 1)]
         lane_heading = math.radians(wp.transform.rotation.yaw)
         return math.cos(lane_heading - route_heading) < 0.0  # a lane of the opposite direction
-
-    def _update_weather(self, percentage: float) -> None:
-        """Apply the route's weather at each whole percent of progress (RouteWeatherBehavior)."""
-        whole = int(min(max(percentage, 0.0), 100.0))
-        if whole == self._weather_percent:
-            return
-        self._weather_percent = whole
-        weather = self.carla.WeatherParameters()
-        for name, value in self.route.weather_at(whole).items():
-            if hasattr(weather, name):
-                setattr(weather, name, value)
-        self._world.set_weather(weather)
 
 
 def _min_distance(points: np.ndarray, path: np.ndarray, chunk: int = 512) -> np.ndarray:
