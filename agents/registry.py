@@ -30,8 +30,9 @@ BUILTIN_AGENTS = {
     "constant": "prunedrive.agents.baselines:ConstantAgent",
     "random": "prunedrive.agents.baselines:RandomAgent",
     "llm": "prunedrive.agents.llm:make_llm_agent",
+    "text-llm": "prunedrive.agents.text_llm:make_text_llm_agent",  # any local HF causal LM directory
 }
-MODEL_AGENTS = frozenset({"llm"})  # built-ins that need --model
+MODEL_AGENTS = frozenset({"llm", "text-llm"})  # built-ins that need --model
 
 
 class AgentError(ValueError):

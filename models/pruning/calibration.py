@@ -7,6 +7,7 @@ Samples are assumed unpadded (batch 1): padded tokens would be counted in the in
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 
 import torch
@@ -40,9 +41,9 @@ def capture_block_inputs(lm: nn.Module, calibration: list[dict]) -> tuple[list[t
     device = next(lm.parameters()).device
     hidden, kwargs = [], []
 
-    def catch(_module, args, kw):
-        kw = dict(kw)
-        hidden.append((args[0] if args else kw.pop("hidden_states")).detach())
+    def catch(module, args, kw):
+        kw = _as_keywords(module, args, kw)
+        hidden.append(kw.pop(next(iter(kw))).detach())  # the first argument: the hidden states
         kwargs.append(kw)
         raise _StopForward
 
@@ -58,6 +59,27 @@ def capture_block_inputs(lm: nn.Module, calibration: list[dict]) -> tuple[list[t
     if not hidden:
         raise ValueError("empty calibration set")
     return hidden, kwargs
+
+
+def _as_keywords(module: nn.Module, args: tuple, kw: dict) -> dict:
+    """Every argument of a block call by name, in signature order (GPT-2's blocks get the cache and the mask
+    positionally; replaying them by name works whatever the order)."""
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kw)
+    except (TypeError, ValueError):  # an exotic signature: keep the old convention
+        kw = dict(kw)
+        return {"hidden_states": args[0], **kw} if args else kw
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise ValueError(f"{type(module).__name__}.forward takes *{name}: cannot replay it by keyword")
+        else:
+            out[name] = value
+    return out
 
 
 def _output(out):
@@ -145,3 +167,29 @@ def driving_calibration(samples: list[dict], n_samples: int | None = None, seed:
         sample.setdefault("attention_mask", torch.ones(1, x.shape[1], dtype=torch.long))
         out.append(sample)
     return out
+
+
+def scene_text_calibration(tokenizer, split, n_samples: int | None = 64, seed: int = 0, with_answer: bool = True,
+                           chat_template: bool | None = None, max_length: int | None = None) -> list[dict]:
+    """Driving-domain calibration for any HF causal LM: per sampled row of a driving `split` (models.data.Split:
+    expert episodes from `load_split`, or `synthetic_split` for tests), the action prompt exactly as the text
+    agent renders it (models.scene_text through the tokenizer's chat template when it has one), followed by the
+    expert's action answer (`a_action`) when `with_answer`. Returns LM forward-kwarg dicts
+    `{"input_ids": [1, T], "attention_mask": [1, T]}` (batch 1, unpadded), truncated to `max_length` tokens."""
+    from prunedrive.models.hf_causal import answer_ids, prompt_ids
+
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).tolist()
+    if n_samples is not None:
+        order = order[:n_samples]
+    samples = []
+    for r in order:
+        ids = prompt_ids(tokenizer, split.observation(r), chat_template)
+        if with_answer and "a_action" in split.frame:
+            ids += answer_ids(tokenizer, str(split.frame["a_action"].iloc[r]))
+        if max_length is not None:
+            ids = ids[:max_length]
+        ids = torch.tensor([ids], dtype=torch.long)
+        samples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    if not samples:
+        raise ValueError("empty calibration split")
+    return samples

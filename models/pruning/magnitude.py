@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prunedrive.models.pruning.masks import apply_mask, block_plan, decoder_layers, find_linears, select_mask
+from prunedrive.models.pruning.masks import (apply_mask, block_plan, decoder_layers, find_linears, select_mask,
+                                             weight_matrix)
 
 
 @torch.no_grad()
@@ -19,4 +20,4 @@ def prune_magnitude(model: nn.Module, sparsity: float | None, pattern=None, laye
         groups = [find_linears(model)]
     for linears, (s, nm) in zip(groups, block_plan(len(groups), sparsity, pattern, layer_sparsities)):
         for lin in linears.values():
-            apply_mask(lin, select_mask(lin.weight.abs(), s, nm, per_row=False))
+            apply_mask(lin, select_mask(weight_matrix(lin).abs(), s, nm, per_row=False))

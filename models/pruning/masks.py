@@ -1,6 +1,9 @@
 """Mask helpers shared by every pruning method.
 
-Convention: a mask is a bool tensor shaped like the weight, True = pruned (set to zero).
+Convention: a mask is a bool tensor shaped like the weight *matrix* [out_features, in_features], True = pruned
+(set to zero). The prunable layers are nn.Linear and transformers' GPT-2-style Conv1D, whose weight is stored
+transposed ([in, out]); `weight_matrix` gives every prunable layer's weight as an [out, in] view, so scores,
+masks and updates are written once for both.
 """
 from __future__ import annotations
 
@@ -9,25 +12,83 @@ import re
 import torch
 from torch import nn
 
-EXCLUDE = ("lm_head",)  # Wanda/OWL never prune the output head (nor embeddings: they are not nn.Linear)
+try:  # GPT-2, GPT-J's relatives, ...: y = x @ W + b with W [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency; keep masks importable without it
+    class Conv1D(nn.Module):  # type: ignore[no-redef]
+        pass
+
+EXCLUDE = ("lm_head", "embed_out")  # never prune the output head (GPT-NeoX: embed_out), nor embeddings (not Linear)
+PRUNABLE = (nn.Linear, Conv1D)
+
+# Where decoder blocks live in HF causal LMs (first match wins): Llama/Mistral/Qwen/Gemma/Phi (model.layers),
+# a base model (layers), GPT-2/GPT-J/Bloom/Falcon/CodeGen (transformer.h), GPT-NeoX/Pythia (gpt_neox.layers),
+# OPT/BART-style decoders (model.decoder.layers), MPT/DBRX (transformer.blocks), base models of those (h, ...).
+DECODER_PATHS = ("model.layers", "layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
+                 "decoder.layers", "transformer.blocks", "transformer.layers", "model.transformer.h", "h", "blocks",
+                 "language_model.model.layers", "model.language_model.layers")
 
 
-def find_linears(module: nn.Module, exclude: tuple[str, ...] = EXCLUDE) -> dict[str, nn.Linear]:
-    """All nn.Linear under `module` by qualified name, skipping any whose path contains an excluded part."""
+def find_linears(module: nn.Module, exclude: tuple[str, ...] = EXCLUDE) -> dict[str, nn.Module]:
+    """All prunable layers (nn.Linear, transformers' Conv1D) under `module` by qualified name, skipping any whose
+    path contains an excluded part."""
     return {
         name: m
         for name, m in module.named_modules()
-        if isinstance(m, nn.Linear) and not set(name.split(".")) & set(exclude)
+        if isinstance(m, PRUNABLE) and not set(name.split(".")) & set(exclude)
     }
 
 
+def is_conv1d(layer: nn.Module) -> bool:
+    return isinstance(layer, Conv1D) and not isinstance(layer, nn.Linear)
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features]: nn.Linear's own tensor, a transposed *view* of a Conv1D's
+    (in-place edits of the view edit the layer)."""
+    return layer.weight.t() if is_conv1d(layer) else layer.weight
+
+
+def in_features(layer: nn.Module) -> int:
+    return weight_matrix(layer).shape[1]
+
+
+def _attribute_path(root: nn.Module, path: str):
+    for part in path.split("."):
+        root = getattr(root, part, None)
+        if root is None:
+            return None
+    return root
+
+
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a HF causal LM (`lm.model.layers`) or of its base model (`lm.layers`)."""
-    for owner in (getattr(lm, "model", None), lm):
-        layers = getattr(owner, "layers", None)
-        if isinstance(layers, nn.ModuleList):
+    """The decoder blocks of a causal LM: the first of DECODER_PATHS that is an nn.ModuleList (`model.layers`
+    for Llama-style models and `layers` for their base models, as before; `transformer.h` for GPT-2, ...).
+    For a transformers model none of them fits, the shallowest ModuleList with config.num_hidden_layers
+    entries. Anything else (e.g. a vector encoder) raises ValueError."""
+    for path in DECODER_PATHS:
+        layers = _attribute_path(lm, path)
+        if isinstance(layers, nn.ModuleList) and len(layers):
             return layers
-    raise ValueError(f"{type(lm).__name__} has no decoder blocks at .model.layers or .layers")
+    n_layers = _num_hidden_layers(lm)
+    if n_layers:
+        lists = [(name.count("."), name, m) for name, m in lm.named_modules()
+                 if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+        if lists:
+            return min(lists, key=lambda t: (t[0], t[1]))[2]
+    raise ValueError(f"{type(lm).__name__} has no decoder blocks at any of {', '.join(DECODER_PATHS)}")
+
+
+def _num_hidden_layers(lm: nn.Module) -> int | None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return None
+    if not isinstance(lm, PreTrainedModel):
+        return None
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    n = getattr(config, "num_hidden_layers", None)
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -80,7 +141,7 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = Tru
 
     topk instead of a `<= threshold` compare, so ties cannot push sparsity above the target.
     """
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)  # contiguous, also for a Conv1D view
     if per_row:
         k = int(scores.shape[1] * sparsity)
         if k:
@@ -109,8 +170,10 @@ def select_mask(scores: torch.Tensor, sparsity: float, nm: tuple | None, per_row
 
 
 @torch.no_grad()
-def apply_mask(linear: nn.Linear, mask: torch.Tensor) -> None:
-    linear.weight.masked_fill_(mask.to(linear.weight.device), 0)
+def apply_mask(linear: nn.Module, mask: torch.Tensor) -> None:
+    """Zero the masked entries; `mask` is [out, in] (for a Conv1D too: it is applied to the transposed view)."""
+    weight = weight_matrix(linear)
+    weight.masked_fill_(mask.to(weight.device), 0)
 
 
 @torch.no_grad()

@@ -11,14 +11,16 @@ import torch
 from torch import nn
 
 from prunedrive.models.pruning.calibration import sequential_blocks
-from prunedrive.models.pruning.masks import block_plan, decoder_layers, nm_mask, unstructured_mask
+from prunedrive.models.pruning.masks import (block_plan, decoder_layers, in_features, nm_mask, unstructured_mask,
+                                             weight_matrix)
 
 
 class Hessian:
     """Running X X^T over calibration tokens (fp32)."""
 
     def __init__(self, linear: nn.Linear):
-        self.xx = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
+        n = in_features(linear)
+        self.xx = torch.zeros(n, n, device=linear.weight.device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -32,7 +34,7 @@ class Hessian:
 @torch.no_grad()
 def sparsegpt_prune_linear(linear: nn.Linear, stats: Hessian, sparsity: float, nm=None, blocksize: int = 128,
                            percdamp: float = 0.01) -> None:
-    W = linear.weight.detach().clone().float()
+    W = weight_matrix(linear).detach().clone().float()  # [out, in], Conv1D too
     H = stats.matrix().clone()
     cols = W.shape[1]
     dead = torch.diag(H) == 0  # channels never active: their weights cannot matter, prune them outright
@@ -65,7 +67,7 @@ def sparsegpt_prune_linear(linear: nn.Linear, stats: Hessian, sparsity: float, n
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after this block
         mask[:, i1:i2] = mask1
 
-    linear.weight.copy_(W.masked_fill(mask, 0).to(linear.weight.dtype))
+    weight_matrix(linear).copy_(W.masked_fill(mask, 0).to(linear.weight.dtype))
 
 
 @torch.no_grad()

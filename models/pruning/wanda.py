@@ -9,14 +9,15 @@ import torch
 from torch import nn
 
 from prunedrive.models.pruning.calibration import sequential_blocks
-from prunedrive.models.pruning.masks import apply_mask, block_plan, decoder_layers, select_mask
+from prunedrive.models.pruning.masks import (apply_mask, block_plan, decoder_layers, in_features, select_mask,
+                                             weight_matrix)
 
 
 class ColumnNorms:
     """Running sum over calibration tokens of x_j^2 per input channel j."""
 
     def __init__(self, linear: nn.Linear):
-        self.sq = torch.zeros(linear.in_features, device=linear.weight.device)
+        self.sq = torch.zeros(in_features(linear), device=linear.weight.device)
 
     def add(self, x: torch.Tensor) -> None:
         self.sq += x.pow(2).sum(0)
@@ -26,7 +27,7 @@ class ColumnNorms:
 
 
 def wanda_scores(linear: nn.Linear, stats: ColumnNorms) -> torch.Tensor:
-    return linear.weight.detach().abs().float() * stats.norm()[None, :]
+    return weight_matrix(linear).detach().abs().float() * stats.norm()[None, :]  # [out, in], Conv1D too
 
 
 @torch.no_grad()

@@ -1,0 +1,207 @@
+"""Any local Hugging Face causal LM as a driving agent: observation -> scene text -> greedy answer -> Control.
+
+    prunedrive run --suite smoke --agent text-llm --model ~/models/Qwen2.5-0.5B-Instruct
+    prunedrive run --suite smoke --agent text-llm --model DIR --agent-arg max_new_tokens=48
+
+The observation is rendered by models.scene_text (versioned), wrapped in the tokenizer's chat template when it
+has one, and answered by greedy decoding with the KV cache. Decoding stops at EOS, at a stop string ("Reason"
+by default: the action lines come first), as soon as the text so far parses as a complete action
+(`stop_when_parsed`), or after `max_new_tokens`. An answer that does not parse gives the safe action (full brake)
+and is counted in `parse_failures`; it never ends the episode. Same model + observation -> same control
+(greedy, no sampling).
+
+Compute per act() (`last_compute()`, the fields of agents/llm.py), measured by forward hooks, so it holds for
+any architecture:
+  linear FLOPs  = sum over every nn.Linear and transformers Conv1D (lm_head included) of 2 * W * rows, rows =
+                  the rows that actually went through the layer in this act (prefill: all prompt tokens, or
+                  only the last one for an lm_head that the model lets skip the rest; each decode step: 1).
+                  W = weight.numel() (dense_flops) or its non-zeros (effective_flops); executed_flops = dense:
+                  this agent runs masked weights densely, the zeros are multiplied too.
+  attention     = 4 * d_attn * (query x key pairs) * layers, d_attn = heads * head_dim from the config: the
+                  prefill's causal T(T+1)/2 pairs, each decode step's whole context. Full causal attention is
+                  assumed (a sliding window shorter than the context is not discounted). Same in all three.
+  Embeddings, norms, activations, softmax, rotary and biases are not counted.
+peak_mem_bytes: the process's peak resident set (getrusage), as agents/llm.py.
+"""
+from __future__ import annotations
+
+import inspect
+import resource
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prunedrive.harness.action import BRAKE, Control
+from prunedrive.models import text
+from prunedrive.models.hf_causal import load_causal_lm, prompt_ids, uses_chat_template
+from prunedrive.models.pruning.masks import find_linears, in_features
+from prunedrive.scenarios.loader import Scenario
+
+DEFAULT_STOP_STRINGS = ("Reason",)
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def attention_width(config) -> tuple[int, int]:
+    """(layers, d_attn = query heads x head dim) from a transformers config."""
+    cfg = _text_config(config)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
+    return int(layers), int(heads) * int(head_dim)
+
+
+class TextLLMAgent:
+    def __init__(self, model_dir: str | Path, name: str | None = None, max_new_tokens: int = 48,
+                 trust_remote_code: bool = False, dtype: str = "float32",
+                 stop_strings: tuple[str, ...] | list[str] | str | None = DEFAULT_STOP_STRINGS,
+                 stop_when_parsed: bool = True, chat_template: bool | None = None):
+        """model_dir: a local HF causal LM directory (models.hf_causal.load_causal_lm checks it). chat_template:
+        None = use the tokenizer's when it has one, False = always the plain prompt."""
+        self.model_dir = str(model_dir)
+        self.model, self.tokenizer = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, dtype=dtype)
+        self.name = name or f"text-llm-{Path(model_dir).name}"
+        self.max_new_tokens = int(max_new_tokens)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.stop_strings = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings or ())
+        self.stop_when_parsed = stop_when_parsed
+        self.chat_template = chat_template
+        self.uses_chat_template = chat_template is not False and uses_chat_template(self.tokenizer)
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self._logits_kw = self._last_logits_only()
+        self._cache_kw = self._cache_keyword()
+        self.layers, self.d_attn = attention_width(self.model.config)
+        cfg = _text_config(self.model.config)
+        self.max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.parse_failures = 0
+        self.steps = 0
+        self.last_text = ""
+        self._last: dict[str, float] = {}
+        self._linears = find_linears(self.model, exclude=())
+        self._rows: dict[str, int] = {}
+        self.last_rows: dict[str, int] = {}
+        self._counting = False
+        self._hooks = [lin.register_forward_hook(self._count_rows(name)) for name, lin in self._linears.items()]
+        self.refresh_compute()
+
+    def _last_logits_only(self) -> dict:
+        """Ask the model for the last position's logits only, where its forward lets us (saves the prefill's
+        lm_head rows; the hooks count what actually ran either way)."""
+        params = inspect.signature(self.model.forward).parameters
+        for key in ("logits_to_keep", "num_logits_to_keep"):
+            if key in params:
+                return {key: 1}
+        return {}
+
+    def _cache_keyword(self) -> str:
+        """transformers >= 5.2x calls the KV cache `cache`; older versions `past_key_values`."""
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def _count_rows(self, name: str):
+        width = in_features(self._linears[name])
+
+        def hook(_module, inputs, _output):
+            if self._counting:
+                self._rows[name] = self._rows.get(name, 0) + inputs[0].numel() // width
+        return hook
+
+    # -- Agent protocol ----------------------------------------------------------------------------
+    def reset(self, scenario: Scenario) -> None:
+        self.refresh_compute()  # weights may have been pruned since the last episode
+
+    def act(self, observation: dict[str, np.ndarray]) -> Control:
+        ids = prompt_ids(self.tokenizer, observation, self.chat_template)
+        if self.max_positions and len(ids) + self.max_new_tokens > self.max_positions:
+            raise ValueError(f"{self.name}: the scene prompt has {len(ids)} tokens, plus max_new_tokens="
+                             f"{self.max_new_tokens} that exceeds the model's {self.max_positions} positions")
+        self._rows = {}
+        self._counting = True
+        try:
+            generated, decode_steps = self._greedy(ids)
+        finally:
+            self._counting = False
+        self.last_rows = dict(self._rows)  # rows through each linear in this act (name -> rows)
+        self.last_text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        control = text.parse_action(self.last_text)
+        self.steps += 1
+        if control is None:
+            self.parse_failures += 1
+            control = BRAKE
+        self._last = self._compute(len(ids), decode_steps, len(generated))
+        return control
+
+    def last_compute(self) -> dict[str, float]:
+        return dict(self._last)
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # -- decoding ----------------------------------------------------------------------------------
+    def _stop(self, generated: list[int]) -> bool:
+        if generated[-1] in self.eos_ids:
+            return True
+        if not (self.stop_strings or self.stop_when_parsed):
+            return False
+        so_far = self.tokenizer.decode(generated, skip_special_tokens=True)
+        return any(s in so_far for s in self.stop_strings) or (
+            self.stop_when_parsed and text.parse_action(so_far) is not None)
+
+    @torch.no_grad()
+    def _greedy(self, ids: list[int]) -> tuple[list[int], int]:
+        """Greedy decoding with the KV cache: one prefill, then one row per fed-back token. Returns the
+        generated ids and the number of decode forwards (after the prefill)."""
+        device = next(self.model.parameters()).device
+        context = torch.tensor([ids], dtype=torch.long, device=device)
+        out = self.model(input_ids=context, attention_mask=torch.ones_like(context), use_cache=True,
+                         **self._logits_kw)
+        generated: list[int] = []
+        decode_steps = 0
+        while True:
+            token = int(torch.argmax(out.logits[0, -1]))
+            generated.append(token)
+            if len(generated) >= self.max_new_tokens or self._stop(generated):
+                return generated, decode_steps
+            step = torch.tensor([[token]], dtype=torch.long, device=device)
+            mask = torch.ones(1, len(ids) + len(generated), dtype=torch.long, device=device)
+            cache = getattr(out, "cache", None)
+            cache = cache if cache is not None else out.past_key_values
+            out = self.model(input_ids=step, attention_mask=mask, use_cache=True,
+                             **{self._cache_kw: cache}, **self._logits_kw)
+            decode_steps += 1
+
+    # -- compute accounting ------------------------------------------------------------------------
+    @torch.no_grad()
+    def refresh_compute(self) -> None:
+        """Re-read weight sizes and non-zeros (call after pruning the model in place)."""
+        unique = list({id(p): p for p in self.model.parameters()}.values())
+        self.params = sum(p.numel() for p in unique)
+        self.nonzero_params = sum(int(torch.count_nonzero(p)) for p in unique)
+        self._sizes = {n: (lin.weight.numel(), int(torch.count_nonzero(lin.weight))) for n, lin in self._linears.items()}
+
+    def _compute(self, tokens_in: int, decode_steps: int, tokens_out: int) -> dict[str, float]:
+        dense = sum(2 * self._sizes[n][0] * rows for n, rows in self._rows.items())
+        effective = sum(2 * self._sizes[n][1] * rows for n, rows in self._rows.items())
+        pairs = tokens_in * (tokens_in + 1) // 2 + sum(tokens_in + j + 1 for j in range(decode_steps))
+        attention = 4 * self.d_attn * pairs * self.layers
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return {"tokens_in": float(tokens_in), "tokens_out": float(tokens_out),
+                "dense_flops": float(dense + attention), "effective_flops": float(effective + attention),
+                "executed_flops": float(dense + attention), "params": float(self.params),
+                "nonzero_params": float(self.nonzero_params), "peak_mem_bytes": float(peak)}
+
+
+def make_text_llm_agent(model: str | Path, **options) -> TextLLMAgent:
+    """The registry's `text-llm`: named after the model directory, so a dense model and its pruned variants stay
+    apart."""
+    return TextLLMAgent(model, **options)
