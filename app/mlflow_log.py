@@ -1,7 +1,8 @@
 """Optional MLflow logging of a finished run (`prunedrive run|bench --mlflow [URI]`).
 
-One MLflow run per agent of a run directory: the manifest's settings as params, the numbers of the
-`summary` command's overall table as metrics, and the run's episodes file as an artifact. The default
+One MLflow run per agent of a run directory: the manifest's settings as params, every metric of
+`harness.metrics` (the summary table's columns, under their names) as metrics, and the run's episodes
+file as an artifact. The default
 store is an SQLite file beside the run directories, so nothing needs a server. MLflow is imported
 only from here, and only when `--mlflow` is given.
 """
@@ -17,6 +18,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from prunedrive.harness.metrics import summary_columns
 from prunedrive.harness.results import RunDir, parse_episode_key
 from prunedrive.harness.summary import summarize
 
@@ -87,9 +89,11 @@ def log_run(run_dir: RunDir, option: str,
 
 
 def summary_metrics(row: pd.Series) -> dict[str, float]:
-    """One agent's row of the summary's overall table, under the summary's own column names. NaN (a
-    column that does not apply, e.g. comfort with no steps) is left out: MLflow would plot it as a value."""
-    values = pd.to_numeric(row.drop(labels=["agent"]), errors="coerce")
+    """One agent's row of the summary table: every metric of `harness.metrics` under its summary column
+    names. NaN (a metric that does not apply, e.g. comfort with no steps) is left out: MLflow would plot
+    it as a value."""
+    columns = [column for column in summary_columns() if column in row.index]
+    values = pd.to_numeric(row[columns], errors="coerce")
     return {name: float(value) for name, value in values.items() if np.isfinite(value)}
 
 

@@ -3,9 +3,10 @@
     def test_pruned_model_holds_up(assert_no_regression):
         assert_no_regression("results/dense", "results/owl-50", max_drop=5)
 
-or, without the fixture, `from harness.regress import assert_no_regression`. It raises AssertionError
-(with the verdict table) on a significant regression, RegressInputError (a ValueError) when the runs
-cannot be compared; see `harness.regress` for the rule.
+or, without the fixture, `from prunedrive.harness.regress import assert_no_regression`. It raises
+AssertionError (with the verdict table) on a significant regression, and RegressInputError (a ValueError)
+when the runs cannot be compared: what `prunedrive regress` exits 2 on (unreadable or missing files,
+different suites, no scored common episodes, a NaN or missing metric); see `harness.regress` for the rule.
 
 Loaded into every pytest session of an environment where prunedrive is installed, so it imports
 nothing heavy until used.

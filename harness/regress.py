@@ -35,16 +35,25 @@ Two more checks:
                       default because wall time depends on the machine and its load: the same expert on
                       the same machine measured x1.4 (CI x1.1-x1.9) slower per step when two Ray workers
                       shared the 2 cores. Effective FLOPs (deterministic) are in the report.
+
+The checks are the metrics `harness.metrics` marks as gated, in its order; how two runs are compared
+on one follows from how it aggregates episodes: a mean -> paired mean difference, a per-km rate ->
+difference of sum/sum, a median of per-episode values -> ratio of medians.
+
+Unusable input is exit 2 with a message naming the run, agent, file or metric, never a verdict: a
+missing run or an unreadable manifest or episode file; suites that differ (by content,
+`identity.suite_hash`, where both manifests record one; else by name); no common episodes; a side
+whose paired episodes all failed; a NaN or missing value of a gated metric.
 """
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from prunedrive.harness.metrics import GATE, KM_FLOOR, Metric, gated, per_km
 
 RULE = ("regression = upper bound of the {level:.0%} paired-bootstrap CI of mean(candidate - baseline) < 0 "
         "and the mean drop > {max_drop:g} DS points")
@@ -182,26 +191,60 @@ def _ratio_ci(statistic, arrays: tuple[np.ndarray, ...], alpha: float, n_boot: i
 
 
 def load_run(path: str | Path) -> tuple[dict, pd.DataFrame]:
-    path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise RegressInputError(f"{path}: no run directory with a manifest.json")
-    from prunedrive.harness.results import RunDir
+    """(manifest, episodes) of a run directory; RegressInputError (exit 2) naming the file when either
+    cannot be read."""
+    from prunedrive.harness.results import RunDir, RunError
 
-    episodes = RunDir(path).episodes()
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        raise RegressInputError(f"{path}: no run directory with a manifest.json")
+    run = RunDir(path)
+    try:
+        manifest, episodes = run.manifest(), run.episodes()
+    except RunError as exc:  # a torn or foreign file: unusable input, never a verdict or a traceback
+        raise RegressInputError(str(exc)) from None
     if episodes.empty:
         raise RegressInputError(f"{path}: the run has no finished episodes")
-    return json.loads(manifest_path.read_text()), episodes
+    return manifest, episodes
+
+
+def check_same_suite(base_manifest: dict, cand_manifest: dict, baseline_dir: Path, candidate_dir: Path) -> None:
+    """Refuse runs of different suites. Runs record a hash of their suite's content (`identity.suite_hash`):
+    two suites may share a `name:` and differ in traffic, routes or seeds, and their episodes are then not
+    the same episodes. Runs without one (older, or imported) are compared by suite name."""
+    base_suite, cand_suite = _suite_name(base_manifest), _suite_name(cand_manifest)
+    base_hash, cand_hash = _suite_hash(base_manifest), _suite_hash(cand_manifest)
+    if base_hash and cand_hash:
+        if base_hash != cand_hash:
+            raise RegressInputError(
+                f"different suites: baseline {baseline_dir} ran {base_suite!r} (suite hash {base_hash}), candidate "
+                f"{candidate_dir} ran {cand_suite!r} (suite hash {cand_hash}); the suites differ in content "
+                "(scenarios, settings or seeds), so their episodes cannot be paired")
+        return
+    if base_suite and cand_suite and base_suite != cand_suite:
+        raise RegressInputError(f"different suites: baseline {baseline_dir} ran {base_suite!r}, candidate "
+                                f"{candidate_dir} ran {cand_suite!r}; compare runs of the same suite")
+
+
+def _suite_name(manifest: dict):
+    config = manifest.get("config")
+    return config.get("suite") if isinstance(config, dict) else None
+
+
+def _suite_hash(manifest: dict):
+    identity = manifest.get("identity")
+    return identity.get("suite_hash") if isinstance(identity, dict) else None
 
 
 def _pick_agent(episodes: pd.DataFrame, wanted: str | None, which: str, path: Path) -> str:
     agents = list(dict.fromkeys(episodes["agent"]))
     if wanted is not None:
         if wanted not in agents:
-            raise RegressInputError(f"{which} run {path} has no agent {wanted!r}; it has: {', '.join(agents)}")
+            raise RegressInputError(f"{which} run {path} has no agent {wanted!r}; "
+                                    f"it has: {', '.join(map(str, agents))}")
         return wanted
     if len(agents) > 1:
-        raise RegressInputError(f"{which} run {path} has several agents ({', '.join(agents)}); "
+        raise RegressInputError(f"{which} run {path} has several agents ({', '.join(map(str, agents))}); "
                                 f"pick one with --agent (or --{which}-agent)")
     return agents[0]
 
@@ -209,89 +252,199 @@ def _pick_agent(episodes: pd.DataFrame, wanted: str | None, which: str, path: Pa
 def regress(baseline_dir: str | Path, candidate_dir: str | Path, max_drop: float = 5.0, alpha: float = 0.05,
             n_boot: int = 10000, seed: int = 0, agent: str | None = None, baseline_agent: str | None = None,
             candidate_agent: str | None = None, max_collision_increase: float = 0.5,
-            max_slowdown: float | None = None, min_slowdown_ms: float = 0.1) -> Verdict:
+            max_slowdown: float | None = None, min_slowdown_ms: float = 0.1,
+            margins: dict[str, float] | None = None) -> Verdict:
     """Compare `candidate_dir` to `baseline_dir` (run directories). Raises RegressInputError when they
-    cannot be compared (different suites, missing runs, no common episodes, ambiguous agents).
-    The cost check gates only with `max_slowdown` (a ratio, e.g. 1.5); by default it is reported."""
+    cannot be compared (different suites, missing or unreadable runs, no common or no scored episodes, a
+    NaN or missing metric, ambiguous agents). The cost check gates only with `max_slowdown` (a ratio, e.g.
+    1.5); by default it is reported. `margins`: {metric key: margin} for other gated metrics of
+    `harness.metrics`."""
     baseline_dir, candidate_dir = Path(baseline_dir), Path(candidate_dir)
     base_manifest, base = load_run(baseline_dir)
     cand_manifest, cand = load_run(candidate_dir)
-    base_suite = (base_manifest.get("config") or {}).get("suite")
-    cand_suite = (cand_manifest.get("config") or {}).get("suite")
-    if base_suite and cand_suite and base_suite != cand_suite:
-        raise RegressInputError(f"different suites: baseline {baseline_dir} ran {base_suite!r}, candidate "
-                                f"{candidate_dir} ran {cand_suite!r}; compare runs of the same suite")
+    check_same_suite(base_manifest, cand_manifest, baseline_dir, candidate_dir)
     return compare(base, cand, max_drop=max_drop, alpha=alpha, n_boot=n_boot, seed=seed, agent=agent,
                    baseline_agent=baseline_agent, candidate_agent=candidate_agent,
                    max_collision_increase=max_collision_increase, max_slowdown=max_slowdown,
-                   min_slowdown_ms=min_slowdown_ms, baseline_name=str(baseline_dir), candidate_name=str(candidate_dir))
+                   min_slowdown_ms=min_slowdown_ms, baseline_name=str(baseline_dir), candidate_name=str(candidate_dir),
+                   margins=margins)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of the comparison, as messages name it."""
+
+    which: str    # "baseline" or "candidate"
+    run: str
+    agent: str
+    suffix: str   # of its columns in the paired table
+
+    def __str__(self) -> str:
+        return f"{self.which} run {self.run} (agent {self.agent})"
+
+
+PAIR_KEYS = ["scenario", "seed"]
 
 
 def compare(base: pd.DataFrame, cand: pd.DataFrame, max_drop: float = 5.0, alpha: float = 0.05, n_boot: int = 10000,
             seed: int = 0, agent: str | None = None, baseline_agent: str | None = None,
             candidate_agent: str | None = None, max_collision_increase: float = 0.5,
             max_slowdown: float | None = None, min_slowdown_ms: float = 0.1, baseline_name: str = "baseline",
-            candidate_name: str = "candidate") -> Verdict:
-    """`regress` on two episode tables (columns agent, scenario, seed, driving_score, collisions,
-    km_driven, agent_wall_s_p50)."""
+            candidate_name: str = "candidate", margins: dict[str, float] | None = None) -> Verdict:
+    """`regress` on two episode tables (columns agent, scenario, seed and the episode columns of the
+    gated metrics: driving_score, collisions, km_driven, agent_wall_s_p50; `status` when known)."""
     if not 0 < alpha < 1:
         raise RegressInputError(f"alpha must be in (0, 1), got {alpha}")
     if n_boot < 100:
         raise RegressInputError(f"n_boot must be at least 100, got {n_boot}")
-    baseline_dir, candidate_dir = baseline_name, candidate_name
-    base_agent = _pick_agent(base, baseline_agent or agent, "baseline", baseline_dir)
-    cand_agent = _pick_agent(cand, candidate_agent or agent, "candidate", candidate_dir)
-    base = base[base.agent == base_agent].drop_duplicates(["scenario", "seed"], keep="last")
-    cand = cand[cand.agent == cand_agent].drop_duplicates(["scenario", "seed"], keep="last")
-    paired = base.merge(cand, on=["scenario", "seed"], suffixes=("_b", "_c"))
+    for frame, which, name in ((base, "baseline", baseline_name), (cand, "candidate", candidate_name)):
+        missing = [c for c in ("agent", *PAIR_KEYS) if c not in frame]
+        if missing:
+            raise RegressInputError(f"{which} run {name}: its episodes have no {', '.join(missing)} column; "
+                                    "not a prunedrive episodes table")
+    b = Side("baseline", baseline_name, _pick_agent(base, baseline_agent or agent, "baseline", baseline_name), "_b")
+    c = Side("candidate", candidate_name, _pick_agent(cand, candidate_agent or agent, "candidate", candidate_name),
+             "_c")
+    base = base[base.agent == b.agent].drop_duplicates(PAIR_KEYS, keep="last")
+    cand = cand[cand.agent == c.agent].drop_duplicates(PAIR_KEYS, keep="last")
+    # Suffix every column ourselves: merge() leaves a column only one side has unsuffixed.
+    paired = _suffixed(base, b.suffix).merge(_suffixed(cand, c.suffix), on=PAIR_KEYS)
     if paired.empty:
-        raise RegressInputError(f"no common episodes: {baseline_dir} and {candidate_dir} share no (scenario, seed)")
+        raise RegressInputError(f"no common episodes: {b.run} and {c.run} share no (scenario, seed)")
     if len(paired) < 2:
         raise RegressInputError(f"only {len(paired)} common episode: a confidence interval needs at least 2 pairs")
-    paired = paired.sort_values(["scenario", "seed"]).reset_index(drop=True)
-    verdict = Verdict(baseline_dir, candidate_dir, base_agent, cand_agent, len(paired),
-                      len(base) - len(paired), len(cand) - len(paired), alpha, max_drop)
-
-    # Driving score: paired mean difference.
-    ds_b, ds_c = paired.driving_score_b.to_numpy(float), paired.driving_score_c.to_numpy(float)
-    d = ds_c - ds_b
-    low, high = paired_bootstrap_ci(d, alpha, n_boot, seed)
-    verdict.differences = d
-    verdict.checks.append(Check("driving score", float(ds_b.mean()), float(ds_c.mean()), float(d.mean()), low, high,
-                                f"drop > {max_drop:g}", bool(high < 0 and -d.mean() > max_drop)))
-
-    # Collisions per km: ratio of sums over the same resampled pairs.
-    col_b, col_c = paired.collisions_b.to_numpy(float), paired.collisions_c.to_numpy(float)
-    km_b, km_c = paired.km_driven_b.to_numpy(float), paired.km_driven_c.to_numpy(float)
-
-    def per_km_increase(cb, cc, kb, kc):
-        return cc.sum(axis=-1) / np.maximum(kc.sum(axis=-1), 0.001) - cb.sum(axis=-1) / np.maximum(kb.sum(axis=-1), 0.001)
-
-    rate_b, rate_c = col_b.sum() / max(km_b.sum(), 0.001), col_c.sum() / max(km_c.sum(), 0.001)
-    low, high = _ratio_ci(per_km_increase, (col_b, col_c, km_b, km_c), alpha, n_boot, seed + 1)
-    increase = rate_c - rate_b
-    verdict.checks.append(Check("collisions/km", rate_b, rate_c, increase, low, high,
-                                f"increase > {max_collision_increase:g}",
-                                bool(low > 0 and increase > max_collision_increase)))
-
-    # Per-step cost: ratio of the medians of per-episode p50 agent wall time.
-    t_b, t_c = paired.agent_wall_s_p50_b.to_numpy(float), paired.agent_wall_s_p50_c.to_numpy(float)
-    ok = np.isfinite(t_b) & np.isfinite(t_c)
-    if ok.sum() >= 2 and np.median(t_b[ok]) > 0:
-        t_b, t_c = t_b[ok], t_c[ok]
-        med_b, med_c = float(np.median(t_b)), float(np.median(t_c))
-
-        def median_ratio(tb, tc):
-            return np.median(tc, axis=-1) / np.median(tb, axis=-1)
-
-        low, high = _ratio_ci(median_ratio, (t_b, t_c), alpha, n_boot, seed + 2)
-        ratio = med_c / med_b
-        gating = bool(max_slowdown)
-        slower = bool(gating and low > 1 and ratio > max_slowdown and 1000 * (med_c - med_b) > min_slowdown_ms)
-        verdict.checks.append(Check("agent ms/step (p50)", 1000 * med_b, 1000 * med_c, ratio, low, high,
-                                    f"ratio > {max_slowdown:g} and +{min_slowdown_ms:g} ms" if gating else "-",
-                                    slower, gating, ratio=True))
+    paired = paired.sort_values(PAIR_KEYS).reset_index(drop=True)
+    for side in (b, c):
+        _require_scored(paired, side)
+    verdict = Verdict(b.run, c.run, b.agent, c.agent, len(paired), len(base) - len(paired), len(cand) - len(paired),
+                      alpha, max_drop)
+    margins = {"driving_score": max_drop, "collisions_per_km": max_collision_increase, "agent_ms_p50": max_slowdown,
+               **(margins or {})}
+    for i, m in enumerate(gated()):  # one bootstrap seed per check, in table order: verdicts stay reproducible
+        gating = m.gate == GATE or bool(margins.get(m.key))
+        check = STATISTICS[m.aggregate.how](m, paired, b, c, margins.get(m.key) or 0.0, gating, alpha, n_boot,
+                                            seed + i, min_slowdown_ms)
+        if check is not None:
+            verdict.checks.append(check)
+    verdict.differences = _values(paired, "driving_score", c) - _values(paired, "driving_score", b)
     return verdict
+
+
+def _suffixed(frame: pd.DataFrame, suffix: str) -> pd.DataFrame:
+    return frame.rename(columns={column: column + suffix for column in frame.columns if column not in PAIR_KEYS})
+
+
+def _require_scored(paired: pd.DataFrame, side: Side) -> None:
+    """A side whose paired episodes all failed has no driving to compare: its scores are those of crashes."""
+    status = paired.get("status" + side.suffix)
+    if status is not None and (status == "failed").all():
+        raise RegressInputError(f"{side}: all {len(paired)} paired episodes failed; no scored episode to compare "
+                                "(see the run's errors, or `prunedrive summary`)")
+
+
+def _values(paired: pd.DataFrame, column: str, side: Side) -> np.ndarray:
+    """The paired episodes' `column` of one side as floats (anything not a number: NaN)."""
+    return pd.to_numeric(paired[column + side.suffix], errors="coerce").to_numpy(float)
+
+
+def _inputs(m: Metric, paired: pd.DataFrame, side: Side, gating: bool) -> dict[str, np.ndarray] | None:
+    """{episode column: values} that `m` is computed from, for one side. A missing column, or a NaN
+    where the metric does not skip episodes without a value, is unusable input for a gating check; a
+    report-only check is then left out (None)."""
+    columns = m.aggregate.sources + (("km_driven",) if m.aggregate.how == "per_km" else ())
+    missing = [column for column in columns if column + side.suffix not in paired]
+    if missing:
+        if not gating:
+            return None
+        raise RegressInputError(f"{side}: no {', '.join(missing)} in its episodes, needed for {m.label}")
+    values = {column: _values(paired, column, side) for column in columns}
+    if not m.aggregate.skips_missing:
+        for column, v in values.items():
+            bad = ~np.isfinite(v)
+            if bad.any():
+                first = paired.loc[bad, PAIR_KEYS].head(3).itertuples(index=False)
+                episodes = ", ".join(f"{scenario} seed {seed}" for scenario, seed in first)
+                raise RegressInputError(f"{side}: {m.label} is NaN or missing ({column}) in {int(bad.sum())} of "
+                                        f"{len(v)} paired episodes ({episodes}{', ...' if bad.sum() > 3 else ''})")
+    return values
+
+
+def _worse(m: Metric, change: float) -> float:
+    """How much worse a change is (positive: worse) in the metric's direction."""
+    return -change if m.higher_is_better else change
+
+
+def _margin_text(m: Metric, margin: float) -> str:
+    return f"{'drop' if m.higher_is_better else 'increase'} > {margin:g}"
+
+
+def mean_difference(m: Metric, paired, b: Side, c: Side, margin: float, gating: bool, alpha: float, n_boot: int,
+                    seed: int, min_increase: float) -> Check | None:
+    """A mean over episodes: the paired mean difference, its bootstrap CI over episode pairs."""
+    inputs_b, inputs_c = _inputs(m, paired, b, gating), _inputs(m, paired, c, gating)
+    if inputs_b is None or inputs_c is None:
+        return None
+    (values_b,), (values_c,) = inputs_b.values(), inputs_c.values()
+    d = values_c - values_b
+    low, high = paired_bootstrap_ci(d, alpha, n_boot, seed)
+    significant = low > 0 if not m.higher_is_better else high < 0  # the CI excludes no change, on the worse side
+    return Check(m.label, float(values_b.mean()), float(values_c.mean()), float(d.mean()), low, high,
+                 _margin_text(m, margin), bool(gating and significant and _worse(m, d.mean()) > margin), gating)
+
+
+def rate_difference(m: Metric, paired, b: Side, c: Side, margin: float, gating: bool, alpha: float, n_boot: int,
+                    seed: int, min_increase: float) -> Check | None:
+    """A per-km rate: the difference of sum(count) / sum(km) over the same resampled pairs."""
+    inputs_b, inputs_c = _inputs(m, paired, b, gating), _inputs(m, paired, c, gating)
+    if inputs_b is None or inputs_c is None:
+        return None
+    count_b, count_c = (np.add.reduce([v[s] for s in m.aggregate.sources]) for v in (inputs_b, inputs_c))
+    km_b, km_c = inputs_b["km_driven"], inputs_c["km_driven"]
+
+    def rate_increase(cb, cc, kb, kc):
+        return (cc.sum(axis=-1) / np.maximum(kc.sum(axis=-1), KM_FLOOR)
+                - cb.sum(axis=-1) / np.maximum(kb.sum(axis=-1), KM_FLOOR))
+
+    rate_b, rate_c = per_km(count_b.sum(), km_b.sum()), per_km(count_c.sum(), km_c.sum())
+    low, high = _ratio_ci(rate_increase, (count_b, count_c, km_b, km_c), alpha, n_boot, seed)
+    change = rate_c - rate_b
+    significant = low > 0 if not m.higher_is_better else high < 0
+    return Check(m.label, rate_b, rate_c, change, low, high, _margin_text(m, margin),
+                 bool(gating and significant and _worse(m, change) > margin), gating)
+
+
+def median_ratio(m: Metric, paired, b: Side, c: Side, margin: float, gating: bool, alpha: float, n_boot: int,
+                 seed: int, min_increase: float) -> Check | None:
+    """A median over episodes of a per-episode statistic (step time p50): the ratio of the medians, over
+    the pairs where both episodes have a value. A regression is a ratio above `margin` whose CI lies
+    above 1 and whose absolute increase exceeds `min_increase` (timer noise on microsecond agents)."""
+    inputs_b, inputs_c = _inputs(m, paired, b, gating), _inputs(m, paired, c, gating)
+    if inputs_b is None or inputs_c is None:
+        return None
+    (t_b,), (t_c,) = inputs_b.values(), inputs_c.values()
+    ok = np.isfinite(t_b) & np.isfinite(t_c)
+    if ok.sum() < 2 or not np.median(t_b[ok]) > 0:
+        if not gating:
+            return None
+        raise RegressInputError(f"{m.label}: {int(ok.sum())} paired episodes have a value on both sides "
+                                f"(baseline median {np.median(t_b[ok]) if ok.any() else float('nan'):.3g}); "
+                                "a ratio needs at least 2 and a positive baseline")
+    t_b, t_c = t_b[ok], t_c[ok]
+    med_b, med_c = float(np.median(t_b)), float(np.median(t_c))
+
+    def ratio_of_medians(tb, tc):
+        return np.median(tc, axis=-1) / np.median(tb, axis=-1)
+
+    low, high = _ratio_ci(ratio_of_medians, (t_b, t_c), alpha, n_boot, seed)
+    ratio = med_c / med_b
+    convert = m.aggregate.convert
+    regressed = bool(gating and low > 1 and ratio > margin and convert(med_c - med_b) > min_increase)
+    return Check(m.label, convert(med_b), convert(med_c), ratio, low, high,
+                 f"ratio > {margin:g} and +{min_increase:g} {m.unit}" if gating else "-", regressed, gating, ratio=True)
+
+
+# How the gate compares two runs on a metric follows from how the metric aggregates episodes.
+STATISTICS = {"mean_std": mean_difference, "per_km": rate_difference, "median": median_ratio}
 
 
 def assert_no_regression(baseline: str | Path, candidate: str | Path, max_drop: float = 5.0, **options) -> Verdict:
@@ -301,51 +454,3 @@ def assert_no_regression(baseline: str | Path, candidate: str | Path, max_drop: 
     if verdict.regression:
         raise AssertionError("significant regression\n" + verdict.text())
     return verdict
-
-
-# -- CLI ------------------------------------------------------------------------------------------
-
-def add_regress_parser(sub) -> None:
-    parser = sub.add_parser("regress", help="gate: is CANDIDATE significantly worse than BASELINE? (exit 1 if so)",
-                            description=__doc__.split("\n\n")[0])
-    parser.add_argument("baseline", help="baseline run (id under --out, or directory)")
-    parser.add_argument("candidate", help="candidate run (id under --out, or directory)")
-    parser.add_argument("--out", default="results", help="where run ids are looked up; default results/")
-    parser.add_argument("--max-drop", type=float, default=5.0, help="driving-score points of drop tolerated (5)")
-    parser.add_argument("--alpha", type=float, default=0.05, help="the CI is 1-alpha, two-sided (0.05)")
-    parser.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (10000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
-    parser.add_argument("--agent", help="the agent to compare, in both runs (needed when a run has several)")
-    parser.add_argument("--baseline-agent", help="the baseline's agent, when it differs from the candidate's")
-    parser.add_argument("--candidate-agent", help="the candidate's agent")
-    parser.add_argument("--max-collision-increase", type=float, default=0.5, help="collisions per km tolerated (0.5)")
-    parser.add_argument("--max-slowdown", type=float, metavar="RATIO",
-                        help="make the per-step agent time a gate: fail above this candidate/baseline ratio "
-                             "(e.g. 1.5; default: reported only, since wall time depends on machine and load)")
-    parser.add_argument("--json", metavar="FILE", help="also write the verdict as JSON")
-    parser.set_defaults(func=cmd_regress)
-
-
-def cmd_regress(args) -> int:
-    try:
-        verdict = regress(_resolve(args.baseline, args.out), _resolve(args.candidate, args.out),
-                          max_drop=args.max_drop, alpha=args.alpha, n_boot=args.n_boot, seed=args.seed,
-                          agent=args.agent, baseline_agent=args.baseline_agent, candidate_agent=args.candidate_agent,
-                          max_collision_increase=args.max_collision_increase, max_slowdown=args.max_slowdown)
-    except RegressInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    verdict.print()
-    if args.json:
-        Path(args.json).write_text(json.dumps(verdict.to_dict(), indent=2, default=float))
-    return verdict.exit_code
-
-
-def _resolve(run: str, out: str) -> Path:
-    path = Path(run)
-    if (path / "manifest.json").is_file():
-        return path
-    if (Path(out) / run / "manifest.json").is_file():
-        return Path(out) / run
-    places = dict.fromkeys([str(path), str(Path(out) / run)])
-    raise RegressInputError(f"{run}: no run directory with a manifest.json (looked in {' and '.join(places)})")

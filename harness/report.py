@@ -6,17 +6,19 @@
 Content: a comparison table (one row per agent of each run: driving score, route completion,
 infraction penalty, infractions and collisions per km, success rate, per-step agent time p50/p95 and,
 where the agents report them, effective FLOPs per step, non-zero parameters, sparsity and pruning
-method; a column shows only when some row has it), then plots (matplotlib, Agg, no display):
+method; a column shows only when some row has it; the metrics and their headers are
+`harness.metrics`' report view), then plots (matplotlib, Agg, no display):
 driving score vs sparsity per pruning method, driving score vs per-step agent time (the
 accuracy-cost frontier), infractions per km by kind (stacked), driving score per scenario kind; then
 per-episode tables with links to the episode videos when the run was recorded.
 
 The HTML embeds every plot as a base64 PNG (the file can be mailed or attached to CI as is); the
-Markdown links the same PNGs written under `plots/` next to it. Video links are relative paths from
-the report to `<run>/videos/*.mp4`.
+Markdown links the same PNGs written under `plots/` next to it. Video links point into
+the report's own `videos/` folder, where the recorded episodes' WebM videos are copied.
 
 Sparsity and method of an agent come from the run manifest's config (`sparsity`, `method`: a value,
-or a mapping agent -> value) or, for a model-backed agent, from its model directory's `sparsity.json`
+or a mapping agent -> value) or, for a model-backed agent (one whose episodes report a model's compute:
+params, non-zero params or effective FLOPs; its name does not matter), from its model directory's `sparsity.json`
 ({"global": ..., "method": ...}, written by `prunedrive prune`); a model directory without one is the
 dense model (sparsity 0). Agents with neither are left out of the sparsity plot, which is skipped,
 with a note, when no agent has one.
@@ -27,7 +29,7 @@ import base64
 import html
 import io
 import json
-import os
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,10 +37,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from prunedrive.harness.results import RunDir, episode_key
-from prunedrive.harness.summary import INFRACTIONS, summarize
+from prunedrive.harness.metrics import INFRACTIONS, REPORT, in_view
+from prunedrive.harness.results import RunDir
+from prunedrive.harness.summary import summarize
 
-NON_MODEL_AGENTS = ("expert", "constant", "random")
+# Episode columns only a model-backed agent fills (harness.compute leaves them NaN for any other agent):
+# whether an agent runs a model is read from its data, not from its name (plug-in agents have any name).
+MODEL_COMPUTE_COLUMNS = ("params", "nonzero_params", "effective_flops_mean")
 
 
 @dataclass
@@ -64,22 +69,9 @@ class Plot:
     note: str = ""
 
 
-# (column id, header, summary key or callable, format)
-COLUMNS = [
-    ("episodes", "episodes", "episodes", "{:.0f}"),
-    ("driving_score", "driving score", ("driving_score_mean", "driving_score_std"), "pm1"),
-    ("route_completion", "route completion", ("route_completion_mean", "route_completion_std"), "pm1"),
-    ("infraction_penalty", "infraction penalty", ("infraction_penalty_mean", "infraction_penalty_std"), "pm3"),
-    ("infractions_per_km", "infractions/km", "infractions_per_km", "{:.2f}"),
-    ("collisions_per_km", "collisions/km", "collisions_per_km", "{:.2f}"),
-    ("success_rate", "success %", "success_rate", "{:.0f}"),
-    ("agent_ms_p50", "agent ms/step p50", "agent_wall_ms_p50", "{:.2f}"),
-    ("agent_ms_p95", "agent ms/step p95", "agent_wall_ms_p95", "{:.2f}"),
-    ("effective_gflops", "effective GFLOPs/step", "effective_gflops", "{:.3g}"),
-    ("nonzero_params", "non-zero params", "nonzero_params", "params"),
-    ("sparsity", "sparsity %", "sparsity_pct", "{:.1f}"),
-    ("method", "method", "method", "{}"),
-]
+# The comparison table: the metrics of the report view (harness.metrics), then what the report knows
+# about the agent itself (manifest config or model directory): (column id, header).
+AGENT_COLUMNS = [("sparsity", "sparsity %"), ("method", "method")]
 
 
 def load_series(run_dirs: list[str | Path]) -> list[Series]:
@@ -100,18 +92,9 @@ def load_series(run_dirs: list[str | Path]) -> list[Series]:
         config = manifest.get("config") or {}
         for agent, group in episodes.groupby("agent", sort=False):
             summary = summarize(group, ["agent"]).iloc[0].to_dict()
-            summary["infractions_per_km"] = float(sum(summary[f"{kind}_per_km"] for kind in INFRACTIONS))
-            if "effective_flops_mean" in group and group["effective_flops_mean"].notna().any():
-                summary["effective_gflops"] = float(group["effective_flops_mean"].mean()) / 1e9
-            if "nonzero_params" in group and not group["nonzero_params"].notna().any():
-                summary.pop("nonzero_params", None)
             label = agent if agent_runs[agent] == 1 else f"{agent} [{path.name}]"  # same agent in several runs
             s = Series(label, agent, path.name, path, group.reset_index(drop=True), summary)
             s.sparsity, s.method = _sparsity(agent, group, config)
-            if s.sparsity is not None:
-                summary["sparsity_pct"] = 100 * s.sparsity
-            if s.method is not None:
-                summary["method"] = s.method
             series.append(s)
     return series
 
@@ -124,9 +107,7 @@ def _sparsity(agent: str, episodes: pd.DataFrame, config: dict) -> tuple[float |
     if sparsity is not None:
         return float(sparsity), (str(method) if method is not None else None)
     model = per_agent(config.get("models")) if isinstance(config.get("models"), dict) else None
-    model_backed = agent not in NON_MODEL_AGENTS and (
-        agent.startswith("llm") or ("params" in episodes and episodes["params"].notna().any()))
-    if model is None and model_backed:
+    if model is None and model_backed(episodes):
         model = config.get("model")
     if model:
         model_dir = Path(model)
@@ -138,6 +119,12 @@ def _sparsity(agent: str, episodes: pd.DataFrame, config: dict) -> tuple[float |
         if model_dir.is_dir():
             return 0.0, method or "dense"
     return None, (str(method) if method is not None else None)
+
+
+def model_backed(episodes: pd.DataFrame) -> bool:
+    """True when the agent's episodes report a model's compute (some finite value in a model-only column)."""
+    return any(column in episodes and np.isfinite(pd.to_numeric(episodes[column], errors="coerce")).any()
+               for column in MODEL_COMPUTE_COLUMNS)
 
 
 # -- plots ----------------------------------------------------------------------------------------
@@ -262,40 +249,31 @@ def plot_kinds(series: list[Series]) -> Plot:
 
 # -- tables ---------------------------------------------------------------------------------------
 
-def _cell(summary: dict, key, fmt: str) -> str | None:
-    if isinstance(key, tuple):
-        mean, std = summary.get(key[0], np.nan), summary.get(key[1], np.nan)
-        if not np.isfinite(mean):
-            return None
-        digits = int(fmt[2:])
-        return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if np.isfinite(std) else "")
-    value = summary.get(key)
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return None
-    if fmt == "params":
-        return _human(float(value))
-    return fmt.format(value)
+def _metric_cells(summary: dict) -> dict[str, str]:
+    """Column id -> text for each report metric with a finite value (NaN: the metric does not apply)."""
+    cells = {}
+    for m in in_view(REPORT):
+        value = m.value(summary)
+        if np.isfinite(value):
+            cells[m.key] = m.text(value, m.spread(summary))
+    return cells
 
 
-def _human(n: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:.0f}"
+def _agent_cells(s: Series) -> dict[str, str]:
+    cells = {}
+    if s.sparsity is not None:
+        cells["sparsity"] = f"{100 * s.sparsity:.1f}"
+    if s.method is not None:
+        cells["method"] = str(s.method)
+    return cells
 
 
 def comparison_table(series: list[Series]) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
     """(columns present, rows): rows map column id -> formatted text; a column shows only when some row has it."""
-    rows = []
-    for s in series:
-        row = {"agent": s.label, "run": s.run}
-        for column, _, key, fmt in COLUMNS:
-            text = _cell(s.summary, key, fmt)
-            if text is not None:
-                row[column] = text
-        rows.append(row)
+    rows = [{"agent": s.label, "run": s.run, **_metric_cells(s.summary), **_agent_cells(s)} for s in series]
     runs = [("run", "run")] if len({s.run for s in series}) > 1 else []  # one run: named above the table
-    present = [("agent", "agent")] + runs + [(c, h) for c, h, _, _ in COLUMNS if any(c in r for r in rows)]
+    columns = [(m.key, m.label) for m in in_view(REPORT)] + AGENT_COLUMNS
+    present = [("agent", "agent")] + runs + [(c, h) for c, h in columns if any(c in r for r in rows)]
     return present, rows
 
 
@@ -306,12 +284,16 @@ def kind_table(series: list[Series]) -> pd.DataFrame:
 
 
 def videos(series: Series, out_dir: Path) -> dict[tuple[str, int], str]:
-    """(scenario, seed) -> relative link to the episode's video, for the recorded episodes."""
+    """(scenario, seed) -> link to the episode's video, for the recorded episodes. The videos are copied
+    into the report's own videos/ folder, so the links work wherever the report folder is opened."""
     links = {}
     for _, e in series.episodes.iterrows():
-        path = series.run_path / "videos" / f"{episode_key(e.agent, e.scenario, int(e.seed))}.mp4"
+        path = RunDir(series.run_path).video_path(e.agent, e.scenario, int(e.seed))
         if path.is_file():
-            links[(e.scenario, int(e.seed))] = Path(os.path.relpath(path.resolve(), out_dir.resolve())).as_posix()
+            copy = out_dir / "videos" / series.run_path.name / path.name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, copy)
+            links[(e.scenario, int(e.seed))] = copy.relative_to(out_dir).as_posix()
     return links
 
 
@@ -419,7 +401,7 @@ def _html(title, created, series, columns, rows, kinds, plots, links) -> str:
         out += [f"<th>{h}</th>" for h in EPISODE_HEADER]
         out.append("</tr></thead><tbody>")
         for cells in _episode_rows(s, links[s.label]):
-            video = f"<a href='{e(cells[-1], quote=True)}'>mp4</a>" if cells[-1] else ""
+            video = f"<a href='{e(cells[-1], quote=True)}'>video</a>" if cells[-1] else ""
             cls = " class='failed'" if cells[3] == "failed" else ""
             out.append(f"<tr{cls}>" + "".join(f"<td>{e(c)}</td>" for c in cells[:-1]) + f"<td>{video}</td></tr>")
         out.append("</tbody></table></details>")
@@ -450,35 +432,10 @@ def _markdown(title, created, series, columns, rows, kinds, plots, links) -> str
     out += ["", "## Episodes", ""]
     for s in series:
         out += [f"### {s.label}", ""]
-        out += _md_table(EPISODE_HEADER, [[*cells[:-1], f"[mp4]({cells[-1]})" if cells[-1] else ""]
+        out += _md_table(EPISODE_HEADER, [[*cells[:-1], f"[video]({cells[-1]})" if cells[-1] else ""]
                                           for cells in _episode_rows(s, links[s.label])])
         out.append("")
     return "\n".join(out)
 
 
 # -- CLI ------------------------------------------------------------------------------------------
-
-def add_report_parser(sub) -> None:
-    parser = sub.add_parser("report", help="HTML + Markdown report comparing runs (tables, plots, videos)")
-    parser.add_argument("runs", nargs="+", help="run ids (under --out) or directories")
-    parser.add_argument("--out", default="results", help="where run ids are looked up; default results/")
-    parser.add_argument("--out-dir", help="where the report goes; default <out>/reports/<first run>[+N]")
-    parser.add_argument("--title", help="page title")
-    parser.set_defaults(func=cmd_report)
-
-
-def cmd_report(args) -> int:
-    paths = []
-    for run in args.runs:
-        path = Path(run)
-        if not (path / "manifest.json").is_file():
-            path = Path(args.out) / run
-        if not (path / "manifest.json").is_file():
-            raise FileNotFoundError(f"{run}: no run directory with a manifest.json (looked in {run} and {path})")
-        paths.append(path)
-    # Beside the runs, not in the working tree: reports are outputs, like the runs they are made from.
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.out) / "reports" / (
-        paths[0].name + (f"+{len(paths) - 1}" if len(paths) > 1 else ""))
-    html_path, md_path = write_report(paths, out_dir, title=args.title)
-    print(f"report: {html_path}\n        {md_path}")
-    return 0

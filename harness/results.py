@@ -30,6 +30,8 @@ from urllib.parse import quote, unquote
 
 import pandas as pd
 
+from prunedrive.harness.video import VIDEO_SUFFIX
+
 MANIFEST = "manifest.json"
 EPISODE_KEY_COLUMNS = ("agent", "scenario", "seed")
 REQUIRED_EPISODE_COLUMNS = ("run_id", "agent", "scenario", "seed", "status", "driving_score", "route_completion",
@@ -172,7 +174,7 @@ class RunDir:
             warnings.warn(f"{path}: {why}; moved to {target} and its episode will run again", stacklevel=3)
 
     def video_path(self, agent: str, scenario: str, seed: int) -> Path:
-        return self.path / "videos" / f"{episode_key(agent, scenario, seed)}.mp4"
+        return self.path / "videos" / f"{episode_key(agent, scenario, seed)}{VIDEO_SUFFIX}"
 
     def write_episode(self, key: str, episode: dict, steps: pd.DataFrame) -> None:
         # Every step row says whose it is; the steps of a failed episode are kept, flagged.

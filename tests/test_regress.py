@@ -1,4 +1,5 @@
 """The regression gate on synthetic runs with known answers, its exit codes and the pytest helper."""
+import json
 import zlib
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def make_run(path: Path, agent: str, scores, *, suite: str = "synth", collisions
     scores: {(scenario, seed): driving score}; with no infraction the driving score is the route
     completion. collisions: {(scenario, seed): n} vehicle collisions (the score is then RC x 0.6^n).
     wall_ms: per-step agent time (a number, or {(scenario, seed): ms}). compute: extra per-step fields
-    (effective_flops, params, nonzero_params). video_keys: episodes that get a videos/<key>.mp4 file."""
+    (effective_flops, params, nonzero_params). video_keys: episodes that get a videos/<key>.webm file."""
     run = RunDir(path)
     if not run.manifest_path.exists():
         run.create({"suite": suite, "agents": [agent], "model": None, **(config or {})}, [])
@@ -45,7 +46,7 @@ def make_run(path: Path, agent: str, scores, *, suite: str = "synth", collisions
         run.write_episode(key, row, steps)
         if key in video_keys or (scenario, seed) in video_keys:
             (path / "videos").mkdir(exist_ok=True)
-            (path / "videos" / f"{key}.mp4").write_bytes(b"not really an mp4")
+            (path / "videos" / f"{key}.webm").write_bytes(b"not really a video")
     return path
 
 
@@ -179,7 +180,7 @@ def test_several_agents_need_agent(tmp_path):
     ("empty", "no finished episodes"),
 ])
 def test_unusable_input_is_exit_2_with_a_message(tmp_path, capsys, case, message):
-    from prunedrive.harness.regress import add_regress_parser, cmd_regress
+    from prunedrive.app.cli import main
 
     base = make_run(tmp_path / "base", "expert", {e: 70.0 for e in episodes(2)})
     if case == "missing":
@@ -194,24 +195,21 @@ def test_unusable_input_is_exit_2_with_a_message(tmp_path, capsys, case, message
     else:
         cand = make_run(tmp_path / "cand", "expert", {e: 70.0 for e in episodes(2)})
     extra = ["--agent", "llm"] if case == "agent" else []
-    parser = _parser(add_regress_parser)
-    args = parser.parse_args(["regress", str(base), str(cand), *extra])
-    assert cmd_regress(args) == 2
+    assert main(["regress", str(base), str(cand), *extra]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_cli_exit_codes_and_table(tmp_path, capsys):
-    from prunedrive.harness.regress import add_regress_parser, cmd_regress
+    from prunedrive.app.cli import main
 
     scores = {e: 50.0 + i for i, e in enumerate(episodes())}
     base = make_run(tmp_path / "base", "expert", scores)
     same = make_run(tmp_path / "same", "expert", scores)
     make_run(tmp_path / "worse", "constant", {e: s - 30 for e, s in scores.items()})
-    parser = _parser(add_regress_parser)
     out = tmp_path / "verdict.json"
-    assert cmd_regress(parser.parse_args(["regress", str(base), str(same), "--json", str(out)])) == 0
+    assert main(["regress", str(base), str(same), "--json", str(out)]) == 0
     assert "no significant regression" in capsys.readouterr().out
-    assert cmd_regress(parser.parse_args(["regress", "base", "worse", "--out", str(tmp_path)])) == 1
+    assert main(["regress", "base", "worse", "--out", str(tmp_path)]) == 1
     text = capsys.readouterr().out
     assert "REGRESSION" in text and "driving score" in text and "-30" in text
     import json
@@ -246,10 +244,126 @@ def test_pytest_plugin_fixture(tmp_path):
     assert "2 passed" in result.stdout
 
 
-def _parser(add):
-    """A parser with just this subcommand (the `prunedrive` parser gets it from the integrator)."""
-    import argparse
+# -- exit 2, always, for input that cannot give a verdict ------------------------------------------------
 
-    parser = argparse.ArgumentParser(prog="prunedrive")
-    add(parser.add_subparsers(dest="command", required=True))
-    return parser
+def _cli(*argv) -> int:
+    from prunedrive.app.cli import main
+
+    return main(["regress", *map(str, argv)])
+
+
+def _edit_episodes(run: Path, which=slice(None), drop=(), **columns) -> None:
+    """Rewrite episode files of `run` (all, or the sorted slice `which`) as a foreign or broken writer would."""
+    for path in sorted((run / "episodes").glob("*.parquet"))[which]:
+        table = pd.read_parquet(path).drop(columns=list(drop))
+        for column, value in columns.items():
+            table[column] = value
+        table.to_parquet(path)
+
+
+@pytest.mark.parametrize("failed_side", ["both", "candidate"])
+def test_a_side_whose_episodes_all_failed_is_exit_2_not_a_verdict(tmp_path, capsys, failed_side):
+    scores = {e: 50.0 + i for i, e in enumerate(episodes(2))}
+    base, cand = make_run(tmp_path / "base", "expert", scores), make_run(tmp_path / "cand", "llm", scores)
+    for run in ((base, cand) if failed_side == "both" else (cand,)):
+        _edit_episodes(run, status="failed", error="Traceback ...\nRuntimeError: boom", failure="agent")
+    named = base if failed_side == "both" else cand
+    with pytest.raises(RegressInputError, match="all 8 paired episodes failed"):
+        regress(base, cand)
+    assert _cli(base, cand) == 2
+    err = capsys.readouterr().err
+    assert "all 8 paired episodes failed" in err and str(named) in err
+    assert ("agent expert" if failed_side == "both" else "agent llm") in err
+    # One scored episode on each side is enough to compare (a failed episode keeps its score).
+    _edit_episodes(cand, which=slice(0, 1), status="finished", error="", failure="")
+    if failed_side == "both":
+        _edit_episodes(base, which=slice(0, 1), status="finished", error="", failure="")
+    assert _cli(base, cand) == 0
+
+
+@pytest.mark.parametrize("side, column, label", [
+    ("candidate", "driving_score", "driving score"),
+    ("baseline", "driving_score", "driving score"),
+    ("candidate", "km_driven", "collisions/km"),
+    ("candidate", "collisions", "collisions/km"),
+])
+def test_a_nan_metric_is_exit_2_naming_run_agent_and_metric(tmp_path, capsys, side, column, label):
+    scores = {e: 70.0 for e in episodes(2)}
+    runs = {"baseline": make_run(tmp_path / "base", "expert", scores),
+            "candidate": make_run(tmp_path / "cand", "llm-owl", scores)}
+    _edit_episodes(runs[side], which=slice(1, 2), **{column: np.nan})
+    assert _cli(runs["baseline"], runs["candidate"]) == 2
+    err = capsys.readouterr().err
+    assert f"{side} run {runs[side]}" in err and label in err and column in err
+    assert ("agent expert" if side == "baseline" else "agent llm-owl") in err
+    with pytest.raises(RegressInputError, match=label):
+        regress(runs["baseline"], runs["candidate"])
+
+
+def test_a_missing_metric_column_is_exit_2(tmp_path, capsys):
+    scores = {e: 70.0 for e in episodes(2)}
+    base, cand = make_run(tmp_path / "base", "expert", scores), make_run(tmp_path / "cand", "expert", scores)
+    _edit_episodes(cand, drop=["driving_score"])
+    assert _cli(base, cand) == 2
+    err = capsys.readouterr().err
+    assert f"candidate run {cand}" in err and "driving_score" in err and "driving score" in err
+    # The same for tables handed to `compare` directly.
+    table = _table("expert", scores)
+    with pytest.raises(RegressInputError, match="baseline run baseline .*: driving score is NaN"):
+        compare(table.assign(driving_score=np.nan), table)
+
+
+@pytest.mark.parametrize("broken", ["episode", "consolidated", "manifest"])
+def test_an_unreadable_run_file_is_exit_2_naming_the_file(tmp_path, capsys, broken):
+    from prunedrive.app.cli import main
+
+    scores = {e: 70.0 for e in episodes(2)}
+    base, cand = make_run(tmp_path / "base", "expert", scores), make_run(tmp_path / "cand", "expert", scores)
+    if broken == "episode":
+        target = sorted((cand / "episodes").glob("*.parquet"))[2]
+    elif broken == "consolidated":  # a finished run: only episodes.parquet is left
+        RunDir(cand).consolidate()
+        for path in (cand / "episodes").glob("*.parquet"):
+            path.unlink()
+        target = cand / "episodes.parquet"
+    else:
+        target = cand / "manifest.json"
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])  # torn by a crash or a full disk
+    assert _cli(base, cand) == 2
+    assert str(target) in capsys.readouterr().err
+    assert main(["regress", str(base), str(cand)]) == 2
+    assert str(target) in capsys.readouterr().err
+    with pytest.raises(RegressInputError, match=str(target)):  # the pytest helper: an input error, not a verdict
+        assert_no_regression(base, cand)
+
+
+def _suite_run(path: Path, suite_file: Path, scores, *, agent="expert", with_identity=True) -> Path:
+    from prunedrive.app.drive import suite_identity
+    from prunedrive.scenarios.loader import load_suite
+
+    suite = load_suite(suite_file)
+    RunDir(path).create({"suite": suite.name, "agents": [agent], "model": None}, [],
+                        identity=suite_identity(suite) if with_identity else None)
+    return make_run(path, agent, scores)
+
+
+def test_suites_that_share_a_name_but_not_their_content_are_exit_2(tmp_path, tiny_suite, capsys):
+    denser = tmp_path / "denser.yaml"
+    denser.write_text(tiny_suite.read_text().replace("vehicles: 4", "vehicles: 12"))  # same `name: tiny`
+    scores = {("short-cruise", seed): 70.0 + seed for seed in (1, 2, 3)}
+    base = _suite_run(tmp_path / "base", tiny_suite, scores)
+    other = _suite_run(tmp_path / "other", denser, scores)
+    same = _suite_run(tmp_path / "same", tiny_suite, scores)
+    assert _cli(base, other) == 2
+    err = capsys.readouterr().err
+    assert "different suites" in err and str(base) in err and str(other) in err
+    hashes = [json.loads((run / "manifest.json").read_text())["identity"]["suite_hash"] for run in (base, other)]
+    assert hashes[0] != hashes[1] and all(h in err for h in hashes)
+    assert _cli(base, same) == 0
+    # A run without identity (older, or imported) is compared by suite name.
+    imported = _suite_run(tmp_path / "imported", denser, scores, with_identity=False)
+    assert _cli(base, imported) == 0
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(tiny_suite.read_text().replace("name: tiny", "name: other"))
+    assert _cli(base, _suite_run(tmp_path / "renamed", renamed, scores, with_identity=False)) == 2
+    assert "different suites" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from prunedrive.harness.report import add_report_parser, write_report
+from prunedrive.harness.report import write_report
 from prunedrive.harness.results import RunDir
 from test_regress import episodes, make_run
 
@@ -128,10 +128,11 @@ def test_videos_are_linked_relative_to_the_report(runs, tmp_path):
     base, _ = runs
     out = tmp_path / "deep" / "report"
     html_path, md_path = write_report([base], out)
-    links = [href for href in Page(html_path.read_text()).links if href.endswith(".mp4")]
+    links = [href for href in Page(html_path.read_text()).links if href.endswith(".webm")]
     assert len(links) == 1 and not os.path.isabs(links[0])
-    assert (out / links[0]).resolve() == next((base / "videos").glob("expert__*.mp4")).resolve()
-    assert f"[mp4]({links[0]})" in md_path.read_text()
+    source = next((base / "videos").glob("expert__*.webm"))
+    assert (out / links[0]).read_bytes() == source.read_bytes()  # a copy inside the report folder
+    assert f"[video]({links[0]})" in md_path.read_text()
 
 
 def test_same_agent_in_two_runs_gets_the_run_in_its_label(tmp_path):
@@ -141,16 +142,32 @@ def test_same_agent_in_two_runs_gets_the_run_in_its_label(tmp_path):
     assert set(rows) == {"expert [a]", "expert [b]"}
 
 
+def test_model_backed_is_read_from_the_data_not_the_agent_name(tmp_path):
+    """A plug-in agent of any name whose episodes report a model's compute gets its model's sparsity; an agent
+    named llm-* whose episodes report none (it runs no model: it replays, say) does not."""
+    model_dir = tmp_path / "models" / "owl70"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "sparsity.json").write_text(json.dumps({"global": 0.7, "method": "owl"}))
+    scores = {e: 70.0 for e in episodes(2, (1,))}
+    config = {"model": str(model_dir)}
+    planner = make_run(tmp_path / "planner", "planner", scores, config=config,
+                       compute={"effective_flops": 6e8, "nonzero_params": 3e5})  # FLOPs, no `params`
+    replay = make_run(tmp_path / "replay", "llm-replay", scores, config=config)
+    rows = Page(write_report([planner, replay], tmp_path / "report")[0].read_text()).rows
+    assert rows["planner"]["sparsity"] == "70.0" and rows["planner"]["method"] == "owl"
+    assert rows["planner"]["effective_gflops"] == "0.6"
+    assert rows["llm-replay"]["sparsity"] == "–" and rows["llm-replay"]["method"] == "–"
+
+
 def test_cli_report(runs, tmp_path, capsys):
+    from prunedrive.app.cli import main
 
     base, models = runs
-    parser = _parser(add_report_parser)
-    args = parser.parse_args(["report", "base", str(models[0]), "--out", str(tmp_path), "--out-dir",
-                              str(tmp_path / "r")])
-    assert args.func(args) == 0
+    assert main(["report", "base", str(models[0]), "--out", str(tmp_path), "--out-dir", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "report.html").is_file() and "report.html" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match="no run directory"):
-        args.func(parser.parse_args(["report", "nope", "--out", str(tmp_path)]))
+    assert main(["report", "nope", "--out", str(tmp_path)]) == 2
+    assert "no run directory" in capsys.readouterr().err
 
 
 def _browser() -> str | None:
@@ -185,12 +202,3 @@ def test_the_page_renders_in_headless_chromium(runs, tmp_path):
     assert image.std() > 20  # not blank: text, tables and plots
     top = image[: image.shape[0] // 3]
     assert (top < 128).mean() > 0.01  # dark pixels (text, plot lines) where the table and the plots are
-
-
-def _parser(add):
-    """A parser with just this subcommand (the `prunedrive` parser gets it from the integrator)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="prunedrive")
-    add(parser.add_subparsers(dest="command", required=True))
-    return parser

@@ -137,11 +137,11 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "needs --model" in capsys.readouterr().err
 
 
-def test_record_writes_an_mp4(tiny_suite, tmp_path):
+def test_record_writes_a_webm_video(tiny_suite, tmp_path):
     pytest.importorskip("cv2")
     assert main(["run", "--suite", str(tiny_suite), "--agent", "constant", "--seeds", "1", "--out", str(tmp_path),
                  "--run-id", "v", "--record", "--quiet"]) == 0
-    [video] = (tmp_path / "v" / "videos").glob("*.mp4")
+    [video] = (tmp_path / "v" / "videos").glob("*.webm")
     import cv2
 
     capture = cv2.VideoCapture(str(video))

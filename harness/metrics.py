@@ -1,0 +1,229 @@
+"""Every metric of a run, declared once: what it is called where, how episodes reduce to it, how it reads.
+
+The summary table (`harness.summary.summarize`), its terminal tables, the report's comparison table,
+the bench table, the regression gate's checks and the MLflow metrics are all read from `METRICS`, so a
+metric added here shows up in each of them (as far as its `views` and `gate` say) under one name.
+
+Names:
+  column   the summary table's column (and the MLflow metric); a mean/std metric also has `std_column`
+  key      its id in the report's and the bench's tables (what the number shown is: `agent_ms_p50`)
+  label    the long header (report) and the regression check's name
+  short    the header in terminal tables
+
+How a metric aggregates over episodes is its `Aggregate`; `aggregate_metric` is the one place that
+computes it. Per-km rates are sums over sums (total count / total km, with the Leaderboard's 0.001 km
+floor), never means of per-episode rates: a 50 m episode with one collision must not weigh like a
+2 km one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from prunedrive.harness.events import EventKind
+from prunedrive.harness.scoring import mean_std
+
+KM_FLOOR = 0.001  # the Leaderboard's floor on km driven when it divides infractions by distance
+# The kinds counted per km: min speed and outside-route-lanes scale the penalty by a percentage instead.
+INFRACTIONS = [k.value for k in EventKind if k not in (EventKind.MIN_SPEED, EventKind.OUTSIDE_ROUTE_LANES)]
+
+# What the terminal and report tables show; a metric in none of them is still summarized and logged.
+OVERALL, PER_SCENARIO, REPORT, BENCH = "overall", "per_scenario", "report", "bench"
+# Regression gate: "gate" checks and gates; "opt-in" is reported and gates only when given a margin
+# (wall time depends on the machine and its load).
+GATE, OPT_IN = "gate", "opt-in"
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """How a group of episode rows reduces to the metric.
+
+    how:
+      count          number of episodes
+      mean_std       mean and sample std of `sources[0]` (the Leaderboard's global record)
+      per_km         sum of `sources` / max(sum of km_driven, KM_FLOOR)
+      total          sum of `sources[0]`
+      percent        100 x mean of a boolean column
+      nanmean        mean over the episodes that have a value; NaN when none has
+      failed         episodes whose status is "failed"
+      median, max    of a per-episode statistic (e.g. each episode's p50), over the episodes that have
+                     one; NaN when none has
+      mean           mean of a column that only some agents fill (model compute): left out of the summary
+                     when the episodes have no such column
+    """
+
+    how: str
+    sources: tuple[str, ...] = ()
+    scale: float = 1.0   # unit conversion: the result is scale x value / per (s -> ms: scale 1000; m -> km: per 1000)
+    per: float = 1.0
+
+    def convert(self, value: float) -> float:
+        return self.scale * value / self.per
+
+    @property
+    def skips_missing(self) -> bool:
+        """True when episodes without a value are left out by design (rather than being bad input)."""
+        return self.how in ("nanmean", "median", "max", "mean")
+
+
+@dataclass(frozen=True)
+class Metric:
+    column: str                       # summary column; a mean/std metric's mean
+    key: str                          # id in the report and bench tables
+    label: str                        # long header; the regression check's name
+    short: str                        # terminal-table header
+    unit: str
+    aggregate: Aggregate
+    fmt: str = "{:.2f}"               # a format string, or "params" (1.23M)
+    digits: int | None = None         # mean/std metrics: decimals of "mean ± std"
+    higher_is_better: bool | None = None  # None: neither (a count, a size)
+    gate: str | None = None           # None, GATE or OPT_IN (see above)
+    views: frozenset[str] = field(default_factory=frozenset)
+    cost: bool = False                # what the agent spent, not how it drove
+    display_per: float = 1.0          # report and bench show column / display_per (FLOPs -> GFLOPs: 1e9)
+
+    @property
+    def std_column(self) -> str | None:
+        return self.column.removesuffix("_mean") + "_std" if self.aggregate.how == "mean_std" else None
+
+    @property
+    def summary_columns(self) -> tuple[str, ...]:
+        return (self.column,) if self.std_column is None else (self.column, self.std_column)
+
+    def value(self, summary_row) -> float:
+        """The number the report and bench show, from a summary row (a dict or Series); NaN when absent."""
+        value = summary_row.get(self.column, np.nan)
+        return np.nan if value is None else float(value) / self.display_per
+
+    def spread(self, summary_row) -> float:
+        return float(summary_row.get(self.std_column, np.nan)) if self.std_column else np.nan
+
+    def text(self, value: float, spread: float = np.nan) -> str:
+        """The number as the tables print it; a finite spread is appended as "± std"."""
+        if self.digits is not None:
+            out = f"{value:.{self.digits}f}"
+            return out + (f" ± {spread:.{self.digits}f}" if np.isfinite(spread) else "")
+        if self.fmt == "params":
+            return human_count(value)
+        return self.fmt.format(value)
+
+
+def human_count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _score(name: str, label: str, short: str, unit: str, digits: int, views, gate=None) -> Metric:
+    return Metric(f"{name}_mean", name, label, short, unit, Aggregate("mean_std", (name,)), digits=digits,
+                  higher_is_better=True, gate=gate, views=frozenset(views))
+
+
+def _infraction_rate(kind: str) -> Metric:
+    return Metric(f"{kind}_per_km", f"{kind}_per_km", f"{kind.replace('_', ' ')}/km", f"{kind}/km", "1/km",
+                  Aggregate("per_km", (f"n_{kind}",)), higher_is_better=False)
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("episodes", "episodes", "episodes", "eps", "episodes", Aggregate("count"), fmt="{:.0f}",
+           views=frozenset({OVERALL, PER_SCENARIO, REPORT})),
+    _score("driving_score", "driving score", "DS", "%", 1, {OVERALL, PER_SCENARIO, REPORT, BENCH}, gate=GATE),
+    _score("route_completion", "route completion", "RC", "%", 1, {OVERALL, PER_SCENARIO, REPORT, BENCH}),
+    _score("infraction_penalty", "infraction penalty", "IP", "factor", 3, {OVERALL, PER_SCENARIO, REPORT}),
+    *(_infraction_rate(kind) for kind in INFRACTIONS),
+    Metric("infractions_per_km", "infractions_per_km", "infractions/km", "infr/km", "1/km",
+           Aggregate("per_km", tuple(f"n_{kind}" for kind in INFRACTIONS)), higher_is_better=False,
+           views=frozenset({REPORT})),
+    Metric("collisions_per_km", "collisions_per_km", "collisions/km", "coll/km", "1/km",
+           Aggregate("per_km", ("collisions",)), higher_is_better=False, gate=GATE,
+           views=frozenset({OVERALL, REPORT, BENCH})),
+    Metric("collisions", "collisions", "collisions", "collisions", "collisions", Aggregate("total", ("collisions",)),
+           fmt="{:.0f}", higher_is_better=False, views=frozenset({PER_SCENARIO})),
+    Metric("outside_lanes_km", "outside_lanes_km", "km outside the route lanes", "outside km", "km",
+           Aggregate("total", ("outside_lanes_m",), per=1000), higher_is_better=False),
+    Metric("success_rate", "success_rate", "success %", "success %", "%", Aggregate("percent", ("success",)),
+           fmt="{:.0f}", higher_is_better=True, views=frozenset({OVERALL, REPORT, BENCH})),
+    Metric("efficiency", "efficiency", "efficiency", "efficiency", "%", Aggregate("nanmean", ("efficiency",)),
+           fmt="{:.0f}", higher_is_better=True, views=frozenset({OVERALL})),
+    Metric("comfort", "comfort", "comfort", "comfort", "%", Aggregate("nanmean", ("comfort",)),
+           fmt="{:.0f}", higher_is_better=True, views=frozenset({OVERALL})),
+    Metric("failed", "failed", "failed episodes", "failed", "episodes", Aggregate("failed", ("status",)),
+           fmt="{:.0f}", higher_is_better=False, views=frozenset({OVERALL})),
+    # Median over episodes of each episode's p50 step time; the p95 is the worst episode's p95.
+    Metric("agent_wall_ms_p50", "agent_ms_p50", "agent ms/step (p50)", "agent ms p50", "ms",
+           Aggregate("median", ("agent_wall_s_p50",), scale=1000), higher_is_better=False, gate=OPT_IN, cost=True,
+           views=frozenset({OVERALL, PER_SCENARIO, REPORT, BENCH})),
+    Metric("agent_wall_ms_p95", "agent_ms_p95", "agent ms/step (p95)", "agent ms p95", "ms",
+           Aggregate("max", ("agent_wall_s_p95",), scale=1000), higher_is_better=False, cost=True,
+           views=frozenset({OVERALL, REPORT})),
+    Metric("sim_wall_ms_p50", "sim_ms_p50", "simulator ms/step (p50)", "sim ms p50", "ms",
+           Aggregate("median", ("sim_wall_s_p50",), scale=1000), higher_is_better=False, cost=True),
+    Metric("effective_flops_mean", "effective_gflops", "effective GFLOPs/step", "eff GFLOP/step", "GFLOPs",
+           Aggregate("mean", ("effective_flops_mean",)), fmt="{:.3g}", higher_is_better=False, cost=True,
+           views=frozenset({REPORT, BENCH}), display_per=1e9),
+    Metric("nonzero_params", "nonzero_params", "non-zero params", "non-zero params", "parameters",
+           Aggregate("mean", ("nonzero_params",)), fmt="params", higher_is_better=False, cost=True,
+           views=frozenset({REPORT, BENCH})),
+)
+
+
+def metric(key: str) -> Metric:
+    return next(m for m in METRICS if m.key == key)
+
+
+def in_view(view: str) -> list[Metric]:
+    return [m for m in METRICS if view in m.views]
+
+
+def gated() -> list[Metric]:
+    """The metrics the regression gate checks, in the order it reports them."""
+    return [m for m in METRICS if m.gate is not None]
+
+
+def aggregate_metric(m: Metric, group: pd.DataFrame) -> dict[str, float]:
+    """The summary columns of `m` over the episode rows `group` ({} for an optional metric whose episode
+    column is absent)."""
+    a = m.aggregate
+    if a.how == "count":
+        return {m.column: len(group)}
+    if a.how == "mean_std":
+        mean, std = mean_std(group[a.sources[0]].astype(float).tolist())
+        return {m.column: mean, m.std_column: std}
+    if a.how == "per_km":
+        return {m.column: per_km(sum(float(group[s].sum()) for s in a.sources), float(group["km_driven"].sum()))}
+    if a.how == "total":
+        return {m.column: a.convert(float(group[a.sources[0]].sum()))}
+    if a.how == "percent":
+        return {m.column: 100.0 * float(group[a.sources[0]].mean())}
+    if a.how == "nanmean":
+        values = group[a.sources[0]]
+        return {m.column: float(np.nanmean(values)) if values.notna().any() else np.nan}
+    if a.how == "failed":
+        return {m.column: int((group[a.sources[0]] == "failed").sum())}
+    if a.how in ("median", "max"):
+        values = group[a.sources[0]].dropna()
+        reduce = np.median if a.how == "median" else np.max
+        return {m.column: a.convert(float(reduce(values))) if len(values) else np.nan}
+    if a.how == "mean":
+        return {m.column: float(group[a.sources[0]].mean())} if a.sources[0] in group else {}
+    raise ValueError(f"metric {m.column}: unknown aggregation {a.how!r}")
+
+
+def per_km(count: float, km: float) -> float:
+    """Infractions per km as the Leaderboard computes them: a total over a total, km floored at 0.001."""
+    return count / max(km, KM_FLOOR)
+
+
+def summary_row(group: pd.DataFrame) -> dict[str, float]:
+    """Every metric's summary columns over the episode rows `group`, in table order."""
+    row: dict[str, float] = {}
+    for m in METRICS:
+        row.update(aggregate_metric(m, group))
+    return row
+
+
+def summary_columns() -> list[str]:
+    return [column for m in METRICS for column in m.summary_columns]
