@@ -45,7 +45,7 @@ from prunedrive.harness.backends.carla import WorldReader, import_carla, read_st
 from prunedrive.harness.env import DriveEnv
 from prunedrive.harness.events import StepEvents
 from prunedrive.harness.results import atomic_parquet
-from prunedrive.harness.route import Route
+from prunedrive.harness.route import RoutePolyline
 from prunedrive.harness.runner import STEP_COLUMNS
 from prunedrive.scenarios.loader import Scenario
 
@@ -200,7 +200,7 @@ class PrunedriveAgent(AutonomousAgent):
         self._ticks_per_step = max(1, round(1.0 / (self.policy_hz * fixed_delta)))
         scenario = Scenario(name="leaderboard-route", kind="carla_route", policy_hz=self.policy_hz,
                             duration_s=math.inf, blocked_s=math.inf, deviation_m=math.inf)
-        path = Route(self._route_xy)
+        path = RoutePolyline(self._route_xy)
         reader = WorldReader(self.carla, world, world_map, path, read_statics(world, path), hero,
                              scenario.speed_limit_mps)
         # The evaluator ends the route; the env only observes (no timeout, deviation or blocked limits).

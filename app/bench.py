@@ -4,12 +4,15 @@ print one comparison table with the open-loop errors beside the closed-loop scor
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from prunedrive.harness.metrics import BENCH, in_view
+from prunedrive.harness.regress import MIN_PAIRS_FOR_VERDICT
 
 
 def pruned_models(dense_dir: Path, methods, sparsities, progress: bool) -> dict[str, tuple[str, float, Path]]:
@@ -34,27 +37,50 @@ def pruned_models(dense_dir: Path, methods, sparsities, progress: bool) -> dict[
 
 # The open-loop errors `evaluate_open_loop` reports: {bench column: (its key there, terminal header)}.
 OPEN_LOOP_COLUMNS = {"lon_error": ("lon_control_error", "lon err"), "lat_error": ("lat_control_error", "lat err"),
-                     "vehicle_count_error": ("vehicle_count_error", "veh count err"),
+                     "vehicle_count_error": ("vehicle_count_error", "veh err"),
                      "parse_rate": ("action_parse_rate", "parse")}
+OPEN_LOOP_LEGEND = ("open loop, on held-out expert data: lon/lat err = mean absolute error of the "
+                    "longitudinal (throttle - brake, [-1, 1]) and lateral (steer, [-1, 1]) control; veh err = "
+                    "vehicle count error (vehicles); parse = share of answers that parse as an action")
 # bench.csv predates harness.metrics: its readers know the per-step time by this name.
 CSV_NAMES = {"agent_ms_p50": "step_ms_p50"}
 # Closed-loop driving metrics first, open-loop errors in between, what the model costs last.
 DRIVING = [m for m in in_view(BENCH) if not m.cost]
 COMPUTE = [m for m in in_view(BENCH) if m.cost]
+DENSE = "llm-dense"
+
+
+def _order(agent: str, models: dict, methods: list[str]) -> tuple:
+    """Dense first, then by method (in the order asked) and sparsity; reference agents (the expert) last."""
+    if agent not in models:
+        return (2, 0, 0.0, agent)
+    method, sparsity, _ = models[agent]
+    return (0 if method == "dense" else 1, methods.index(method) if method in methods else len(methods), sparsity,
+            agent)
 
 
 def comparison_table(episodes: pd.DataFrame, models: dict, open_loop: dict) -> pd.DataFrame:
-    """One row per agent: method and sparsity, the closed-loop metrics of harness.metrics' bench view
-    (means), the open-loop errors, then the compute metrics."""
+    """One row per agent, dense first: n, mean DS and its standard error, the paired DS difference to the
+    dense model with its 95% bootstrap CI and a verdict (harness.regress.compare_to_baseline), the
+    closed-loop metrics of harness.metrics' bench view, the open-loop errors, then the compute metrics."""
+    from prunedrive.harness.regress import compare_to_baseline
     from prunedrive.harness.summary import summarize
 
     table = summarize(episodes, ["agent"]).set_index("agent")
+    versus = (compare_to_baseline(episodes, DENSE).set_index("agent") if DENSE in table.index
+              else pd.DataFrame(columns=["n_pairs", "diff", "ci_low", "ci_high", "verdict"]))
+    methods = list(dict.fromkeys(method for method, _, _ in models.values()))
     rows = []
-    for agent, row in table.iterrows():
-        method, sparsity, _ = models.get(agent, (agent, 0.0, None))
-        errors = open_loop.get(agent, {})
+    for agent in sorted(table.index, key=lambda a: _order(a, models, methods)):
+        row, errors = table.loc[agent], open_loop.get(agent, {})
+        method, sparsity, _ = models.get(agent, (agent, np.nan, None))
+        n = int(row["episodes"])
+        paired = versus.loc[agent] if agent in versus.index else {}
         rows.append({
-            "agent": agent, "method": method, "sparsity": sparsity,
+            "agent": agent, "method": method, "sparsity": sparsity, "n": n,
+            "ds_se": float(row["driving_score_std"]) / np.sqrt(n) if n > 1 else np.nan,
+            "ds_diff": paired.get("diff", np.nan), "ds_ci_low": paired.get("ci_low", np.nan),
+            "ds_ci_high": paired.get("ci_high", np.nan), "verdict": paired.get("verdict", ""),
             **{CSV_NAMES.get(m.key, m.key): m.value(row) for m in DRIVING},
             **{column: errors.get(key, np.nan) for column, (key, _) in OPEN_LOOP_COLUMNS.items()},
             **{CSV_NAMES.get(m.key, m.key): m.value(row) for m in COMPUTE},
@@ -62,23 +88,92 @@ def comparison_table(episodes: pd.DataFrame, models: dict, open_loop: dict) -> p
     return pd.DataFrame(rows)
 
 
-# Short headers so the table fits a terminal; bench.csv keeps the full column names.
+# Short headers so the tables fit 100 columns; bench.csv keeps the full column names.
 HEADERS = {"sparsity": "sparsity", **{CSV_NAMES.get(m.key, m.key): m.short for m in DRIVING + COMPUTE},
            **{column: header for column, (_, header) in OPEN_LOOP_COLUMNS.items()}}
+TABLE_WIDTH = 100
 
 
-def print_comparison(table: pd.DataFrame) -> None:
+def _cell(value, fmt: str = "{:.2f}") -> str:
+    """A number for people; "–" where it does not apply."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "–"
+    if fmt == "params":
+        value = float(value)
+        return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.0f}k" if value >= 1e3 else f"{value:.0f}"
+    return fmt.format(value)
+
+
+def print_comparison(table: pd.DataFrame, load_note: str = "", console=None) -> None:
+    """Two tables that fit 100 columns: how the models drive (with the paired comparison to dense), and
+    what they cost with their open-loop errors; then a legend."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    console = Console() if Console().is_terminal else Console(width=200)
-    out = Table(title="prunedrive bench: closed-loop (Leaderboard 2.0) and open-loop, per model")
-    for column in table.columns:
-        out.add_column(HEADERS.get(column, column), justify="left" if column in ("agent", "method") else "right",
-                       no_wrap=column == "agent")
-    for _, row in table.iterrows():
-        out.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
-    console.print(out)
+    console = console or Console(width=min(Console().width, TABLE_WIDTH) if Console().is_terminal else TABLE_WIDTH)
+    style = {"box": box.SIMPLE_HEAD, "pad_edge": False, "title_justify": "left"}
+    driving = Table(title="Closed loop (Leaderboard 2.0); ΔDS: paired with dense by scenario and seed", **style)
+    for header in ("agent", "n", "DS ± SE", "ΔDS [95% CI]", "verdict", "RC", "coll/km", "succ%"):
+        driving.add_column(header, justify="left" if header in ("agent", "verdict") else "right", no_wrap=True)
+    for r in table.itertuples():
+        ds = f"{r.driving_score:.1f} ± {_cell(r.ds_se, '{:.1f}')}"
+        diff = "–" if not np.isfinite(r.ds_diff) else \
+            f"{r.ds_diff:+.1f} [{r.ds_ci_low:+.1f}, {r.ds_ci_high:+.1f}]"
+        driving.add_row(r.agent, str(r.n), ds, diff, r.verdict or "–", _cell(r.route_completion, "{:.1f}"),
+                        _cell(r.collisions_per_km), _cell(r.success_rate, "{:.0f}"))
+    console.print(driving)
+    cost = Table(title="Cost and open loop", **style)
+    for header in ("agent", "sparsity", "non-zero", "eff\nGFLOP", "exec\nGFLOP", "ms/\nstep", "lon\nerr", "lat\nerr",
+                   "veh\nerr", "parse"):
+        cost.add_column(header, justify="left" if header == "agent" else "right", no_wrap=True)
+    for r in table.itertuples():
+        cost.add_row(r.agent, _cell(r.sparsity, "{:.2f}"), _cell(r.nonzero_params, "params"),
+                     _cell(r.effective_gflops, "{:.3f}"), _cell(getattr(r, "executed_gflops", np.nan), "{:.3f}"),
+                     _cell(r.step_ms_p50, "{:.1f}"), _cell(r.lon_error, "{:.3f}"), _cell(r.lat_error, "{:.3f}"),
+                     _cell(r.vehicle_count_error), _cell(r.parse_rate))
+    console.print(cost)
+    n_min = int(table["n"].min()) if len(table) else 0
+    legend = [
+        "DS: driving score (0-100), mean ± standard error over n episodes. ΔDS: mean paired difference to dense "
+        "with its 95% percentile-bootstrap CI; verdict better/worse when the CI excludes 0.",
+        f"GFLOP per agent step: eff counts non-zero weights, exec what the kernels multiply (deterministic); "
+        "ms/step is wall time (p50), which depends on the machine and its load.",
+        OPEN_LOOP_LEGEND + ".",
+    ]
+    if n_min < MIN_PAIRS_FOR_VERDICT:
+        legend.insert(0, f"n = {n_min} episodes per agent is too few to conclude (verdicts need >= "
+                         f"{MIN_PAIRS_FOR_VERDICT} pairs): run a larger suite, e.g. --suite standard.")
+    if load_note:
+        legend.append(load_note)
+    for line in legend:
+        console.print(line, style="dim", overflow="fold")
+
+
+OPEN_LOOP_SAMPLES = 200  # held-out expert samples per model; `prunedrive eval-open` defaults to 400
+
+
+class Phases:
+    """Phase lines with the elapsed time, flushed at once: readable in a terminal and in a log file."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.started = enabled, time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        if self.enabled:
+            elapsed = int(time.monotonic() - self.started)
+            print(f"[{elapsed // 60:3d}:{elapsed % 60:02d}] {text}", flush=True)
+
+
+def load_note(loads: list[float]) -> str:
+    """A warning when the machine was busier than its cores during the run: per-step wall times then say
+    more about the load than about the models."""
+    cores = os.cpu_count() or 1
+    worst = max(loads)
+    if worst <= cores:
+        return f"machine load during the run: up to {worst:.1f} on {cores} cores (per-step times comparable)."
+    return (f"WARNING: machine load reached {worst:.1f} on {cores} cores during the run: per-step times are "
+            "unreliable. Compare the GFLOP columns, or time models with benchmarks/agent_step.py on an idle machine.")
 
 
 def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_id: str | None,
@@ -90,12 +185,22 @@ def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_
     from prunedrive.app.drive import drive, exit_code
     from prunedrive.app.eval_open import evaluate_open_loop
     from prunedrive.app.train import ensure_default_model
+    from prunedrive.app.zoo import default_model_dir, is_trained
     from prunedrive.models.data import load_split
     from prunedrive.models.driving_llm import DrivingLLM
     from prunedrive.scenarios.loader import load_suite
 
+    say = Phases()
     suite = load_suite(suite_name)
+    zoo_dir = default_model_dir(preset)
+    if is_trained(zoo_dir, preset):
+        say(f"dense model: {zoo_dir} (trained earlier; reused)")
+    else:
+        say(f"training the default {preset} model once into {zoo_dir} (first run only; about 7-11 min on 2 "
+            "cores): expert data, training, DAgger")
     dense_dir = ensure_default_model(preset, progress=progress)
+    say(f"pruning: {len(methods)} methods x {len(sparsities)} sparsities = {len(methods) * len(sparsities)} "
+        f"variants (cached under {dense_dir / 'pruned'})")
     models = pruned_models(dense_dir, methods, sparsities, progress)
     specs = ([AgentSpec("expert")] if with_expert else []) + [
         AgentSpec("llm", str(path), label=name) for name, (_, _, path) in models.items()]
@@ -104,20 +209,31 @@ def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_
               "models": {name: str(path) for name, (_, _, path) in models.items()},
               "method": {name: method for name, (method, _, _) in models.items()},
               "sparsity": {name: sparsity for name, (_, sparsity, _) in models.items()}}
+    n_episodes = len(specs) * len(suite.episodes())
+    say(f"driving {n_episodes} episodes: {len(specs)} agents x {len(suite.episodes())} scenario-seeds of suite "
+        f"{suite.name}" + (f" on {workers} Ray workers" if workers else ""))
+    loads = [os.getloadavg()[0]]
     run_dir, episodes = drive(suite, specs, out, run_id=run_id, default_run_id=f"bench-{suite.name}-{preset}",
                               workers=workers, progress=progress, config=config)
+    loads.append(os.getloadavg()[0])
 
+    say(f"open loop: {len(models)} models on {OPEN_LOOP_SAMPLES} held-out expert samples each")
     split = load_split(training_data_dir(dense_dir), "val")
-    open_loop = {name: evaluate_open_loop(DrivingLLM.from_pretrained(path), split, 200)
+    open_loop = {name: evaluate_open_loop(DrivingLLM.from_pretrained(path), split, OPEN_LOOP_SAMPLES)
                  for name, (_, _, path) in models.items()}
     (run_dir.path / "open_loop.json").write_text(json.dumps(open_loop, indent=2, default=float))
     table = comparison_table(episodes, models, open_loop)
     table.to_csv(run_dir.path / "bench.csv", index=False)
-    print_comparison(table)
-    print(f"results: {run_dir.path.resolve()}")
+    print_comparison(table, load_note(loads))
     if mlflow is not None:  # `--mlflow [URI]`: "" is the default store beside the run
         from prunedrive.app.mlflow_log import log_run
 
         log_run(run_dir, mlflow, extra_metrics={name: {f"open_loop.{k}": v for k, v in metrics.items()}
                                                  for name, metrics in open_loop.items()})
+    where = run_dir.path.resolve()
+    say(f"results: {where} (episodes.parquet, steps.parquet, bench.csv, open_loop.json)")
+    pruned = [name for name in models if name != DENSE]
+    print(f"next: prunedrive report {where}" + (
+        f"\n      prunedrive regress {where} {where} --baseline-agent {DENSE} --candidate-agent {pruned[-1]}"
+        if pruned else ""), flush=True)
     return exit_code(episodes, run_dir)

@@ -12,7 +12,7 @@ import numpy as np
 from prunedrive.harness.backends.base import BackendState
 from prunedrive.harness.events import Event, EventKind
 from prunedrive.harness.observation import wrap_angle
-from prunedrive.harness.route import Route
+from prunedrive.harness.route import RoutePolyline
 
 MIN_SPEED_CHECKPOINTS = 4
 ROUTE_MATCH_M = 10.0              # RouteCompletionTest: route points count as reached within this
@@ -27,7 +27,7 @@ MAX_ABS_LON_JERK = 4.13
 class RouteCriteria:
     """Follows one episode; `update` once per env step, `finish` once at the end."""
 
-    def __init__(self, route: Route, dt: float, duration_s: float, blocked_s: float, deviation_m: float):
+    def __init__(self, route: RoutePolyline, dt: float, duration_s: float, blocked_s: float, deviation_m: float):
         self.route = route
         self.dt = dt
         self.duration_s = duration_s

@@ -14,7 +14,7 @@ from prunedrive.harness.backends.base import Backend, BackendState
 from prunedrive.harness.criteria import RouteCriteria
 from prunedrive.harness.events import COLLISIONS, Event
 from prunedrive.harness.observation import build_observation, observation_space
-from prunedrive.harness.route import Route
+from prunedrive.harness.route import RoutePolyline
 from prunedrive.scenarios.loader import Scenario
 
 
@@ -71,7 +71,7 @@ class DriveEnv(gym.Env):
         super().reset(seed=seed)
         episode_seed = int(self.np_random.integers(2**31 - 1)) if seed is None else int(seed)
         state = self.backend.reset(episode_seed)
-        route = Route(self.backend.route_polyline())
+        route = RoutePolyline(self.backend.route_polyline())
         # A backend that keeps the Leaderboard's own route timeout (CARLA) ends the route itself.
         duration_s = math.inf if hasattr(self.backend, "route_timeout_s") else self.scenario.duration_s
         self.criteria = RouteCriteria(route, self.backend.dt, duration_s, self.scenario.blocked_s,

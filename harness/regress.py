@@ -180,6 +180,36 @@ def paired_bootstrap_ci(differences: np.ndarray, alpha: float = 0.05, n_boot: in
     return float(low), float(high)
 
 
+MIN_PAIRS_FOR_VERDICT = 10  # below this the percentile bootstrap is too narrow to conclude anything
+
+
+def compare_to_baseline(episodes: pd.DataFrame, baseline: str, metric: str = "driving_score", alpha: float = 0.05,
+                        n_boot: int = 10000, seed: int = 0) -> pd.DataFrame:
+    """Every other agent of `episodes` against `baseline` on `metric`, paired by (scenario, seed): one row
+    per agent with n (paired, scored episodes), the mean paired difference, its (1 - alpha) percentile
+    bootstrap CI and a verdict: "better" / "worse" when the CI excludes 0, "no sig. difference" when it
+    does not ("no sig. diff"), "n too small" below MIN_PAIRS_FOR_VERDICT pairs (the CI would be too narrow to trust)."""
+    scored = episodes[episodes["status"] != "failed"] if "status" in episodes else episodes
+    base = scored[scored["agent"] == baseline].set_index(["scenario", "seed"])[metric]
+    rows = []
+    for agent, group in scored.groupby("agent", sort=False):
+        if agent == baseline:
+            continue
+        paired = group.set_index(["scenario", "seed"])[metric].to_frame("candidate").join(
+            base.rename("baseline"), how="inner").dropna()
+        d = (paired["candidate"] - paired["baseline"]).to_numpy(np.float64)
+        if len(d) == 0:
+            rows.append({"agent": agent, "n_pairs": 0, "diff": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+                         "verdict": "no pairs"})
+            continue
+        low, high = paired_bootstrap_ci(d, alpha, n_boot, seed)
+        verdict = ("n too small" if len(d) < MIN_PAIRS_FOR_VERDICT else "better" if low > 0 else "worse" if high < 0
+                   else "no sig. diff")
+        rows.append({"agent": agent, "n_pairs": len(d), "diff": float(d.mean()), "ci_low": low, "ci_high": high,
+                     "verdict": verdict})
+    return pd.DataFrame(rows, columns=["agent", "n_pairs", "diff", "ci_low", "ci_high", "verdict"])
+
+
 def _ratio_ci(statistic, arrays: tuple[np.ndarray, ...], alpha: float, n_boot: int, seed: int) -> tuple[float, float]:
     n = len(arrays[0])
     values = np.concatenate([statistic(*(a[idx] for a in arrays)) for idx in bootstrap_indices(n, n_boot, seed)])

@@ -23,7 +23,7 @@ def resample(points: np.ndarray, spacing: float = ROUTE_SPACING_M) -> np.ndarray
     return np.stack((np.interp(stations, cum, points[:, 0]), np.interp(stations, cum, points[:, 1])), axis=1)
 
 
-class Route:
+class RoutePolyline:
     """Dense route points and the arc length at each."""
 
     def __init__(self, points: np.ndarray):

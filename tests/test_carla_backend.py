@@ -97,7 +97,7 @@ def test_reset_spawns_the_hero_at_the_route_start_with_sensors_in_synchronous_mo
     assert ego.type_id == "vehicle.lincoln.mkz_2020"
     assert (state.ego.x, state.ego.y, state.ego.yaw) == pytest.approx((20.0, 1.75, 0.0), abs=1e-6)
     sensors = {s.type_id: s for s in server.actors("sensor.*")}
-    assert set(sensors) == {"sensor.other.collision", "sensor.other.lane_invasion", "sensor.camera.rgb"}
+    assert set(sensors) == {"sensor.other.collision", "sensor.camera.rgb"}  # off-lane is read from the map
     assert all(s.parent is ego and s.is_listening() for s in sensors.values())
     settings = server.world.get_settings()
     assert settings.synchronous_mode and settings.fixed_delta_seconds == 0.05 and not settings.no_rendering_mode
@@ -143,7 +143,7 @@ def test_every_episode_actor_is_destroyed_in_one_batch_at_reset_and_close(server
     backend = make(server, route_file, render=True, vehicles=3, pedestrians=2)
     backend.reset(1)
     first = {a.id for a in server.actors() if not a.type_id.startswith("traffic.")}
-    assert len(first) == 1 + 3 + 3 + 2 + 2  # hero, its 3 sensors, 3 cars, 2 walkers and their controllers
+    assert len(first) == 1 + 2 + 3 + 2 + 2  # hero, its 2 sensors (collision, camera), 3 cars, 2 walkers + controllers
     backend.reset(2)
     second = {a.id for a in server.actors() if not a.type_id.startswith("traffic.")}
     assert len(second) == len(first) and first.isdisjoint(second)

@@ -6,7 +6,7 @@ from prunedrive.harness.backends.base import BackendState
 from prunedrive.harness.criteria import RouteCriteria
 from prunedrive.harness.events import EventKind as K
 from prunedrive.harness.observation import EgoState, WorldObjects
-from prunedrive.harness.route import Route
+from prunedrive.harness.route import RoutePolyline
 
 
 def state(x, y=0.0, speed=10.0, t=0.0, outside=False, vehicles=None):
@@ -17,7 +17,7 @@ def state(x, y=0.0, speed=10.0, t=0.0, outside=False, vehicles=None):
 def criteria(**kw):
     args = dict(dt=0.5, duration_s=100.0, blocked_s=5.0, deviation_m=30.0)
     args.update(kw)
-    return RouteCriteria(Route(np.array([[0.0, 0.0], [100.0, 0.0]])), **args)
+    return RouteCriteria(RoutePolyline(np.array([[0.0, 0.0], [100.0, 0.0]])), **args)
 
 
 def test_route_completion_follows_progress_and_never_goes_back():

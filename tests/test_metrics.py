@@ -102,7 +102,7 @@ def test_the_consumers_show_the_same_numbers_under_the_tables_names(tmp_path):
     rng = np.random.default_rng(0)
     eps = episodes(2, (1, 2))
     run = make_run(tmp_path / "run", "llm-x", {e: float(rng.uniform(40, 90)) for e in eps}, wall_ms=3.0,
-                   collisions={eps[0]: 1}, compute={"effective_flops": 2e9, "params": 1e6, "nonzero_params": 5e5})
+                   collisions={eps[0]: 1}, compute={"effective_flops": 2e9, "executed_flops": 4e9, "params": 1e6, "nonzero_params": 5e5})
     table = RunDir(run).episodes()
     row = summarize(table, ["agent"]).iloc[0]
     logged = summary_metrics(row)

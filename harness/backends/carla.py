@@ -57,7 +57,7 @@ from prunedrive.harness.backends.base import BackendState, SimulatorError
 from prunedrive.harness.backends.carla_routes import densify, load_route
 from prunedrive.harness.events import Event, EventKind, StepEvents
 from prunedrive.harness.observation import PEDESTRIAN_RANGE_M, VEHICLE_RANGE_M, EgoState, WorldObjects
-from prunedrive.harness.route import Route as RoutePath
+from prunedrive.harness.route import RoutePolyline
 from prunedrive.harness.route import project_points
 from prunedrive.scenarios.loader import Scenario
 
@@ -79,6 +79,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "camera_size": [640, 360],
     "no_rendering": None,          # default: on unless rendering (the camera needs the renderer)
 }
+PROBE_TIMEOUT_S = 10.0        # the one version call before a run
 COLLISION_MEMORY_S = 5.0      # CollisionTest.MAX_ID_TIME
 COLLISION_RADIUS_M = 5.0      # CollisionTest.COLLISION_RADIUS
 COLLISION_MIN_SPEED = 0.1     # CollisionTest.EPSILON: a standing ego is not at fault
@@ -164,9 +165,28 @@ class CarlaBackend:
         self._episode_ids: list[int] = []
         self._frame = None
         self._collisions: deque = deque()
-        self.lane_invasions = 0
 
     # -- connection ------------------------------------------------------------------------------
+    @classmethod
+    def probe(cls, scenario: Scenario, timeout_s: float = PROBE_TIMEOUT_S, client_factory=None, api=None,
+              host: str | None = None, port: int | None = None, **_) -> None:
+        """Ask the server for its version once, with a short time-out, before a run drives anything: a
+        server that is not there fails the run in seconds, naming host:port, instead of costing every
+        route its retries of `timeout_s` each."""
+        options = {**DEFAULT_OPTIONS, **scenario.options, **{k: v for k, v in (("host", host), ("port", port))
+                                                               if v is not None}}
+        carla = api or import_carla()
+        address = f"{options['host']}:{options['port']}"
+        try:
+            client = (client_factory or carla.Client)(str(options["host"]), int(options["port"]))
+            client.set_timeout(timeout_s)
+            version = client.get_server_version()
+        except RuntimeError as exc:
+            raise SimulatorError(f"no CARLA server answered at {address} within {timeout_s:g} s ({exc}); "
+                                 "start one (./CarlaUE4.sh -RenderOffScreen -carla-rpc-port=PORT) or pass "
+                                 "--carla-host/--carla-port") from None
+        logging.getLogger(__name__).info("CARLA server %s at %s", version, address)
+
     def _connect(self) -> None:
         client = self._client_factory(self.host, self.port)
         client.set_timeout(self.timeout_s)
@@ -257,7 +277,6 @@ class CarlaBackend:
         self._reader = WorldReader(carla, world, self._map, self._path, self._statics, self._ego,
                                    self.scenario.speed_limit_mps)
         self._timeout_s, self._timeout_arc, self._timed_out = ROUTE_TIMEOUT_MIN_S, 0.0, False
-        self.lane_invasions = 0
         self._collisions.clear()  # contacts while spawning are nobody's infraction
         self._last_hit = (None, -math.inf, None)  # other actor id, time, ego location of the last counted hit
         self._last_red, self._stop_target, self._stop_done = None, None, False
@@ -281,7 +300,7 @@ class CarlaBackend:
         self._tm.set_synchronous_mode(True)
         if self.route.town not in self._town_cache:
             polyline = np.array([(x, y) for x, y, _ in densify(self._map, self.route.waypoints, api=carla)])
-            self._town_cache[self.route.town] = {"polyline": polyline, "path": RoutePath(polyline)}
+            self._town_cache[self.route.town] = {"polyline": polyline, "path": RoutePolyline(polyline)}
         self._polyline = self._town_cache[self.route.town]["polyline"]
         self._path = self._town_cache[self.route.town]["path"]
         if self._statics is None:
@@ -301,7 +320,6 @@ class CarlaBackend:
         extent = self._ego.bounding_box.extent
         self._half_length = float(extent.x)
         self._attach("sensor.other.collision", carla.Transform(), self._on_collision)
-        self._attach("sensor.other.lane_invasion", carla.Transform(), self._on_invasion)
         self._frame = None
         if self.render_enabled:
             width, height = (int(v) for v in self.options["camera_size"])
@@ -487,9 +505,6 @@ class CarlaBackend:
         speed = math.hypot(velocity.x, velocity.y) if velocity is not None else 0.0
         self._collisions.append((float(event.timestamp), int(other.id), str(other.type_id), where.x, where.y, speed))
 
-    def _on_invasion(self, event) -> None:
-        self.lane_invasions += 1
-
     def _on_image(self, image) -> None:
         pixels = np.frombuffer(image.raw_data, np.uint8).reshape(image.height, image.width, 4)
         self._frame = pixels[:, :, 2::-1].copy()  # BGRA -> RGB
@@ -560,7 +575,7 @@ class CarlaBackend:
         self._world.set_weather(weather)
 
 
-def read_statics(world, path: RoutePath) -> dict:
+def read_statics(world, path: RoutePolyline) -> dict:
     """Stop lines of every traffic light, which of them lie on the route `path`, and stop-sign areas: what
     the world holds that never moves (read once per loaded world)."""
     actors = world.get_actors()
@@ -595,12 +610,12 @@ class WorldReader:
     (BackendState) that the backend's env observes and that the Leaderboard adapter
     (agents/leaderboard_agent.py) turns into the same observation inside the official evaluator.
 
-    `api` is the `carla` module, `path` the route (harness.route.Route), `statics` what `read_statics`
+    `api` is the `carla` module, `path` the route (harness.route.RoutePolyline), `statics` what `read_statics`
     found for that world and route, `ego` the hero vehicle; `default_speed_limit` (m/s) is used where the
     lane reports none. `segment` and `arc` are the ego's projection on the route after the last `read`.
     """
 
-    def __init__(self, api, world, world_map, path: RoutePath, statics: dict, ego, default_speed_limit: float):
+    def __init__(self, api, world, world_map, path: RoutePolyline, statics: dict, ego, default_speed_limit: float):
         self.carla, self.world, self.map, self.path, self.statics = api, world, world_map, path, statics
         self.ego, self.default_speed_limit = ego, float(default_speed_limit)
         self.segment, self.arc = 0, 0.0

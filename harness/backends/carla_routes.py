@@ -77,7 +77,7 @@ class RouteScenario:
 
 
 @dataclass(frozen=True)
-class Route:
+class RouteSpec:
     id: str
     town: str
     weathers: tuple[Weather, ...]  # sorted by route_percentage
@@ -187,14 +187,14 @@ class _Where:
         return node.children
 
 
-def parse_routes(path: str | Path) -> dict[str, Route]:
+def parse_routes(path: str | Path) -> dict[str, RouteSpec]:
     """Every route of a Leaderboard 2.0 route file, by id, in file order. Errors: RouteFileError."""
     path = Path(path)
     root = _read_tree(path)
     at = _Where(path)
     if root.tag != "routes":
         raise at.error(root, "the root element must be <routes>")
-    routes: dict[str, Route] = {}
+    routes: dict[str, RouteSpec] = {}
     for node in at.children(root, ("route",)):
         route = _parse_route(node, at)
         if route.id in routes:
@@ -205,14 +205,14 @@ def parse_routes(path: str | Path) -> dict[str, Route]:
     return routes
 
 
-def load_route(path: str | Path, route_id: str | int) -> Route:
+def load_route(path: str | Path, route_id: str | int) -> RouteSpec:
     routes = parse_routes(path)
     if str(route_id) not in routes:
         raise RouteFileError(f"{path}: no route with id {str(route_id)!r}; ids: {', '.join(routes)}")
     return routes[str(route_id)]
 
 
-def _parse_route(node: _Node, at: _Where) -> Route:
+def _parse_route(node: _Node, at: _Where) -> RouteSpec:
     route_id, town = at.attr(node, "id"), at.attr(node, "town")
     parts: dict[str, _Node] = {}
     for child in at.children(node, ("weathers", "waypoints", "scenarios")):
@@ -252,7 +252,7 @@ def _parse_route(node: _Node, at: _Where) -> Route:
         trigger = (at.number(t, "x"), at.number(t, "y"), at.number(t, "z"), at.number(t, "yaw"))
         params = {c.tag: dict(c.attrib) for c in s.children if c.tag != "trigger_point"}
         scenarios.append(RouteScenario(name, kind, trigger, params))
-    return Route(route_id, town, tuple(weathers), waypoints, tuple(scenarios), str(at.path), node.line)
+    return RouteSpec(route_id, town, tuple(weathers), waypoints, tuple(scenarios), str(at.path), node.line)
 
 
 # -- lane graph (pure geometry) --------------------------------------------------------------------

@@ -1,0 +1,58 @@
+"""The main job's table: n, mean ± SE, the paired CI to dense and a verdict; dense first; fits 100 columns."""
+import io
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+
+from prunedrive.app.bench import comparison_table, print_comparison
+from prunedrive.harness.results import RunDir
+from test_regress import episodes, make_run
+
+MODELS = {"llm-dense": ("dense", 0.0, None), "llm-owl-0.7": ("owl", 0.7, None), "llm-wanda-0.5": ("wanda", 0.5, None),
+          "llm-wanda-0.7": ("wanda", 0.7, None)}
+
+
+def _episodes(tmp_path, n_scenarios=4, seeds=(1, 2, 3)):
+    rng = np.random.default_rng(0)
+    eps = episodes(n_scenarios, seeds)
+    dense = {e: float(rng.uniform(60, 95)) for e in eps}
+    runs = {"llm-dense": dense,
+            "llm-wanda-0.7": {e: s - 20 - float(rng.uniform(0, 2)) for e, s in dense.items()},  # clearly worse
+            "llm-wanda-0.5": {e: s + float(rng.normal(0, 3)) for e, s in dense.items()},         # the same, noisily
+            "llm-owl-0.7": {e: min(s + 4 + float(rng.uniform(0, 1)), 100.0) for e, s in dense.items()},
+            "expert": {e: 95.0 for e in eps}}
+    for agent, scores in runs.items():
+        make_run(tmp_path / "run", agent, scores)
+    return RunDir(tmp_path / "run").episodes(), dense
+
+
+def test_rows_carry_n_se_paired_ci_and_verdict_dense_first(tmp_path):
+    table, dense = _episodes(tmp_path)
+    out = comparison_table(table, MODELS, {}).set_index("agent")
+    assert list(out.index) == ["llm-dense", "llm-owl-0.7", "llm-wanda-0.5", "llm-wanda-0.7", "expert"]
+    n = len(dense)
+    assert (out["n"] == n).all()
+    values = np.array(list(dense.values()))
+    assert out.loc["llm-dense", "ds_se"] == np.std(values, ddof=1) / np.sqrt(n)  # the SE, not the std
+    assert out.loc["llm-wanda-0.7", "verdict"] == "worse" and out.loc["llm-wanda-0.7", "ds_ci_high"] < 0
+    assert out.loc["llm-owl-0.7", "verdict"] == "better" and out.loc["llm-owl-0.7", "ds_ci_low"] > 0
+    assert out.loc["llm-wanda-0.5", "verdict"] == "no sig. diff"
+    assert out.loc["llm-wanda-0.5", "ds_ci_low"] < out.loc["llm-wanda-0.5", "ds_diff"] < out.loc["llm-wanda-0.5", "ds_ci_high"]
+    assert not np.isfinite(out.loc["llm-dense", "ds_diff"]) and out.loc["llm-dense", "verdict"] == ""
+
+
+def test_few_episodes_say_so_instead_of_a_verdict(tmp_path, capsys):
+    table, _ = _episodes(tmp_path, n_scenarios=2, seeds=(1, 2))
+    out = comparison_table(table, MODELS, {})
+    assert set(out[out.agent != "llm-dense"].verdict) == {"n too small"}
+
+
+def test_the_printed_tables_fit_100_columns_and_say_what_does_not_apply(tmp_path):
+    table, _ = _episodes(tmp_path)
+    buffer = io.StringIO()
+    print_comparison(comparison_table(table, MODELS, {}), console=Console(file=buffer, width=100))
+    text = buffer.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "…" not in text and "nan" not in text and "e+06" not in text
+    assert "–" in text and "worse" in text and "better" in text
