@@ -11,6 +11,11 @@ unparsable answer counts as an error of |label| (and as wrong for accuracies).
     (NaN when the split has none: the highway backend has no traffic lights)
   lon_control_error: MAE of ((accel - brake) + 1) / 2; lat_control_error: MAE of signed steering
   parse rates per question
+
+Text-format models (`prunedrive train --format text`, or any local Hugging Face causal LM directory) are asked the
+action question only, exactly as agents/text_llm.py asks it (scene-text prompt, the agent's greedy decoding and
+stop rules): lon/lat control errors and action_parse_rate; the perception metrics are left out (they were not
+trained and would each cost a decode per row).
 """
 from __future__ import annotations
 
@@ -27,7 +32,43 @@ from prunedrive.models.data import Split, load_split
 from prunedrive.models.driving_llm import DrivingLLM, DrivingLLMConfig
 
 
-def _answers(model: DrivingLLM, split: Split, rows: np.ndarray, kind: str, batch_size: int) -> list[str]:
+class TextModel:
+    """A plain causal LM for open-loop evaluation: answers the action question through a TextLLMAgent (the same
+    prompt, decoding and stop rules as closed-loop driving)."""
+
+    kinds = ("action",)
+
+    def __init__(self, model_dir: str | Path, **agent_options):
+        from prunedrive.agents.text_llm import TextLLMAgent
+
+        self.model_dir = Path(model_dir)
+        self.agent = TextLLMAgent(model_dir, **agent_options)
+
+    def eval(self) -> "TextModel":
+        self.agent.model.eval()
+        return self
+
+    def answer(self, observation: dict) -> str:
+        self.agent.act(observation)
+        return self.agent.last_text
+
+    def randomized(self, seed: int = 0) -> "TextModel":
+        """The same architecture, tokenizer and decoding with freshly initialised weights (the contrast row)."""
+        from transformers import AutoModelForCausalLM
+
+        other = TextModel(self.model_dir, name=f"{self.agent.name}-random", max_new_tokens=self.agent.max_new_tokens)
+        torch.manual_seed(seed)
+        fresh = AutoModelForCausalLM.from_config(other.agent.model.config)
+        other.agent.model.load_state_dict(fresh.state_dict())
+        other.agent.refresh_compute()
+        return other
+
+
+def _answers(model, split: Split, rows: np.ndarray, kind: str, batch_size: int) -> list[str]:
+    if isinstance(model, TextModel):
+        if kind not in model.kinds:
+            raise ValueError(f"a text-format model is evaluated on the action question only, not {kind!r}")
+        return [model.answer(split.observation(int(r))) for r in rows]
     stop = "Reason" if kind == "action" else None  # the reason adds nothing to the action metrics
     out = []
     for i in range(0, len(rows), batch_size):
@@ -39,17 +80,30 @@ def _nan(x) -> float:
     return float("nan") if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def evaluate_open_loop(model: DrivingLLM, dataset_split: Split | str | Path, max_samples: int | None = None,
-                       batch_size: int = 64) -> dict:
-    """Metrics of `model` on a split (a Split, a parquet file or a directory holding val.parquet)."""
+def evaluate_open_loop(model, dataset_split: Split | str | Path, max_samples: int | None = None,
+                       batch_size: int = 64, kinds: tuple[str, ...] | None = None) -> dict:
+    """Metrics of `model` (a DrivingLLM, or a TextModel: action question only) on a split (a Split, a parquet
+    file or a directory holding val.parquet). kinds: the questions to ask (default: all the model answers);
+    the metrics of questions not asked are left out."""
     split = dataset_split if isinstance(dataset_split, Split) else load_split(dataset_split, "val")
+    kinds = tuple(kinds or getattr(model, "kinds", None) or text.QUESTIONS)
     n = len(split)
     rows = np.arange(n) if not max_samples or max_samples >= n else np.linspace(0, n - 1, max_samples).round().astype(int)
     f = split.frame.iloc[rows]
     model.eval()
     with torch.no_grad():
-        answers = {k: _answers(model, split, rows, k, batch_size) for k in text.QUESTIONS}
+        answers = {k: _answers(model, split, rows, k, batch_size) for k in text.QUESTIONS if k in kinds}
     m: dict[str, float] = {"n": int(len(rows))}
+    if all(k in answers for k in text.PERCEPTION_KINDS):
+        m.update(_perception_metrics(answers, f))
+    if "action" in answers:
+        m.update(_action_metrics(answers["action"], f))
+    m["examples"] = {k: v[: 2] for k, v in answers.items()}
+    return m
+
+
+def _perception_metrics(answers: dict[str, list[str]], f) -> dict[str, float]:
+    m: dict[str, float] = {}
 
     # Object counts.
     parsed = [text.parse_objects(a) for a in answers["objects"]]
@@ -74,21 +128,23 @@ def evaluate_open_loop(model: DrivingLLM, dataset_split: Split | str | Path, max
     m["traffic_light_accuracy"] = float(np.mean([p is not None and p[0] == s for p, s in zip(parsed, states)]))
     errors = [abs(p[1] - d) if p and p[1] is not None else abs(d) for p, d, s in zip(parsed, dists, states) if s is not None]
     m["traffic_light_distance_error"] = float(np.mean(errors)) if errors else float("nan")
-
-    # Actions.
-    parsed = [text.parse_action(a) for a in answers["action"]]
-    lon = ((f["throttle"] - f["brake"]).to_numpy() + 1) / 2
-    lat = f["steer"].to_numpy()
-    m["lon_control_error"] = float(np.mean([abs((c.throttle - c.brake + 1) / 2 - y) if c else abs(y)
-                                            for c, y in zip(parsed, lon)]))
-    m["lat_control_error"] = float(np.mean([abs(c.steer - y) if c else abs(y) for c, y in zip(parsed, lat)]))
-    m["action_parse_rate"] = float(np.mean([c is not None for c in parsed]))
     perception_ok = ([text.parse_objects(a) is not None for a in answers["objects"]]
                      + [text.parse_lead(a) is not None for a in answers["lead"]]
                      + [text.parse_light(a) is not None for a in answers["light"]])
     m["perception_parse_rate"] = float(np.mean(perception_ok))
-    m["examples"] = {k: v[: 2] for k, v in answers.items()}
     return m
+
+
+def _action_metrics(action_answers: list[str], f) -> dict[str, float]:
+    parsed = [text.parse_action(a) for a in action_answers]
+    lon = ((f["throttle"] - f["brake"]).to_numpy() + 1) / 2
+    lat = f["steer"].to_numpy()
+    return {
+        "lon_control_error": float(np.mean([abs((c.throttle - c.brake + 1) / 2 - y) if c else abs(y)
+                                            for c, y in zip(parsed, lon)])),
+        "lat_control_error": float(np.mean([abs(c.steer - y) if c else abs(y) for c, y in zip(parsed, lat)])),
+        "action_parse_rate": float(np.mean([c is not None for c in parsed])),
+    }
 
 
 def random_model_like(model: DrivingLLM, seed: int = 0) -> DrivingLLM:
@@ -105,9 +161,11 @@ def cmd_eval_open(model_dir: str | Path | None = None, split_dir: str | Path | N
     trained if missing) and of a random model of the same size on the held-out split (default: the model's
     own val split). Prints a table, writes <model_dir>/eval_open.json, returns {"trained": ..., "random": ...}."""
     from prunedrive.app.train import ensure_default_model
+    from prunedrive.models.hf_causal import is_hf_causal_lm_dir
 
     model_dir = Path(model_dir) if model_dir else ensure_default_model("small")
-    model = DrivingLLM.from_pretrained(model_dir)
+    text_format = is_hf_causal_lm_dir(model_dir)  # `train --format text`, or any local causal LM
+    model = TextModel(model_dir) if text_format else DrivingLLM.from_pretrained(model_dir)
     if split_dir is None:
         summary = model_dir / "train_summary.json"
         split_dir = Path(json.loads(summary.read_text())["data_dir"]) if summary.is_file() else model_dir / "data"
@@ -118,7 +176,8 @@ def cmd_eval_open(model_dir: str | Path | None = None, split_dir: str | Path | N
     split = load_split(split_dir, "val")
     results = {"trained": evaluate_open_loop(model, split, max_samples)}
     if with_random:
-        results["random"] = evaluate_open_loop(random_model_like(model), split, max_samples)
+        random = model.randomized() if text_format else random_model_like(model)
+        results["random"] = evaluate_open_loop(random, split, max_samples)
     _print(results)
     (model_dir / "eval_open.json").write_text(json.dumps(results, indent=2))
     return results

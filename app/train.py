@@ -124,18 +124,23 @@ def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> 
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def pick_threads(model: DrivingLLM, batch: dict, candidates=(1, 2)) -> int:
+def _driving_llm_loss(model: DrivingLLM, batch: dict) -> torch.Tensor:
+    logits, labels = model(batch)
+    return model.loss(logits, labels)
+
+
+def pick_threads(model: torch.nn.Module, batch: dict, candidates=(1, 2), loss_fn=_driving_llm_loss) -> int:
     """The faster torch thread count for a training step right now. On a 2-core machine shared with other
     busy processes, 2 threads can be ~10-100x slower than 1 (every parallel region waits for a core), so
-    `threads="auto"` probes instead of trusting the core count. The probe's gradients are discarded."""
+    `threads="auto"` probes instead of trusting the core count. The probe's gradients are discarded.
+    loss_fn(model, batch) -> scalar loss (default: the DrivingLLM's)."""
     times = {}
     for n in candidates:
         torch.set_num_threads(n)
         best = float("inf")
         for _ in range(2):
             t = time.perf_counter()
-            logits, labels = model(batch)
-            model.loss(logits, labels).backward()
+            loss_fn(model, batch).backward()
             best = min(best, time.perf_counter() - t)
             if times and best > 2 * min(times.values()):
                 break  # clearly slower: do not pay for a second run
@@ -146,7 +151,7 @@ def pick_threads(model: DrivingLLM, batch: dict, candidates=(1, 2)) -> int:
     return choice
 
 
-def _save_checkpoint(ckpt: Path, model: DrivingLLM, optimizer, state: dict) -> None:
+def _save_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer, state: dict) -> None:
     """Write step-N/ complete under a temporary name, rename it, then point `latest` at it: a kill at any
     moment leaves the previous checkpoint readable (a torn one is never pointed at)."""
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -300,7 +305,8 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
 
 def cmd_train(preset: str = "small", out_dir: str | Path | None = None, data_dir: str | Path | None = None,
               seed: int = 0, resume: bool = True, threads: int | str = 2) -> Path:
-    """CLI entry (`prunedrive train`): train and print where the model went. Returns the model dir."""
+    """CLI entry (`prunedrive train`): train and print where the model went. Returns the model dir.
+    (`--format text` is app/train_text.py's cmd_train_text.)"""
     out = train(preset, data_dir=data_dir, out_dir=out_dir, seed=seed, resume=resume, progress=True, threads=threads)
     summary = json.loads((out / "train_summary.json").read_text())
     print(f"trained {summary['preset']} ({summary['parameters']['total']:,} parameters) in "
@@ -309,7 +315,8 @@ def cmd_train(preset: str = "small", out_dir: str | Path | None = None, data_dir
 
 
 def ensure_default_model(preset: str = "small", progress: bool = True) -> Path:
-    """The zoo directory of `preset`, training it (data + training, resumable) when absent or stale."""
+    """The zoo directory of `preset`, training it (data + training, resumable) when absent or stale
+    (the text-format model: app/train_text.py's ensure_text_model)."""
     directory = default_model_dir(preset)
     if not is_trained(directory, preset):
         train(preset, out_dir=directory, progress=progress)
