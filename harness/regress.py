@@ -189,7 +189,9 @@ def compare_to_baseline(episodes: pd.DataFrame, baseline: str, metric: str = "dr
     per agent with n (paired, scored episodes), the mean paired difference, its (1 - alpha) percentile
     bootstrap CI and a verdict: "better" / "worse" when the CI excludes 0, "no sig. difference" when it
     does not ("no sig. diff"), "n too small" below MIN_PAIRS_FOR_VERDICT pairs (the CI would be too narrow to trust)."""
-    scored = episodes[episodes["status"] != "failed"] if "status" in episodes else episodes
+    # An agent's own failure is a result (DS 0); only infrastructure failures (simulator, worker) say nothing.
+    failure = episodes["failure"] if "failure" in episodes else pd.Series("", index=episodes.index)
+    scored = episodes[~(episodes["status"].eq("failed") & failure.ne("agent"))] if "status" in episodes else episodes
     base = scored[scored["agent"] == baseline].set_index(["scenario", "seed"])[metric]
     rows = []
     for agent, group in scored.groupby("agent", sort=False):

@@ -56,3 +56,19 @@ def test_the_printed_tables_fit_100_columns_and_say_what_does_not_apply(tmp_path
     assert max(len(line) for line in text.splitlines()) <= 100
     assert "…" not in text and "nan" not in text and "e+06" not in text
     assert "–" in text and "worse" in text and "better" in text
+
+
+def test_an_agents_own_failures_count_as_zero_and_infrastructure_failures_drop_out():
+    from prunedrive.harness.regress import compare_to_baseline
+
+    rows = []
+    for seed in range(12):
+        rows.append({"agent": "dense", "scenario": "s", "seed": seed, "status": "finished", "failure": "",
+                     "driving_score": 80.0})
+        failed = seed < 4
+        rows.append({"agent": "pruned", "scenario": "s", "seed": seed, "status": "failed" if failed else "finished",
+                     "failure": ("agent" if seed < 2 else "infrastructure") if failed else "",
+                     "driving_score": 0.0 if failed else 80.0})
+    [row] = compare_to_baseline(pd.DataFrame(rows), "dense").to_dict("records")
+    assert row["n_pairs"] == 10  # the two infrastructure failures say nothing about the model
+    assert row["diff"] == -16.0  # two crashes of its own code at DS 0 among 10 pairs
