@@ -1,9 +1,24 @@
 """Prune a trained DrivingLLM directory with one method and write a normal model directory.
 
 The output loads with `DrivingLLM.from_pretrained` (zeros stored in model.safetensors) and carries
-`sparsity.json`: global and per-layer sparsity, method, hyper-parameters, calibration source.
-Scope "lm" (default, as OWLed) prunes the language model's decoder linears; "all" also prunes the
-vector encoder's linears, with the same method where it has a one-shot form.
+`sparsity.json`: global, per-part (encoder, LM) and per-layer sparsity, method, hyper-parameters, calibration
+source, and what each method measured (OWL's outlier ratios, the layers an N:M pattern left dense, DG2PF's
+training history).
+
+Scopes: "lm" (default, as OWLed) prunes the language model's decoder linears; "encoder" the vector encoder's
+linears only; "all" both: the encoder first, then the LM's calibration inputs are captured again through the
+*pruned* encoder (what the LM will see), then the LM. The encoder is pruned with the same method
+(models.pruning.encoder: padded object slots kept out of every statistic; OWL over the encoder's blocks);
+`encoder_sparsity` gives it its own target (default: the LM's).
+
+Calibration (one-shot methods): "driving" ([latents] + prompt + answer of expert rows, OWLed's choice),
+"generic" (real non-driving English prose, Python's own pydoc_data.topics, in windows matching the driving set's
+sample count and per-sample token counts), "random" (uniform token ids, the same counts: a no-content control).
+The encoder sees observations whatever the LM's source: expert rows for "driving" and "generic" (there is no
+generic observation), random well-formed observations (models.data.synthetic_split) for "random".
+
+`finetune` gives a one-shot method the pruned fine-tuning DG2PF ends with (fixed mask, task loss, early
+stopping) with DG2PF's whole epoch budget, so that DG2PF's effect can be told apart from more training.
 """
 from __future__ import annotations
 
@@ -12,21 +27,34 @@ import json
 import os
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from prunedrive.models.data import lm_calibration_samples, load_split
+from prunedrive.models.data import lm_calibration_lengths, lm_calibration_samples, load_split, synthetic_split
 from prunedrive.models.driving_llm import DrivingLLM
 from prunedrive.models.hf_causal import is_hf_causal_lm_dir
-from prunedrive.models.pruning import (generic_text_calibration, prune, prune_linears_with_inputs, pruning_method,
-                                       sparsity_report)
+from prunedrive.models.pruning import (generic_corpus, prose_calibration, prune, pruning_method,
+                                       random_token_calibration, sparsity_report)
+from prunedrive.models.pruning.calibration import sample_length
 from prunedrive.models.pruning.dg2pf import DG2PFConfig, dg2pf_prune, next_token
+from prunedrive.models.pruning.encoder import ENCODER_METHODS, prune_encoder
+from prunedrive.models.pruning.masks import find_linears
 
-RECIPE_FORMAT = 1  # bump when a change to the pruning code changes what a recipe produces
-SCOPES = ("lm", "all")
-CALIBRATIONS = ("driving", "generic")
-GENERIC_LENGTH = 64  # tokens: about a driving sample's latents + prompt + answer
+RECIPE_FORMAT = 1  # bump when a change to the pruning code changes what every recipe produces
+# Finer-grained formats, in the recipe only where they apply (so the "lm"-scope driving-calibrated one-shot
+# recipes, whose products did not change, keep their keys): bump when that part's code changes its products.
+CALIBRATION_FORMAT = 2  # generic = pydoc prose, random = uniform ids, both token-count matched (1: uniform ids, 64)
+ENCODER_FORMAT = 2  # validity masks, sequential stages, encoder pruned before the LM, OWL over encoder blocks
+DG2PF_FORMAT = 2  # fresh data every epoch, 24 validation batches, patience 2, per-part targets
+SCOPES = ("lm", "encoder", "all")
+CALIBRATIONS = ("driving", "generic", "random")
+# DG2PF on the driving LLM: keeps a run to minutes on 2 cores (DG2PFConfig's own defaults are the paper's).
+DG2PF_DEFAULTS = {"sparsity_epochs": 5, "lr": 3e-4, "max_epochs": 10, "finetune_max_epochs": 4, "patience": 2,
+                  "batch_size": 16, "train_batches": 24, "val_batches": 24}
+# Keyword arguments of prune_model_dir that are not the method's own.
+COMPRESS_OPTIONS = ("encoder_sparsity", "finetune")
 
 
 def training_data_dir(model_dir: Path) -> Path:
@@ -38,45 +66,133 @@ def training_data_dir(model_dir: Path) -> Path:
 
 
 def calibration_set(model: DrivingLLM, source: str, n_samples: int, data_dir: Path, seed: int) -> list[dict]:
-    """Driving samples (OWLed's choice: [latents] + prompt + answer from expert data) or, as the ablation,
-    uniformly random token ids of the model's own vocabulary (no driving content at all)."""
+    """The LM's calibration samples (see `calibration_with_source`)."""
+    return calibration_with_source(model, source, n_samples, data_dir, seed)[0]
+
+
+def calibration_with_source(model: DrivingLLM, source: str, n_samples: int, data_dir: Path,
+                            seed: int) -> tuple[list[dict], dict]:
+    """(samples, what they are). driving: OWLed's choice, [latents] + prompt + answer of `n_samples` expert rows
+    (through the model's current encoder); generic: windows of English prose (pydoc_data.topics) tokenized by the
+    model's tokenizer, one per driving sample with the same token count; random: uniform ids of the model's
+    vocabulary, the same counts."""
+    if source not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration source {source!r}; allowed: {', '.join(CALIBRATIONS)}")
+    split = load_split(data_dir, "train")
     if source == "driving":
-        return lm_calibration_samples(model, load_split(data_dir, "train"), n_samples=n_samples, seed=seed)
-    if source == "generic":
-        return generic_text_calibration(len(model.tokenizer), n_samples=n_samples, length=GENERIC_LENGTH, seed=seed)
-    raise ValueError(f"unknown calibration source {source!r}; allowed: {', '.join(CALIBRATIONS)}")
+        samples = lm_calibration_samples(model, split, n_samples=n_samples, seed=seed)
+        text = "expert rows of the train split: [observation tokens] + prompt + answer"
+    else:
+        lengths = lm_calibration_lengths(model, split, n_samples=n_samples, seed=seed)
+        if source == "generic":
+            corpus, text = generic_corpus()
+            samples = prose_calibration(model.tokenizer.encode(corpus), lengths, seed=seed)
+            text = f"English prose from {text}, windows at seeded offsets"
+        else:
+            samples = random_token_calibration(len(model.tokenizer), lengths, seed=seed)
+            text = f"token ids drawn uniformly from the {len(model.tokenizer)}-token vocabulary"
+    tokens = sum(sample_length(s) for s in samples)
+    matched = "" if source == "driving" else ", token-count matched to the driving set"
+    return samples, {"source": source, "samples": len(samples), "tokens": tokens, "data": text,
+                     "description": f"{source} ({len(samples)} samples, {tokens} tokens{matched}: {text})"}
 
 
-def _dg2pf(model: DrivingLLM, model_dir: Path, data_dir: Path, sparsity: float, scope: str, seed: int,
-           out_dir: Path, progress: bool, config: DG2PFConfig | None) -> dict:
+def encoder_calibration_batch(source: str, n_samples: int, data_dir: Path, seed: int) -> tuple[dict, str]:
+    """(collated observations, description) for encoder pruning: expert rows of the train split ("driving",
+    "generic": generic text has no observations), or random well-formed observations ("random")."""
+    from prunedrive.models.driving_llm import collate
+
+    if source == "random":
+        split = synthetic_split(n_samples, seed=seed)
+        return collate([split.observation(r) for r in range(len(split))]), \
+            f"random: {n_samples} synthetic observations (models.data.synthetic_split, seed {seed})"
+    split = load_split(data_dir, "train")
+    rows = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n_samples].tolist()
+    return collate([split.observation(r) for r in rows]), f"driving: {len(rows)} expert rows of the train split"
+
+
+def _scope_exclude(scope: str) -> tuple[str, ...]:
+    return {"lm": ("lm_head", "encoder"), "encoder": ("lm_head", "lm"), "all": ("lm_head",)}[scope]
+
+
+def dg2pf_config(sparsity: float, scope: str = "lm", encoder_sparsity: float | None = None, **overrides) -> DG2PFConfig:
+    """The DG2PFConfig prune_model_dir uses: DG2PF_DEFAULTS, then `overrides` (DG2PFConfig fields, or
+    `config=DG2PFConfig(...)` as the base), the target `sparsity`, the layers of `scope`; with scope "all",
+    one target per part ({"encoder": encoder_sparsity or sparsity, "lm": sparsity}) unless `targets` is given."""
+    base = overrides.pop("config", None)
+    settings = {**DG2PF_DEFAULTS, **(asdict(base) if isinstance(base, DG2PFConfig) else {}), **overrides}
+    unknown = set(settings) - set(DG2PFConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"dg2pf: unknown settings {sorted(unknown)}; allowed: "
+                         f"{', '.join(DG2PFConfig.__dataclass_fields__)}")
+    settings.update(sparsity=sparsity, exclude=_scope_exclude(scope))
+    if scope == "all" and not settings.get("targets"):
+        settings["targets"] = {"encoder": sparsity if encoder_sparsity is None else encoder_sparsity, "lm": sparsity}
+    elif scope == "encoder" and encoder_sparsity is not None:
+        settings["sparsity"] = encoder_sparsity
+    return DG2PFConfig(**settings)
+
+
+def finetune_config(scope: str, finetune) -> DG2PFConfig:
+    """Pruned fine-tuning for a one-shot method (`finetune` True, or a dict of DG2PFConfig fields): DG2PF's
+    settings, with a phase-2 epoch cap of DG2PF's whole budget (max_epochs + finetune_max_epochs) unless
+    `finetune_max_epochs` is given."""
+    overrides = dict(finetune) if isinstance(finetune, dict) else {}
+    config = dg2pf_config(0.0, scope, **{k: v for k, v in overrides.items() if k != "finetune_max_epochs"})
+    budget = overrides.get("finetune_max_epochs", config.max_epochs + config.finetune_max_epochs)
+    return DG2PFConfig(**{**asdict(config), "finetune_max_epochs": budget, "gradual": False, "targets": None})
+
+
+def _driving_batches(model: DrivingLLM, data_dir: Path, config: DG2PFConfig, seed: int):
+    """(train: epoch -> batches, fresh rows and questions every epoch; val: a fixed list)."""
     from prunedrive.app.train import Batches
 
-    teacher = DrivingLLM.from_pretrained(model_dir)
-    batch_size, train_batches, val_batches = 16, 24, 6  # per epoch: keeps DG2PF to minutes on 2 cores
     train = Batches(load_split(data_dir, "train"), model.tokenizer, 0.5, seed)
     val = Batches(load_split(data_dir, "val"), model.tokenizer, 0.5, seed + 1)
+    size = config.batch_size
 
-    def batches(source: Batches, n: int) -> list[dict]:
-        items = source.epoch(0)
-        return [source.collate(items[i * batch_size:(i + 1) * batch_size]) for i in range(n)
-                if i * batch_size < len(items)]
+    def take(source: Batches, epoch: int, n: int) -> list[dict]:
+        items = source.epoch(epoch)
+        return [source.collate(items[i * size:(i + 1) * size]) for i in range(n) if i * size < len(items)]
 
-    config = config or DG2PFConfig(sparsity=sparsity, sparsity_epochs=5, lr=3e-4, max_epochs=10,
-                                   finetune_max_epochs=4, exclude=("lm_head",) if scope == "all" else ("lm_head", "encoder"))
-    report = dg2pf_prune(model, teacher, batches(train, train_batches), batches(val, val_batches),
-                         forward=lambda m, b: next_token(*m(b)), config=config,
-                         checkpoint_dir=str(out_dir / "dg2pf-checkpoint"), progress=progress)
-    report["hyperparameters"] = {k: v for k, v in config.__dict__.items()}
+    return (lambda epoch: take(train, epoch, config.train_batches)), take(val, 0, config.val_batches)
+
+
+def _dg2pf(model: DrivingLLM, model_dir: Path, data_dir: Path, config: DG2PFConfig, seed: int, out_dir: Path,
+           progress: bool, fixed_mask: dict | None = None) -> dict:
+    needs_teacher = config.distill and config.gradual and fixed_mask is None
+    teacher = DrivingLLM.from_pretrained(model_dir) if needs_teacher else None
+    train, val = _driving_batches(model, data_dir, config, seed)
+    report = dg2pf_prune(model, teacher, train, val, forward=lambda m, b: next_token(*m(b)), config=config,
+                         checkpoint_dir=str(out_dir / "dg2pf-checkpoint"), progress=progress, fixed_mask=fixed_mask)
+    report["hyperparameters"] = json.loads(json.dumps(asdict(config)))  # as sparsity.json holds it (lists)
+    report["data"] = (f"driving data's train split, {config.train_batches} batches of {config.batch_size} drawn "
+                      f"fresh every epoch; validation: {len(val)} batches of the val split")
     return report
 
 
 def recipe(method: str, sparsity: float | None, pattern: str | None = None, scope: str = "lm",
-           calibration: str = "driving", n_calibration: int = 64, seed: int = 0, **method_kwargs) -> dict:
-    """Everything that decides a pruned model besides the dense weights (FORMAT: bump when the code does)."""
-    return {"format": RECIPE_FORMAT, "method": method, "sparsity": sparsity, "pattern": pattern, "scope": scope,
-            "calibration": None if not pruning_method(method).calibrated else calibration,
-            "n_calibration": None if not pruning_method(method).calibrated else n_calibration, "seed": seed,
-            "hyperparameters": method_kwargs}
+           calibration: str = "driving", n_calibration: int = 64, seed: int = 0, **options) -> dict:
+    """Everything that decides a pruned model besides the dense weights (FORMAT: bump when the code does).
+    `options`: prune_model_dir's other keyword arguments (encoder_sparsity, finetune, the method's own)."""
+    spec = pruning_method(method)
+    compress = {k: options.pop(k) for k in COMPRESS_OPTIONS if k in options}
+    out = {"format": RECIPE_FORMAT, "method": method, "sparsity": sparsity, "pattern": pattern, "scope": scope,
+           "calibration": None if not spec.calibrated else calibration,
+           "n_calibration": None if not spec.calibrated else n_calibration, "seed": seed,
+           "hyperparameters": options}
+    if spec.calibrated and calibration != "driving":
+        out["calibration_format"] = CALIBRATION_FORMAT
+    if scope != "lm":
+        out["encoder_format"] = ENCODER_FORMAT
+    if compress.get("encoder_sparsity") is not None:
+        out["encoder_sparsity"] = compress["encoder_sparsity"]
+    if spec.trains:
+        out["dg2pf_format"] = DG2PF_FORMAT
+        out["dg2pf"] = asdict(dg2pf_config(sparsity, scope, compress.get("encoder_sparsity"), **dict(options)))
+    if compress.get("finetune"):
+        out["finetune"] = asdict(finetune_config(scope, compress["finetune"]))
+    return json.loads(json.dumps(out, default=str))
 
 
 def _check_output(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
@@ -86,68 +202,134 @@ def _check_output(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"--out {out_dir} exists and is not empty; pick a new directory or pass --overwrite")
 
 
+def _part_sparsity(model: DrivingLLM) -> dict[str, float]:
+    enc = sparsity_report(model.encoder, ())
+    return {"encoder": enc["global"], "lm": sparsity_report(model.lm)["global"]}
+
+
 def prune_model_dir(model_dir: str | Path, method: str, sparsity: float | None, out_dir: str | Path,
                     pattern: str | None = None, scope: str = "lm", calibration: str = "driving",
                     n_calibration: int = 64, data_dir: str | Path | None = None, seed: int = 0,
                     progress: bool = True, overwrite: bool = False, trust_remote_code: bool = False,
+                    encoder_sparsity: float | None = None, finetune: bool | dict | None = None,
                     **method_kwargs) -> dict:
     """Prune `model_dir` into `out_dir`; returns what sparsity.json holds. The model is written to a
     hidden sibling directory and renamed when complete, so `out_dir` holds a whole model or none.
     `model_dir` is a DrivingLLM directory, or any local Hugging Face causal LM directory (config.json whose
-    model_type is not prunedrive's driving LLM; see `_prune_hf_dir`)."""
+    model_type is not prunedrive's driving LLM; see `_prune_hf_dir`).
+
+    scope: "lm" | "encoder" | "all"; calibration: "driving" | "generic" | "random" (one-shot methods);
+    encoder_sparsity: the encoder's own target (scope encoder/all; default `sparsity`); finetune: True or a dict
+    of DG2PFConfig fields, pruned fine-tuning after a one-shot method (`finetune_config`). method_kwargs go to
+    the method: owl M, lam, base; sparsegpt blocksize, percdamp; dg2pf any DG2PFConfig field (distill=False,
+    gradual=False for the ablations, patience, ...) or config=DG2PFConfig(...)."""
     spec = pruning_method(method)
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; allowed: {', '.join(SCOPES)}")
+    if spec.calibrated and calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration source {calibration!r}; allowed: {', '.join(CALIBRATIONS)}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_output(model_dir, out_dir, overwrite)
     if is_hf_causal_lm_dir(model_dir):
+        if encoder_sparsity is not None or finetune:
+            raise ValueError("encoder_sparsity and finetune apply to the driving LLM only")
+        if data_dir is None and (model_dir / "train_summary.json").is_file():  # trained here: its own data
+            data_dir = training_data_dir(model_dir)
         return _prune_hf_dir(model_dir, method, sparsity, out_dir, pattern, scope, calibration, n_calibration,
                              data_dir, seed, progress, trust_remote_code, **method_kwargs)
+    if encoder_sparsity is not None and scope == "lm":
+        raise ValueError("encoder_sparsity needs scope 'encoder' or 'all'")
+    if encoder_sparsity is not None and pattern:
+        raise ValueError("encoder_sparsity is for unstructured pruning; an N:M pattern sets both parts")
+    if scope != "lm" and not spec.trains and method not in ENCODER_METHODS:
+        raise ValueError(f"scope {scope!r}: the encoder can be pruned by {', '.join(ENCODER_METHODS)}, not {method}")
+    if spec.trains and finetune:
+        raise ValueError("dg2pf ends with pruned fine-tuning already; finetune is for one-shot methods")
     final_dir, out_dir = out_dir, out_dir.with_name(f".{out_dir.name}.partial")  # DG2PF resumes from it
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(data_dir) if data_dir else training_data_dir(model_dir)
     torch.manual_seed(seed)
     model = DrivingLLM.from_pretrained(model_dir)
     started = time.time()
+    extra: dict = {}
     if spec.trains:
         if sparsity is None or pattern:
             raise ValueError("dg2pf takes --sparsity (unstructured, gradual magnitude); N:M patterns are not part of it")
-        report = _dg2pf(model, model_dir, data_dir, sparsity, scope, seed, out_dir, progress, None)
-        calibration_source = "none (trained on the driving data's train split)"
+        config = dg2pf_config(sparsity, scope, encoder_sparsity, **method_kwargs)
+        report = _dg2pf(model, model_dir, data_dir, config, seed, out_dir, progress)
+        calibration_source = f"none ({report.pop('data')})"
+        extra = {k: report[k] for k in ("history", "best_val_gradual", "val_before_finetune", "best_val_finetune",
+                                        "train_steps", "epochs", "parts")}
+        extra["dg2pf_parts"] = extra.pop("parts")
     else:
-        samples = calibration_set(model, calibration, n_calibration, data_dir, seed) if spec.calibrated else None
-        with torch.no_grad():
-            report = prune(model.lm, method, sparsity, pattern, samples, **method_kwargs)
-        if scope == "all":
-            _prune_encoder(model, "magnitude" if method in ("magnitude",) else "wanda" if method == "owl" else method,
-                           report["target_sparsity"], pattern, data_dir, n_calibration, seed)
-        calibration_source = f"{calibration} ({n_calibration} samples)" if spec.calibrated else "none"
+        enc_target = encoder_sparsity if encoder_sparsity is not None else sparsity
+        report, sources = {}, []
+        if scope in ("encoder", "all"):
+            batch = None
+            if spec.calibrated:
+                batch, enc_source = encoder_calibration_batch(calibration, n_calibration, data_dir, seed)
+                sources.append(f"encoder: {enc_source}")
+            enc_kwargs = {k: v for k, v in method_kwargs.items()
+                          if k in ("M", "lam", "base", "blocksize", "percdamp")}
+            extra["encoder"] = prune_encoder(model.encoder, batch, method, enc_target, pattern, **enc_kwargs)
+        if scope in ("lm", "all"):
+            if spec.calibrated:  # captured after the encoder is pruned: the inputs the pruned LM will get
+                samples, detail = calibration_with_source(model, calibration, n_calibration, data_dir, seed)
+                extra["calibration_detail"] = detail
+                sources.insert(0, detail["description"])
+            else:
+                samples = None
+            with torch.no_grad():
+                report = prune(model.lm, method, sparsity, pattern, samples, **method_kwargs)
+        calibration_source = "; ".join(sources) if sources else "none"
+        for key in ("outlier_ratios", "nm_skipped"):
+            if report.get(key) is not None:
+                extra[f"lm_{key}" if key == "nm_skipped" else key] = report[key]
+        if method == "owl":
+            extra["owl"] = report.get("owl") or extra.get("encoder", {}).get("owl")
+        if finetune:
+            pruned = _part_sparsity(model)
+            config = finetune_config(scope, finetune)
+            params = find_linears(model, config.exclude)
+            mask = {n: lin.weight.detach() == 0 for n, lin in params.items()}
+            ft = _dg2pf(model, model_dir, data_dir, config, seed, out_dir, progress, fixed_mask=mask)
+            extra["finetune"] = {"config": ft["hyperparameters"], "data": ft["data"], "history": ft["history"],
+                                 "val_before": ft["val_before_finetune"], "best_val": ft["best_val_finetune"],
+                                 "train_steps": ft["train_steps"], "epochs": ft["epochs"],
+                                 "sparsity_before": pruned}
     model.eval()
     whole = sparsity_report(model, ("lm_head",))
+    parts = _part_sparsity(model)
     record = {
-        "method": method, "target_sparsity": sparsity if sparsity is not None else report.get("target_sparsity"),
+        "method": method, "target_sparsity": sparsity if sparsity is not None else _pattern_sparsity(pattern),
         "pattern": pattern, "scope": scope, "calibration": calibration_source, "seed": seed,
-        "global": whole["global"], "lm_global": sparsity_report(model.lm)["global"], "per_layer": whole["per_layer"],
+        "global": whole["global"], "lm_global": parts["lm"], "encoder_global": parts["encoder"], "parts": parts,
+        "per_layer": whole["per_layer"],
         "per_block": report.get("per_block"), "layer_sparsities": report.get("layer_sparsities"),
         "hyperparameters": report.get("hyperparameters") or {k: v for k, v in method_kwargs.items()},
+        "encoder_sparsity": encoder_sparsity,
         "base_model": str(model_dir), "seconds": round(time.time() - started, 1),
-        "parameters": model.num_parameters(),
+        "parameters": model.num_parameters(), **extra,
     }
     model.save_pretrained(out_dir)
-    (out_dir / "sparsity.json").write_text(json.dumps(record, indent=2, default=float))
+    (out_dir / "sparsity.json").write_text(json.dumps(record, indent=2, default=_json_default))
     if final_dir.exists():  # --overwrite, checked above
         shutil.rmtree(final_dir)
     os.replace(out_dir, final_dir)
     return record
 
 
-def _prune_encoder(model: DrivingLLM, method: str, sparsity: float, pattern, data_dir: Path, n: int, seed: int):
-    from prunedrive.models.driving_llm import collate
+def _pattern_sparsity(pattern) -> float | None:
+    from prunedrive.models.pruning.masks import parse_pattern
 
-    split = load_split(data_dir, "train")
-    rows = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    batch = collate([split.observation(r) for r in rows])
-    prune_linears_with_inputs(model.encoder, lambda encoder: encoder(batch), method, sparsity, pattern)
+    nm = parse_pattern(pattern)
+    return nm[0] / nm[1] if nm else None
+
+
+def _json_default(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return float(x)
 
 
 # -- plain Hugging Face causal LMs ------------------------------------------------------------------------------
@@ -172,19 +354,31 @@ def _expert_rollout_split(n_steps: int, seed: int):
 
 
 def hf_calibration_set(tokenizer, source: str, n_samples: int, data_dir: Path | None, seed: int) -> tuple[list[dict], str]:
-    """(samples, description) for a HF causal LM: the driving data's train split (or, without one, an expert
-    rollout) rendered as the text agent's scene-text prompts + expert answers; or shuffled token ids."""
+    """(samples, description) for a HF causal LM: "driving", the driving data's train split (or, without one, an
+    expert rollout) rendered as the text agent's scene-text prompts + expert answers; "generic", windows of English
+    prose (pydoc_data.topics) with the driving samples' token counts (BOS first where the driving samples have
+    it); "random", uniform token ids with the same counts."""
     from prunedrive.models.pruning.calibration import scene_text_calibration
     from prunedrive.models.scene_text import SCENE_TEXT_VERSION
 
+    if source not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration source {source!r}; allowed: {', '.join(CALIBRATIONS)}")
+    split, where = _driving_split(data_dir, "train", n_samples, seed)
+    driving = scene_text_calibration(tokenizer, split, n_samples, seed)
     if source == "driving":
-        split, where = _driving_split(data_dir, "train", n_samples, seed)
-        samples = scene_text_calibration(tokenizer, split, n_samples, seed)
-        return samples, f"driving ({len(samples)} samples, scene-text v{SCENE_TEXT_VERSION} prompts, {where})"
+        return driving, f"driving ({len(driving)} samples, scene-text v{SCENE_TEXT_VERSION} prompts, {where})"
+    lengths = [sample_length(s) for s in driving]
     if source == "generic":
-        return (generic_text_calibration(len(tokenizer), n_samples=n_samples, length=GENERIC_LENGTH, seed=seed),
-                f"generic ({n_samples} samples)")
-    raise ValueError(f"unknown calibration source {source!r}; allowed: {', '.join(CALIBRATIONS)}")
+        corpus, text = generic_corpus()
+        bos = tokenizer.bos_token_id
+        bos = bos if bos is not None and all(int(s["input_ids"][0, 0]) == bos for s in driving) else None
+        samples = prose_calibration(tokenizer(corpus, add_special_tokens=False)["input_ids"], lengths, seed, bos)
+        text = f"English prose from {text}"
+    else:
+        samples = random_token_calibration(len(tokenizer), lengths, seed)
+        text = "uniform token ids"
+    return samples, (f"{source} ({len(samples)} samples, {sum(lengths)} tokens, token-count matched to the driving "
+                     f"set of {where}: {text})")
 
 
 def _prune_hf_dir(model_dir: Path, method: str, sparsity: float | None, final_dir: Path, pattern, scope: str,
@@ -236,7 +430,10 @@ def _prune_hf_dir(model_dir: Path, method: str, sparsity: float | None, final_di
         "parameters": {"lm": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
                        "decoder_blocks": sum(p.numel() for p in blocks.parameters())},
         "format": "hf-causal-lm", "model_type": raw.get("model_type"),
+        **{k: report[k] for k in ("outlier_ratios", "owl", "history", "train_steps", "epochs") if report.get(k)},
     }
+    if report.get("nm_skipped") is not None:
+        record["lm_nm_skipped"] = report["nm_skipped"]
     if isinstance(saved_dtype, str) and saved_dtype != "float32" and isinstance(getattr(torch, saved_dtype, None),
                                                                              torch.dtype):
         model.to(getattr(torch, saved_dtype))  # back to the checkpoint's dtype; zeros stay zeros
@@ -297,7 +494,8 @@ def _dg2pf_hf(model, tokenizer, sparsity: float, data_dir: Path | None, n_sample
     val_split, val_where = _driving_split(data_dir, "val", max(n_samples // 4, batch_size), seed + 1000)
     train = scene_text_batches(tokenizer, train_split, batch_size, max(n_samples // batch_size, 1), seed)
     val = scene_text_batches(tokenizer, val_split, batch_size, max(n_samples // (4 * batch_size), 1), seed + 1)
-    settings = {"sparsity_epochs": 5, "max_epochs": 10, "finetune_max_epochs": 4, **overrides, "sparsity": sparsity}
+    settings = {"sparsity_epochs": 5, "max_epochs": 10, "finetune_max_epochs": 4, "patience": 2, **overrides,
+                "sparsity": sparsity}
     config = DG2PFConfig(**settings)
     teacher = copy.deepcopy(model)
     report = dg2pf_prune(model, teacher, train, val, forward=causal_lm_forward, config=config,

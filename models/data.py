@@ -69,12 +69,24 @@ def lm_calibration_samples(model, split: Split, n_samples: int = 128, seed: int 
 
     from prunedrive.models.driving_llm import collate
 
-    rows = np.random.default_rng(seed).permutation(len(split))[:n_samples]
     samples = []
     with torch.no_grad():
-        for j, r in enumerate(rows):
-            kind = kinds[j % len(kinds)]
-            ids = model.prompt_ids(text.prompt(kind)) + model.tokenizer.encode(split.frame[f"a_{kind}"].iloc[r])
-            inputs = model.lm_inputs(collate([split.observation(int(r))]), torch.tensor([ids]))
+        for r, ids in _calibration_rows(model, split, n_samples, seed, kinds):
+            inputs = model.lm_inputs(collate([split.observation(r)]), torch.tensor([ids]))
             samples.append({k: v.detach() for k, v in inputs.items()})
     return samples
+
+
+def _calibration_rows(model, split: Split, n_samples: int, seed: int, kinds: tuple[str, ...]):
+    """(row, prompt + answer token ids) of the driving calibration samples, in order."""
+    rows = np.random.default_rng(seed).permutation(len(split))[:n_samples]
+    for j, r in enumerate(rows):
+        kind = kinds[j % len(kinds)]
+        yield int(r), model.prompt_ids(text.prompt(kind)) + model.tokenizer.encode(split.frame[f"a_{kind}"].iloc[r])
+
+
+def lm_calibration_lengths(model, split: Split, n_samples: int = 128, seed: int = 0,
+                           kinds: tuple[str, ...] = tuple(text.QUESTIONS)) -> list[int]:
+    """The LM positions of each `lm_calibration_samples` sample (observation tokens + prompt + answer), without
+    running the encoder: what a generic or random calibration set matches, token for token."""
+    return [model.prefix_tokens + len(ids) for _, ids in _calibration_rows(model, split, n_samples, seed, kinds)]

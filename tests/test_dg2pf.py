@@ -159,3 +159,67 @@ def test_dg2pf_resumes_from_checkpoint(tmp_path):
         raise AssertionError("a finished run should not train again")
 
     assert run(tiny_lm(), tmp_path, must_not_run)["global"] == 0.5
+
+
+def test_defaults_follow_the_fixes():
+    config = DG2PFConfig()
+    assert config.patience == 2 and config.mask_interval == 1 and config.distill and config.gradual
+    with pytest.raises(ValueError):
+        run(tiny_lm(), patience=0)
+
+
+def test_each_part_gets_its_own_target_and_threshold():
+    targets = {"model.layers.0": 0.3, "model.layers.1": 0.6}
+    student = tiny_lm()
+    with torch.no_grad():  # block 1's weights 10x larger: one global threshold would prune block 0 far more
+        for lin in find_linears(student.model.layers[1]).values():
+            lin.weight *= 10
+    report = run(student, targets=targets)
+    assert report["parts"] == pytest.approx(targets, abs=1e-3)
+    assert report["config"]["targets"] == targets
+
+
+def test_without_distillation_the_teacher_is_not_needed():
+    config = DG2PFConfig(sparsity=0.5, sparsity_epochs=1, max_epochs=1, finetune_max_epochs=1, lr=1e-3, distill=False)
+    report = dg2pf_prune(tiny_lm(), None, batches(2, seed=1), batches(1, seed=2), causal_lm_forward, config,
+                         progress=False)
+    assert report["global"] == 0.5 and {h["phase"] for h in report["history"]} == {"gradual", "finetune"}
+
+
+def test_without_the_ramp_it_prunes_once_then_fine_tunes():
+    student = tiny_lm()
+    one_shot = magnitude_masks(weights(student), 0.5)
+    config = DG2PFConfig(sparsity=0.5, finetune_max_epochs=2, lr=1e-3, gradual=False)
+    report = dg2pf_prune(student, None, batches(2, seed=1), batches(1, seed=2), causal_lm_forward, config,
+                         progress=False)
+    assert {h["phase"] for h in report["history"]} == {"finetune"} and report["best_val_gradual"] is None
+    for n, w in weights(student).items():
+        assert torch.equal(w == 0, one_shot[n]), n
+    assert report["val_before_finetune"] is not None and report["best_val_finetune"] <= report["val_before_finetune"]
+
+
+def test_fixed_mask_fine_tuning_keeps_that_mask():
+    student = tiny_lm()
+    g = torch.Generator().manual_seed(0)
+    mask = {n: torch.rand(w.shape, generator=g) < 0.4 for n, w in weights(student).items()}
+    with torch.no_grad():
+        for n, w in weights(student).items():
+            w[mask[n]] = 0
+    config = DG2PFConfig(finetune_max_epochs=2, lr=1e-2)
+    report = dg2pf_prune(student, None, batches(2, seed=1), batches(1, seed=2), causal_lm_forward, config,
+                         progress=False, fixed_mask=mask)
+    for n, w in weights(student).items():
+        assert torch.equal(w == 0, mask[n]), n
+    assert report["epochs"]["gradual"] == 0 and report["train_steps"] == 2 * report["epochs"]["finetune"]
+
+
+def test_fresh_data_every_epoch():
+    asked = []
+
+    def train(epoch):
+        asked.append(epoch)
+        return batches(2, seed=100 + epoch)
+
+    config = DG2PFConfig(sparsity=0.5, sparsity_epochs=2, max_epochs=3, finetune_max_epochs=2, lr=1e-3)
+    report = dg2pf_prune(tiny_lm(), tiny_lm(), train, batches(1, seed=2), causal_lm_forward, config, progress=False)
+    assert asked == list(range(len(asked))) and len(asked) == len(report["history"])

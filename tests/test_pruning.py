@@ -237,3 +237,48 @@ def test_calibration_builders():
     assert len(out) == 4 and set(out[0]) == {"inputs_embeds", "attention_mask"}
     with pytest.raises(ValueError):
         driving_calibration([{"attention_mask": torch.ones(1, 3)}])
+
+
+def test_generic_prose_calibration_matches_the_lengths_it_is_given():
+    from prunedrive.models.pruning import generic_corpus, prose_calibration, random_token_calibration
+
+    text, description = generic_corpus()
+    assert len(text) > 400_000 and "pydoc_data.topics" in description
+    assert "traffic light" not in text.lower()  # not driving text
+    ids = list(range(1000))
+    samples = prose_calibration(ids, [5, 9, 3], seed=1)
+    assert [s["input_ids"].shape[1] for s in samples] == [5, 9, 3]
+    for s in samples:  # contiguous windows: word order kept
+        window = s["input_ids"][0].tolist()
+        assert window == list(range(window[0], window[0] + len(window)))
+    assert torch.equal(prose_calibration(ids, [5], seed=1)[0]["input_ids"], samples[0]["input_ids"])
+    assert prose_calibration(ids, [4], seed=0, bos_token_id=7)[0]["input_ids"][0, 0] == 7
+    rand = random_token_calibration(VOCAB, [4, 6], seed=0)
+    assert [s["input_ids"].shape for s in rand] == [(1, 4), (1, 6)] and int(rand[1]["input_ids"].max()) < VOCAB
+    with pytest.raises(ValueError):
+        prose_calibration(ids[:3], [5])
+
+
+def test_owl_report_carries_raw_ratios_and_settings(lm, calib):
+    report = prune(lm, "owl", 0.5, calibration=calib, M=3.0, lam=0.05)
+    assert len(report["outlier_ratios"]) == 2 and all(0 <= r <= 1 for r in report["outlier_ratios"])
+    assert report["owl"] == {"M": 3.0, "lam": 0.05, "base": "wanda"}
+    if report["outlier_ratios"][0] != report["outlier_ratios"][1]:
+        assert max(report["layer_sparsities"]) - min(report["layer_sparsities"]) == pytest.approx(0.1)
+
+
+def test_weighted_owl_keeps_the_parameter_weighted_mean():
+    s = owl_sparsities_from_ratios([0.01, 0.05, 0.03], 0.5, lam=0.08, weights=[10, 1, 100])
+    assert (s[0] * 10 + s[1] * 1 + s[2] * 100) / 111 == pytest.approx(0.5)
+    assert max(s) - min(s) == pytest.approx(0.16)
+
+
+def test_nm_leaves_layers_it_cannot_divide_dense():
+    lin = nn.Linear(6, 4)
+    before = lin.weight.detach().clone()
+    prune_linears_with_inputs(lin, lambda m: m(torch.randn(8, 6)), "wanda", None, pattern="2:4")
+    assert torch.equal(lin.weight, before)
+    prune_linears_with_inputs(lin, lambda m: m(torch.randn(8, 6)), "sparsegpt", None, pattern="2:4")
+    assert torch.equal(lin.weight, before)
+    prune_magnitude(lin, None, pattern="2:4")
+    assert torch.equal(lin.weight, before)

@@ -1,4 +1,5 @@
-"""Post-training pruning of a causal LM's decoder Linear layers (lm_head and embeddings are never pruned).
+"""Post-training pruning of a causal LM's decoder Linear layers (lm_head and embeddings are never pruned), and
+(models.pruning.encoder) of the driving LLM's vector encoder.
 
     report = prune(lm, "owl", 0.5, calibration=calib, base="wanda")
     report = prune(lm, "wanda", pattern="2:4", calibration=calib)
@@ -18,13 +19,14 @@ from typing import Callable
 
 from torch import nn
 
-from prunedrive.models.pruning.calibration import (capture_block_inputs, driving_calibration, generic_text_calibration,
-                                        run_block)
+from prunedrive.models.pruning.calibration import (capture_block_inputs, driving_calibration, generic_corpus,
+                                                  generic_text_calibration, prose_calibration, random_token_calibration,
+                                                  run_block)
 from prunedrive.models.pruning.magnitude import prune_magnitude
-from prunedrive.models.pruning.masks import (apply_mask, check_sparsity, find_linears, nm_mask, parse_pattern,
-                                  sparsity_report, unstructured_mask)
+from prunedrive.models.pruning.masks import (apply_mask, check_sparsity, decoder_layers, find_linears, nm_mask,
+                                             nm_skipped, parse_pattern, sparsity_report, unstructured_mask)
 from prunedrive.models.pruning.oneshot import prune_linears_with_inputs
-from prunedrive.models.pruning.owl import owl_layer_sparsities, prune_owl
+from prunedrive.models.pruning.owl import owl_layer_sparsities, owl_prune_report, prune_owl
 from prunedrive.models.pruning.sparsegpt import prune_sparsegpt
 from prunedrive.models.pruning.wanda import prune_wanda
 
@@ -33,7 +35,8 @@ from prunedrive.models.pruning.wanda import prune_wanda
 @dataclass(frozen=True)
 class PruningMethod:
     """A pruning method. One-shot methods have `run(lm, calibration, sparsity, pattern, **kwargs)`, which
-    prunes in place and may return the per-block sparsities it used. `trains`: the method prunes while
+    prunes in place and may return the per-block sparsities it used, or a dict of report fields (OWL:
+    layer_sparsities, outlier_ratios, its settings). `trains`: the method prunes while
     training (DG2PF), driven by prunedrive.app.compress, and has no one-shot `run`."""
 
     name: str
@@ -48,7 +51,8 @@ BUILTIN_METHODS = {
     "wanda": PruningMethod("wanda", lambda lm, calibration, s, p, **kw: prune_wanda(lm, calibration, s, p, **kw)),
     "sparsegpt": PruningMethod("sparsegpt",
                                lambda lm, calibration, s, p, **kw: prune_sparsegpt(lm, calibration, s, p, **kw)),
-    "owl": PruningMethod("owl", lambda lm, calibration, s, p, **kw: prune_owl(lm, calibration, s, pattern=p, **kw)),
+    "owl": PruningMethod("owl", lambda lm, calibration, s, p, **kw: owl_prune_report(lm, calibration, s, pattern=p,
+                                                                                      **kw)),
     "dg2pf": PruningMethod("dg2pf", calibrated=False, trains=True),
 }
 
@@ -78,8 +82,10 @@ def prune(lm: nn.Module, method: str, sparsity: float | None = None, pattern: st
           calibration: list[dict] | None = None, **kwargs) -> dict:
     """Prune `lm` in place; returns `sparsity_report(lm)` plus the settings and per-block sparsities used.
 
-    With an N:M `pattern`, `sparsity` may be omitted (it is N/M). kwargs go to the method
-    (owl: base, M, lam; sparsegpt: blocksize, percdamp; magnitude/wanda/sparsegpt: layer_sparsities).
+    With an N:M `pattern`, `sparsity` may be omitted (it is N/M); layers whose input width M does not divide
+    are left dense and listed in `nm_skipped`. kwargs go to the method (owl: base, M, lam, and the report gets
+    the raw per-block `outlier_ratios` and `owl` settings; sparsegpt: blocksize, percdamp;
+    magnitude/wanda/sparsegpt: layer_sparsities).
     """
     spec = pruning_method(method)
     if spec.run is None:
@@ -94,16 +100,26 @@ def prune(lm: nn.Module, method: str, sparsity: float | None = None, pattern: st
         raise ValueError(f"{method} needs calibration data (a list of LM forward-kwarg dicts)")
 
     used = spec.run(lm, calibration, sparsity, pattern, **kwargs)
-    layer_sparsities = used if used is not None else kwargs.get("layer_sparsities")
+    extra = dict(used) if isinstance(used, dict) else {"layer_sparsities": used}
+    if extra.get("layer_sparsities") is None:
+        extra["layer_sparsities"] = kwargs.get("layer_sparsities")
     report = sparsity_report(lm)
-    report.update(method=method, target_sparsity=sparsity, pattern=pattern, layer_sparsities=layer_sparsities,
-                  base=kwargs.get("base", "wanda") if method == "owl" else None)
+    report.update(method=method, target_sparsity=sparsity, pattern=pattern,
+                  base=kwargs.get("base", "wanda") if method == "owl" else None, **extra)
+    if nm:
+        try:
+            in_blocks = {id(m) for m in decoder_layers(lm).modules()}
+            linears = {n: m for n, m in find_linears(lm).items() if id(m) in in_blocks}
+        except ValueError:
+            linears = find_linears(lm)
+        report["nm_skipped"] = nm_skipped(linears, pattern)
     return report
 
 
 __all__ = [
     "METHODS", "PruningMethod", "pruning_methods", "pruning_method", "prune", "prune_magnitude", "prune_wanda", "prune_sparsegpt", "prune_owl", "owl_layer_sparsities",
     "prune_linears_with_inputs", "capture_block_inputs", "run_block", "generic_text_calibration",
-    "driving_calibration", "unstructured_mask", "nm_mask", "apply_mask", "find_linears", "sparsity_report",
+    "driving_calibration", "generic_corpus", "prose_calibration", "random_token_calibration", "owl_prune_report",
+    "nm_skipped", "unstructured_mask", "nm_mask", "apply_mask", "find_linears", "sparsity_report",
     "parse_pattern",
 ]

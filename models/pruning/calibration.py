@@ -94,11 +94,21 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) 
 
 
 @torch.no_grad()
-def feed_linears(run: Callable[[], object], linears: dict[str, nn.Linear], add: Callable[[str, torch.Tensor], None]):
+def feed_linears(run: Callable[[], object], linears: dict[str, nn.Linear], add: Callable[[str, torch.Tensor], None],
+                 rows: dict[str, torch.Tensor] | None = None):
     """Call `run()` with hooks that hand each linear's input, flattened to [tokens, in_features] in fp32,
-    to `add(name, x)`."""
+    to `add(name, x)`. `rows` (optional, {name: bool [tokens]}): keep only those rows of that linear's input
+    (validity masks: padded object slots must not enter any statistic); each linear must then be called once."""
     def hook(name):
-        return lambda _m, inp, _out: add(name, inp[0].detach().reshape(-1, inp[0].shape[-1]).float())
+        def add_rows(_m, inp, _out):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
+            if rows is not None and name in rows:
+                keep = rows[name].reshape(-1).to(x.device)
+                if keep.shape[0] != x.shape[0]:
+                    raise ValueError(f"{name}: {keep.shape[0]} row flags for {x.shape[0]} input rows")
+                x = x[keep]
+            add(name, x)
+        return add_rows
 
     handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
     try:
@@ -125,12 +135,12 @@ def sequential_blocks(lm: nn.Module, calibration: list[dict], make_stats: Callab
 
 def generic_text_calibration(tokenizer_vocab_size: int, n_samples: int = 128, length: int = 128, seed: int = 0,
                              token_pool: torch.Tensor | None = None, bos_token_id: int | None = None) -> list[dict]:
-    """The generic-data ablation: shuffled-token sequences, carrying no driving content.
+    """The "random" control: shuffled-token sequences, carrying no content at all (real generic text is
+    `prose_calibration`).
 
     Without `token_pool`, token ids are drawn uniformly from [0, vocab) (a domain-free control).
     With `token_pool` (a 1-D tensor of ids, e.g. a tokenized generic corpus), each sequence is a random draw
-    from that pool: real unigram statistics, word order destroyed. Neither is C4 (which Wanda/OWL use);
-    report results as "shuffled-token calibration". `bos_token_id` is prepended when given.
+    from that pool: real unigram statistics, word order destroyed. `bos_token_id` is prepended when given.
     """
     gen = torch.Generator().manual_seed(seed)
     body = length - (bos_token_id is not None)
@@ -193,3 +203,55 @@ def scene_text_calibration(tokenizer, split, n_samples: int | None = 64, seed: i
     if not samples:
         raise ValueError("empty calibration split")
     return samples
+
+
+# -- generic text ----------------------------------------------------------------------------------------------------
+GENERIC_CORPUS = "pydoc_data.topics"
+
+
+def generic_corpus() -> tuple[str, str]:
+    """(text, description): non-driving English prose that ships with every Python, the `pydoc_data.topics`
+    documentation sections (the language reference as `help()` shows it: prose with some code), sections in
+    sorted order, blank-line separated. Not C4 (which Wanda/OWL calibrate on), but real running text."""
+    import sys
+
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k].strip() for k in sorted(topics))
+    version = ".".join(map(str, sys.version_info[:2]))
+    return text, (f"{GENERIC_CORPUS} (Python {version} documentation topics, {len(topics)} sections, "
+                  f"{len(text)} characters)")
+
+
+def prose_calibration(token_ids: list[int] | torch.Tensor, lengths: list[int], seed: int = 0,
+                      bos_token_id: int | None = None) -> list[dict]:
+    """Generic-text calibration: one sample per entry of `lengths` (so the token count matches a reference set,
+    e.g. the driving samples), each a contiguous window of `token_ids` (a tokenized corpus: word order kept) at a
+    seeded random offset. `bos_token_id` replaces the first token of a window when given."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+    if not lengths:
+        raise ValueError("no sample lengths")
+    if len(ids) < max(lengths):
+        raise ValueError(f"corpus of {len(ids)} tokens is shorter than a sample ({max(lengths)} tokens)")
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for length in lengths:
+        start = int(torch.randint(0, len(ids) - length + 1, (1,), generator=gen))
+        window = ids[start:start + length].clone()
+        if bos_token_id is not None:
+            window[0] = bos_token_id
+        samples.append({"input_ids": window[None], "attention_mask": torch.ones(1, length, dtype=torch.long)})
+    return samples
+
+
+def random_token_calibration(vocab_size: int, lengths: list[int], seed: int = 0) -> list[dict]:
+    """The "random" control, token-count matched: per entry of `lengths`, ids drawn uniformly from [0, vocab)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab_size, (1, n), generator=gen),
+             "attention_mask": torch.ones(1, n, dtype=torch.long)} for n in lengths]
+
+
+def sample_length(sample: dict) -> int:
+    """Positions of one calibration sample (inputs_embeds or input_ids, batch 1)."""
+    x = sample.get("inputs_embeds", sample.get("input_ids"))
+    return int(x.shape[1])

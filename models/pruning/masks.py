@@ -165,7 +165,27 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
+def nm_skips(layer_or_width, nm: tuple | None) -> bool:
+    """True when an N:M pattern cannot apply: the layer's input width is not a multiple of M (such a layer is left
+    dense by every method, and listed by `nm_skipped`)."""
+    if not nm:
+        return False
+    width = layer_or_width if isinstance(layer_or_width, int) else in_features(layer_or_width)
+    return width % nm[1] != 0
+
+
+def nm_skipped(linears: dict[str, nn.Module], pattern) -> dict[str, str]:
+    """{name: reason} of the layers an N:M `pattern` leaves dense because M does not divide their input width."""
+    nm = parse_pattern(pattern)
+    return {name: f"input width {in_features(lin)} is not a multiple of M={nm[1]}: left dense"
+            for name, lin in linears.items() if nm_skips(lin, nm)}
+
+
 def select_mask(scores: torch.Tensor, sparsity: float, nm: tuple | None, per_row: bool) -> torch.Tensor:
+    """The mask for `scores` [out, in]; with an N:M pattern whose M does not divide the input width, an empty mask
+    (the layer stays dense: see `nm_skipped`)."""
+    if nm and nm_skips(scores.shape[1], nm):
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     return nm_mask(scores, *nm) if nm else unstructured_mask(scores, sparsity, per_row)
 
 

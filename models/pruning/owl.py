@@ -36,18 +36,32 @@ def owl_outlier_ratios(lm: nn.Module, calibration: list[dict], M: float = 5.0) -
     """D_l per decoder block on the dense model (nothing is pruned, so dense outputs feed the next block)."""
     ratios = []
     for _, linears, stats in sequential_blocks(lm, calibration, ColumnNorms):
-        scores = torch.cat([wanda_scores(lin, stats[name]).flatten() for name, lin in linears.items()])
-        ratios.append((scores > M * scores.mean()).float().mean().item())
+        ratios.append(pooled_outlier_ratio([wanda_scores(lin, stats[name]) for name, lin in linears.items()], M))
     return ratios
 
 
-def owl_sparsities_from_ratios(ratios: list[float], sparsity: float, lam: float = 0.08) -> list[float]:
+def pooled_outlier_ratio(scores: list[torch.Tensor], M: float) -> float:
+    """OWL's D for one block: the scores of all its layers pooled, share above M x their mean."""
+    pooled = torch.cat([s.flatten() for s in scores])
+    return (pooled > M * pooled.mean()).float().mean().item()
+
+
+def owl_sparsities_from_ratios(ratios: list[float], sparsity: float, lam: float = 0.08,
+                               weights: list[float] | None = None) -> list[float]:
+    """D min-max normalised to [0, 2 lam]; sparsity_l = S - (D_l - mean D). `weights` (e.g. parameters per block,
+    for blocks of unequal size such as the encoder's): the weighted mean, so the parameter-weighted mean sparsity
+    is S (as the global sparsity should be); without them, the plain mean (OWL's decoder blocks are equal)."""
     D = torch.tensor(ratios, dtype=torch.float64)
     span = D.max() - D.min()
     if span == 0:
         return [float(sparsity)] * len(ratios)
     D = (D - D.min()) / span * 2 * lam
-    return (sparsity - (D - D.mean())).clamp(0.0, 0.99).tolist()
+    if weights is None:
+        centre = D.mean()
+    else:
+        w = torch.tensor(weights, dtype=torch.float64)
+        centre = (D * w).sum() / w.sum()
+    return (sparsity - (D - centre)).clamp(0.0, 0.99).tolist()
 
 
 def owl_layer_sparsities(lm: nn.Module, calibration: list[dict], sparsity: float, M: float = 5.0,
@@ -59,13 +73,22 @@ def prune_owl(lm: nn.Module, calibration: list[dict], sparsity: float | None, ba
               lam: float = 0.08, pattern=None, **base_kwargs) -> list[float]:
     """Prune with OWL per-block sparsities; returns the per-block sparsities applied (with a pattern:
     round(sparsity_l * m) / m, see `block_plan`)."""
+    return owl_prune_report(lm, calibration, sparsity, base, M, lam, pattern, **base_kwargs)["layer_sparsities"]
+
+
+def owl_prune_report(lm: nn.Module, calibration: list[dict], sparsity: float | None, base: str = "wanda",
+                     M: float = 5.0, lam: float = 0.08, pattern=None, **base_kwargs) -> dict:
+    """`prune_owl`, returning what it did: layer_sparsities (applied), outlier_ratios (raw D per block, on the
+    dense model) and the settings (M, lam, base)."""
     if base not in BASES:
         raise ValueError(f"OWL base must be one of {sorted(BASES)}, got {base!r}")
     nm = parse_pattern(pattern)
     target = nm[0] / nm[1] if nm else sparsity
-    layer_sparsities = owl_layer_sparsities(lm, calibration, target, M, lam)
+    ratios = owl_outlier_ratios(lm, calibration, M)
+    layer_sparsities = owl_sparsities_from_ratios(ratios, target, lam)
     if base == "magnitude":
         prune_magnitude(lm, target, pattern, layer_sparsities)
     else:
         BASES[base](lm, calibration, target, pattern, layer_sparsities, **base_kwargs)
-    return [s for s, _ in block_plan(len(layer_sparsities), target, pattern, layer_sparsities)]
+    return {"layer_sparsities": [s for s, _ in block_plan(len(layer_sparsities), target, pattern, layer_sparsities)],
+            "outlier_ratios": ratios, "owl": {"M": M, "lam": lam, "base": base, **base_kwargs}}

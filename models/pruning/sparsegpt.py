@@ -3,7 +3,8 @@ the remaining weights of each row to compensate, column by column, with H = 2 X 
 
 Sequential over decoder blocks like Wanda. Unstructured masks are chosen over a whole column block
 (all rows, `blocksize` columns), N:M masks lazily every m columns on the already-updated weights,
-both as in the reference. Each linear builds its own H even when q/k/v share an input (simple, not fast).
+both as in the reference. Damping: `percdamp` x mean(diag H) on the diagonal (reference: 0.01). An N:M
+pattern whose M does not divide a layer's input width leaves that layer dense. Each linear builds its own H even when q/k/v share an input (simple, not fast).
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 from torch import nn
 
 from prunedrive.models.pruning.calibration import sequential_blocks
-from prunedrive.models.pruning.masks import (block_plan, decoder_layers, in_features, nm_mask, unstructured_mask,
-                                             weight_matrix)
+from prunedrive.models.pruning.masks import (block_plan, decoder_layers, in_features, nm_mask, nm_skips,
+                                             unstructured_mask, weight_matrix)
 
 
 class Hessian:
@@ -34,6 +35,8 @@ class Hessian:
 @torch.no_grad()
 def sparsegpt_prune_linear(linear: nn.Linear, stats: Hessian, sparsity: float, nm=None, blocksize: int = 128,
                            percdamp: float = 0.01) -> None:
+    if nm_skips(linear, nm):
+        return  # M does not divide the input width: the layer stays dense (masks.nm_skipped lists it)
     W = weight_matrix(linear).detach().clone().float()  # [out, in], Conv1D too
     H = stats.matrix().clone()
     cols = W.shape[1]
