@@ -3,6 +3,10 @@
 An answer that does not parse gives the safe action (full brake) and is counted in `parse_failures`;
 it never ends the episode.
 
+Lockstep batches (`--batch K`, harness.agent): `act_batch(observations)` decodes many episodes' steps in one
+generate() call, padded to K rows so that a given K is deterministic; per row it reports its own tokens and
+its share of the call's FLOPs (`last_compute_batch()`). The agent keeps no per-episode state beyond counters.
+
 Compute per act() (`last_compute()`), counted analytically from the shapes actually run:
   linear FLOPs  = sum over nn.Linear of 2 * W * rows, W = weight.numel() (dense) or its non-zeros
                   (effective); rows = tokens through that layer: encoder layers (measured once by hooks
@@ -65,6 +69,8 @@ class LLMAgent:
         self.steps = 0
         self.last_text = ""
         self._last: dict[str, float] = {}
+        self._last_batch: list[dict[str, float]] = []
+        self.batch_rows: int | None = None  # act_batch pads to this many rows (configure_batch)
         self._encoder_rows = self._measure_encoder_rows()
         self.refresh_compute()
 
@@ -85,6 +91,64 @@ class LLMAgent:
 
     def last_compute(self) -> dict[str, float]:
         return dict(self._last)
+
+    # -- lockstep batches (harness.agent) ------------------------------------------------------------
+    def configure_batch(self, capacity: int) -> None:
+        """Pad every act_batch to `capacity` rows (see act_batch)."""
+        self.batch_rows = int(capacity)
+
+    def act_batch(self, observations: list[dict[str, np.ndarray]]) -> list[Control]:
+        """One control per observation, decoded together: one generate() over the collated batch (one shared
+        prompt, one KV cache, per-row stopping). The batch is padded to `batch_rows` rows (copies of the first
+        observation, which stop with it) so every call runs the same shapes: a row's arithmetic, and so its
+        greedy tokens, depend only on its own observation and the batch size, never on which episodes share
+        the call, and a given K is deterministic. Against act() (one row) the float summation order of the
+        matrix products may differ, and where two logits are that close the greedy token can differ
+        (benchmarks/throughput.py --tokens measures how often).
+
+        Compute per row (`last_compute_batch()`): tokens_in and tokens_out are the row's own; the call's FLOPs
+        (all rows, padding included, each fed back every decode step until the last row stopped) are split
+        over the rows in proportion to what each row alone would have cost (its own decode steps), so they sum
+        to what the call computed. With one row and no padding this is exactly act()'s accounting."""
+        n = len(observations)
+        if n == 0:
+            self._last_batch = []
+            return []
+        rows = list(observations) + [observations[0]] * max(0, (self.batch_rows or n) - n)
+        ids, stats = self.model.generate(collate(rows), self.prompt, self.max_new_tokens, self.stop_text)
+        tokens_in, batch_steps = stats["tokens_in"], stats["decode_steps"]
+        controls, own = [], []
+        for row in ids[:n]:
+            self.last_text = self.model.tokenizer.decode(row)
+            control = text.parse_action(self.last_text)
+            self.steps += 1
+            if control is None:
+                self.parse_failures += 1
+                control = BRAKE
+            controls.append(control)
+            own.append(self._compute(tokens_in, self._own_decode_steps(row), len(row)))
+        # Every row of the call (padding included) processed tokens_in + batch_steps tokens.
+        per_row = self._compute(tokens_in, batch_steps, 0)
+        for field in ("dense_flops", "effective_flops", "executed_flops"):
+            total = per_row[field] * len(rows)
+            weight = np.array([report[field] for report in own], np.float64)
+            for report, w in zip(own, weight / weight.sum() if weight.sum() > 0 else np.full(n, 1.0 / n)):
+                report[field] = float(total * w)
+        self._last_batch = own
+        self._last = dict(own[-1])
+        return controls
+
+    def last_compute_batch(self) -> list[dict[str, float]]:
+        return [dict(report) for report in self._last_batch]
+
+    def _own_decode_steps(self, row: list[int]) -> int:
+        """The tokens generate() feeds back for this row alone (what batch 1 would run): up to its stop."""
+        n = len(row)
+        if self.stop_text and n and self.stop_text in self.model.tokenizer.decode(row[-4:]):
+            return n - 1  # stopped at the token that completed the stop text
+        if n >= self.max_new_tokens:
+            return max(self.max_new_tokens - 1, 0)  # ran out of tokens
+        return n  # stopped at eos: all its tokens were fed back
 
     # -- compute accounting ------------------------------------------------------------------------
     def refresh_compute(self) -> None:

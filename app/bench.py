@@ -15,8 +15,9 @@ from prunedrive.harness.metrics import BENCH, in_view
 from prunedrive.harness.regress import MIN_PAIRS_FOR_VERDICT
 
 
-def pruned_models(dense_dir: Path, methods, sparsities, progress: bool) -> dict[str, tuple[str, float, Path]]:
-    """{agent name: (method, sparsity, model dir)}, pruning only what is not there yet. A pruned model is
+def prune_variants(dense_dir: Path, variants: dict[str, dict], progress: bool, say=None) -> dict[str, tuple]:
+    """{agent name: (method, sparsity, model dir)} for `variants` ({agent name: prune_model_dir keyword
+    arguments, `method` and `sparsity` included}), pruning only what is not there yet. A pruned model is
     cached under a hash of its full recipe and of the dense weights, so changed settings or a retrained
     dense model never reuse a stale one."""
     from prunedrive.app.compress import prune_model_dir, recipe
@@ -24,15 +25,24 @@ def pruned_models(dense_dir: Path, methods, sparsities, progress: bool) -> dict[
     from prunedrive.harness.results import content_hash
 
     dense_hash = weights_hash(dense_dir)
-    models = {"llm-dense": ("dense", 0.0, dense_dir)}
-    for method in methods:
-        for sparsity in sparsities:
-            key = content_hash({"recipe": recipe(method, sparsity), "dense": dense_hash})[:10]
-            out = dense_dir / "pruned" / f"{method}-{sparsity:g}-{key}"
-            if not (out / "sparsity.json").is_file():
-                prune_model_dir(dense_dir, method, sparsity, out, progress=progress)
-            models[f"llm-{method}-{sparsity:g}"] = (method, sparsity, out)
+    models = {DENSE: ("dense", 0.0, dense_dir)}
+    for i, (name, options) in enumerate(variants.items(), 1):
+        options = dict(options)
+        method, sparsity = options.pop("method"), options.pop("sparsity")
+        key = content_hash({"recipe": recipe(method, sparsity, **options), "dense": dense_hash})[:10]
+        out = dense_dir / "pruned" / f"{method}-{sparsity:g}-{key}"
+        if not (out / "sparsity.json").is_file():
+            if say:
+                say(f"  pruning {i}/{len(variants)}: {name}")
+            prune_model_dir(dense_dir, method, sparsity, out, progress=progress, **options)
+        models[name] = (method, sparsity, out)
     return models
+
+
+def pruned_models(dense_dir: Path, methods, sparsities, progress: bool, say=None) -> dict[str, tuple]:
+    """The bench's variants: every method at every sparsity, default settings."""
+    return prune_variants(dense_dir, {f"llm-{m}-{s:g}": {"method": m, "sparsity": s} for m in methods
+                                      for s in sparsities}, progress, say)
 
 
 # The open-loop errors `evaluate_open_loop` reports: {bench column: (its key there, terminal header)}.
@@ -178,7 +188,7 @@ def load_note(loads: list[float]) -> str:
 
 def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_id: str | None,
               progress: bool = True, with_expert: bool = True, workers: int | None = None,
-              mlflow: str | None = None) -> int:
+              mlflow: str | None = None, batch: int = 1) -> int:
     """The main job; returns the exit code (app.drive.exit_code)."""
     from prunedrive.agents.registry import AgentSpec
     from prunedrive.app.compress import training_data_dir
@@ -201,7 +211,7 @@ def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_
     dense_dir = ensure_default_model(preset, progress=progress)
     say(f"pruning: {len(methods)} methods x {len(sparsities)} sparsities = {len(methods) * len(sparsities)} "
         f"variants (cached under {dense_dir / 'pruned'})")
-    models = pruned_models(dense_dir, methods, sparsities, progress)
+    models = pruned_models(dense_dir, methods, sparsities, progress, say)
     specs = ([AgentSpec("expert")] if with_expert else []) + [
         AgentSpec("llm", str(path), label=name) for name, (_, _, path) in models.items()]
     # Per agent: its model, method and target sparsity (of the LM), which `prunedrive report` plots.
@@ -214,7 +224,7 @@ def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_
         f"{suite.name}" + (f" on {workers} Ray workers" if workers else ""))
     loads = [os.getloadavg()[0]]
     run_dir, episodes = drive(suite, specs, out, run_id=run_id, default_run_id=f"bench-{suite.name}-{preset}",
-                              workers=workers, progress=progress, config=config)
+                              workers=workers, progress=progress, config=config, batch=batch)
     loads.append(os.getloadavg()[0])
 
     say(f"open loop: {len(models)} models on {OPEN_LOOP_SAMPLES} held-out expert samples each")

@@ -12,7 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from prunedrive.agents.registry import AgentError, AgentSpec, agent_names, parse_agent_args
-from prunedrive.app.drive import EXIT_BAD_INPUT, drive, exit_code, find_run
+from prunedrive.app.drive import EXIT_BAD_INPUT, EXIT_INFRASTRUCTURE, drive, exit_code, find_run
+from prunedrive.harness.backends.base import SimulatorError
 from prunedrive.harness.results import RunError
 from prunedrive.harness.runner import EPISODE_TIMEOUT_S, STEP_TIMEOUT_S
 from prunedrive.models.pruning import pruning_methods
@@ -52,6 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _check_mlflow(args)
     _check_seeds(args.seeds)
+    _check_model(args.model)
     # A resume takes what is not given from the run's manifest; what is given must match it (drive checks).
     recorded = find_run(args.resume, args.out).manifest()["config"] if args.resume else {}
     seeds = args.seeds or recorded.get("seeds")
@@ -67,6 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         retries=args.retries, backend_options=_backend_options(args, suite), carla_servers=args.carla_servers,
         ray_address=args.ray_address, progress=not args.quiet, retry_failed=args.retry_failed,
         step_timeout_s=args.step_timeout, episode_timeout_s=args.episode_timeout,
+        batch=args.batch or recorded.get("batch") or 1,
         config={"model": specs[0].model if specs else None, "seeds": seeds})
     print_tables(episodes)
     print(f"results: {run_dir.path.resolve()}")
@@ -91,9 +94,17 @@ def cmd_summary(args: argparse.Namespace) -> int:
 # -- models ----------------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.format == "text":
+        from prunedrive.app.train_text import cmd_train_text as train
+
+        train(args.preset, out_dir=args.model_out, data_dir=args.data, seed=args.seed, resume=not args.no_resume,
+              threads=args.threads, init=args.init)
+        return 0
+    if args.init is not None:
+        raise ValueError("--init fine-tunes a Hugging Face causal LM on the scene text: it needs --format text")
     from prunedrive.app.train import cmd_train as train
 
-    train(args.preset, out_dir=args.out, data_dir=args.data, seed=args.seed, resume=not args.no_resume,
+    train(args.preset, out_dir=args.model_out, data_dir=args.data, seed=args.seed, resume=not args.no_resume,
           threads=args.threads)
     return 0
 
@@ -101,6 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval_open(args: argparse.Namespace) -> int:
     from prunedrive.app.eval_open import cmd_eval_open as evaluate
 
+    _check_model(args.model)
     evaluate(args.model, split_dir=args.data, max_samples=args.max_samples, with_random=not args.no_random)
     return 0
 
@@ -108,10 +120,18 @@ def cmd_eval_open(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from prunedrive.app.compress import prune_model_dir
 
-    record = prune_model_dir(args.model, args.method, args.sparsity, args.out, pattern=args.pattern, scope=args.scope,
-                             calibration=args.calibration, n_calibration=args.calibration_samples,
-                             data_dir=args.data, seed=args.seed, overwrite=args.overwrite)
-    print(f"{args.method}: global sparsity {record['global']:.3f} (language model {record['lm_global']:.3f}) -> {args.out}")
+    _check_model(args.model)
+    # Only what the user gave, so the recipe (and the bench's cache key) of a default prune stays the same.
+    given = {"encoder_sparsity": args.encoder_sparsity, "M": args.owl_m, "lam": args.owl_lambda,
+             "finetune": {"finetune_max_epochs": args.finetune_epochs} if args.finetune_epochs else args.finetune or None,
+             "distill": False if args.dg2pf_no_distill else None, "gradual": False if args.dg2pf_no_ramp else None}
+    options = {k: v for k, v in given.items() if v is not None}
+    record = prune_model_dir(args.model, args.method, args.sparsity, args.model_out, pattern=args.pattern,
+                             scope=args.scope, calibration=args.calibration, n_calibration=args.calibration_samples,
+                             data_dir=args.data, seed=args.seed, overwrite=args.overwrite,
+                             trust_remote_code=args.trust_remote_code, **options)
+    print(f"{args.method}: global sparsity {record['global']:.3f} (language model {record['lm_global']:.3f}) "
+          f"-> {args.model_out}")
     if record.get("layer_sparsities"):
         print("per-block sparsities: " + ", ".join(f"{s:.3f}" for s in record["layer_sparsities"]))
     return 0
@@ -122,7 +142,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     _check_mlflow(args)
     return run_bench(args.suite, args.preset, args.methods, args.sparsities, Path(args.out), args.run_id,
-                     progress=not args.quiet, workers=args.workers, mlflow=args.mlflow)
+                     progress=not args.quiet, workers=args.workers, mlflow=args.mlflow, batch=args.batch or 1)
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    from prunedrive.app.claims import run_claims
+
+    _check_model(args.model)
+    return run_claims(args.suite, args.preset, Path(args.out), args.run_id, workers=args.workers, quick=args.quick,
+                      progress=not args.quiet, model=args.model)
+
+
+def _check_model(model: str | None) -> None:
+    """A --model that is not a directory: say so, and list what the model zoo has."""
+    if model is None or Path(model).is_dir():
+        return
+    from prunedrive.app.zoo import home
+
+    zoo = home() / "models"
+    known = sorted(p.name for p in zoo.iterdir() if p.is_dir()) if zoo.is_dir() else []
+    raise FileNotFoundError(f"--model {model}: no such model directory; the model zoo ({zoo}) has: "
+                            + (", ".join(known) if known else "nothing yet (`prunedrive train` fills it)"))
 
 
 # -- results ---------------------------------------------------------------------------------------------
@@ -132,7 +172,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     paths = [find_run(run, args.out).path for run in args.runs]
     # Beside the runs, not in the working tree: reports are outputs, like the runs they are made from.
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.out) / "reports" / (
+    out_dir = Path(args.report_dir) if args.report_dir else Path(args.out) / "reports" / (
         paths[0].name + (f"+{len(paths) - 1}" if len(paths) > 1 else ""))
     html_path, md_path = write_report(paths, out_dir, title=args.title)
     print(f"report: {html_path}\n        {md_path}")
@@ -231,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--carla-host", help="CARLA server host (carla suites)")
     run.add_argument("--carla-port", type=int, help="CARLA server RPC port (carla suites)")
     run.add_argument("--workers", type=_at_least(1), help="run episodes on this many Ray actors")
+    run.add_argument("--batch", type=_at_least(1), metavar="K",
+                     help="run K episodes side by side per worker, an LLM agent deciding all their steps in one "
+                          "batched decode (default 1; a resume defaults to the run's own). Results do not "
+                          "depend on K except where batched float arithmetic changes an LLM's greedy token "
+                          "(benchmarks/throughput.py measures how often); a given K is deterministic")
     run.add_argument("--carla-servers", nargs="+", metavar="HOST:PORT",
                      help="one CARLA server per worker (with --workers); worker i always uses server i")
     run.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray for the run)")
@@ -245,8 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train the driving LLM on expert data (CPU)")
     train.add_argument("--preset", default="small", help="tiny | small (default) | base")
-    train.add_argument("--out", help="model directory; default the model zoo (~/.cache/prunedrive or $PRUNEDRIVE_HOME)")
-    train.add_argument("--data", help="dataset directory; default <out>/data (built when missing)")
+    train.add_argument("--format", default="vector", choices=("vector", "text"),
+                       help="vector (default): vector encoder + Llama (--agent llm); text: a plain Hugging Face "
+                            "LlamaForCausalLM of the preset's LM sizes on the scene text (--agent text-llm), zoo "
+                            "name text-<preset>-<hash>")
+    train.add_argument("--init", metavar="DIR",
+                       help="with --format text: fine-tune this local causal LM checkpoint (its own tokenizer; "
+                            "needs --model-out) instead of training a Llama from scratch")
+    train.add_argument("--model-out", metavar="DIR",
+                       help="where the model goes; default the model zoo (~/.cache/prunedrive or $PRUNEDRIVE_HOME)")
+    train.add_argument("--data", help="dataset directory; default <out>/data (built when missing); --format text "
+                                      "reuses the same preset's vector model data in the zoo when it is there")
     train.add_argument("--seed", type=int, default=0, help="training seed (0)")
     train.add_argument("--no-resume", action="store_true", help="start over instead of resuming a checkpoint")
     train.add_argument("--threads", type=_threads, default=2,
@@ -265,11 +319,26 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", required=True, choices=list(pruning_methods()), help="pruning method")
     prune.add_argument("--sparsity", type=float, help="target sparsity, e.g. 0.7 (implied by --pattern)")
     prune.add_argument("--pattern", help="N:M semi-structured, e.g. 2:4 or 4:8")
-    prune.add_argument("--model", required=True, help="dense model directory")
-    prune.add_argument("--out", required=True, help="output model directory (new or empty; see --overwrite)")
-    prune.add_argument("--overwrite", action="store_true", help="replace the model in a non-empty --out")
-    prune.add_argument("--scope", default="lm", choices=("lm", "all"), help="language model only, or the encoder too")
-    prune.add_argument("--calibration", default="driving", choices=("driving", "generic"), help="calibration data")
+    prune.add_argument("--model", required=True, help="dense model directory (ours, or any local HF causal LM)")
+    prune.add_argument("--model-out", required=True, metavar="DIR",
+                       help="where the pruned model goes (new or empty; see --overwrite)")
+    prune.add_argument("--overwrite", action="store_true", help="replace the model in a non-empty --model-out")
+    prune.add_argument("--scope", default="lm", choices=("lm", "encoder", "all"),
+                       help="what to prune: the language model (default), the vector encoder, or both (encoder first)")
+    prune.add_argument("--encoder-sparsity", type=float, help="the encoder's own target with --scope encoder/all")
+    prune.add_argument("--calibration", default="driving", choices=("driving", "generic", "random"),
+                       help="calibration data: driving episodes (default), generic English prose (Python's pydoc "
+                            "topics, token-count matched), or uniformly random token ids")
+    prune.add_argument("--owl-m", type=float, help="OWL's outlier threshold M (x the block's mean score; default 5)")
+    prune.add_argument("--owl-lambda", type=float, help="OWL's sparsity spread lambda (default 0.08; 0 = uniform)")
+    prune.add_argument("--finetune", action="store_true",
+                       help="one-shot methods: then fine-tune under the mask with DG2PF's budget (an equal-budget control)")
+    prune.add_argument("--finetune-epochs", type=_at_least(1), help="with --finetune: its epoch cap")
+    prune.add_argument("--dg2pf-no-distill", action="store_true", help="DG2PF ablation: no self-distillation")
+    prune.add_argument("--dg2pf-no-ramp", action="store_true",
+                       help="DG2PF ablation: one-shot magnitude to the target, then pruned fine-tuning only")
+    prune.add_argument("--trust-remote-code", action="store_true",
+                       help="allow a HF model's own code (off by default: it runs the model author's Python)")
     prune.add_argument("--calibration-samples", type=_at_least(1), default=64, help="calibration samples (64)")
     prune.add_argument("--data", help="dataset directory; default the one the model was trained on")
     prune.add_argument("--seed", type=int, default=0, help="calibration sampling seed (0)")
@@ -281,18 +350,36 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", nargs="+", default=["owl", "dg2pf", "wanda", "magnitude"],
                        choices=list(pruning_methods()),
                        help="pruning methods (owl dg2pf wanda magnitude)")
-    bench.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7], help="target sparsities (0.5 0.7)")
+    bench.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.85],
+                       help="target sparsities (0.5 0.7 0.85: at 0.85 the methods part)")
     bench.add_argument("--out", default="results", help="where run directories go; default results/")
     bench.add_argument("--run-id", help="default bench-<suite>-<preset>; an existing one is resumed")
     bench.add_argument("--workers", type=_at_least(1), help="drive the episodes on this many Ray actors")
+    bench.add_argument("--batch", type=_at_least(1), metavar="K",
+                       help="run K episodes side by side per worker, an LLM agent deciding all their steps in one "
+                            "batched decode (default 1). Results do not depend on K except where "
+                            "batched float arithmetic changes an LLM's greedy token (benchmarks/throughput.py "
+                            "measures how often); a given K is deterministic")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_mlflow_option(bench)
     bench.set_defaults(func=cmd_bench)
 
+    claims = sub.add_parser("claims", help="the seed papers' four claims, closed loop, with paired CIs and verdicts")
+    claims.add_argument("--suite", default="standard", help="suite name or path (default standard: 30 episodes)")
+    claims.add_argument("--preset", default="small", help="the zoo model to train or reuse (small); see --model")
+    claims.add_argument("--model", help="a dense model directory instead of the zoo's preset")
+    claims.add_argument("--out", default="results", help="where run directories go; default results/")
+    claims.add_argument("--run-id", help="default claims-<suite>-<model>; an existing one is resumed")
+    claims.add_argument("--workers", type=_at_least(1), help="drive the episodes on this many Ray actors")
+    claims.add_argument("--quick", action="store_true",
+                        help="one sparsity (0.7), one lambda, no SparseGPT: a smoke test of the experiment, not an answer")
+    claims.add_argument("--quiet", action="store_true", help="no progress bars")
+    claims.set_defaults(func=cmd_claims)
+
     report = sub.add_parser("report", help="HTML + Markdown report comparing runs (tables, plots, videos)")
     report.add_argument("runs", nargs="+", help="run ids (under --out) or directories")
     report.add_argument("--out", default="results", help="where run ids are looked up; default results/")
-    report.add_argument("--out-dir", help="where the report goes; default <out>/reports/<first run>[+N]")
+    report.add_argument("--report-dir", metavar="DIR", help="where the report goes; default <out>/reports/<first run>[+N]")
     report.add_argument("--title", help="page title")
     report.set_defaults(func=cmd_report)
 
@@ -341,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ScenarioError, RunError, AgentError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except SimulatorError as exc:  # the simulator is not there: infrastructure, not the user's input
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INFRASTRUCTURE
 
 
 if __name__ == "__main__":

@@ -49,30 +49,54 @@ def identity(suite: Suite, specs: list[AgentSpec], names: list[str]) -> dict:
             "models": {n: weights_hash(s.model) for s, n in zip(specs, names) if s.model is not None}}
 
 
+def probe_simulators(suite: Suite, backend_options: dict | None, servers: list[str] | None) -> None:
+    """Each backend that can (CARLA) is asked once, quickly, whether its server is there: a run against a
+    server that is not there fails in seconds (SimulatorError, exit 3), not after every route's retries."""
+    from prunedrive.harness.backends import backend_class
+    from prunedrive.harness.distributed import parse_server
+
+    first = {}
+    for scenario in suite.scenarios:
+        first.setdefault(scenario.backend, scenario)
+    for name, scenario in first.items():
+        probe = getattr(backend_class(name), "probe", None)
+        if probe is None:
+            continue
+        addresses = [dict(zip(("host", "port"), parse_server(s))) for s in servers] if servers else [{}]
+        for address in addresses:
+            probe(scenario, **{**(backend_options or {}), **address})
+
+
 def drive(suite: Suite, specs: list[AgentSpec], out: str | Path, *, run_id: str | None = None,
           resume: str | None = None, default_run_id: str | None = None, workers: int | None = None,
           record: bool = False, retries: int = 2, backend_options: dict | None = None,
           carla_servers: list[str] | None = None, ray_address: str | None = None, progress: bool = True,
           retry_failed: bool = False, config: dict | None = None, step_timeout_s: float | None = STEP_TIMEOUT_S,
-          episode_timeout_s: float | None = EPISODE_TIMEOUT_S) -> tuple[RunDir, pd.DataFrame]:
+          episode_timeout_s: float | None = EPISODE_TIMEOUT_S, batch: int = 1) -> tuple[RunDir, pd.DataFrame]:
     """Drive every episode of `suite` for every agent into out/<run id>, resuming when asked (or when
-    `default_run_id` names an existing run, as the bench does). Returns the run and all its episodes."""
+    `default_run_id` names an existing run, as the bench does). Returns the run and all its episodes.
+    `batch` K > 1 runs K episodes side by side per worker (harness.runner.Lockstep). K goes into the manifest's config, not into the resume identity: a run
+    may be resumed with another K (an LLM agent's greedy tokens, and so its results, may then differ
+    where K's float arithmetic differs from batch 1's; see agents.llm.LLMAgent.act_batch)."""
     if retries < 0:
         raise RunError(f"--retries must be at least 0, got {retries}")
+    if batch < 1:
+        raise RunError(f"--batch must be at least 1, got {batch}")
     if workers is not None and workers < 1:
         raise RunError(f"--workers must be at least 1, got {workers}")
     for spec in specs:
         spec.check()
+    probe_simulators(suite, backend_options, carla_servers)
     if workers:
         from prunedrive.harness.distributed import RayExecutor
 
         executor = RayExecutor(specs, workers, ray_address=ray_address, record=record, retries=retries,
                                backend_options=backend_options, carla_servers=carla_servers,
-                               step_timeout_s=step_timeout_s, episode_timeout_s=episode_timeout_s)
+                               step_timeout_s=step_timeout_s, episode_timeout_s=episode_timeout_s, batch=batch)
     else:
         executor = InProcessExecutor([spec() for spec in specs], record=record, retries=retries,
                                      backend_options=backend_options, step_timeout_s=step_timeout_s,
-                                     episode_timeout_s=episode_timeout_s)
+                                     episode_timeout_s=episode_timeout_s, batch=batch)
     try:
         names = executor.names()
         if len(set(names)) != len(names):
@@ -92,7 +116,8 @@ def drive(suite: Suite, specs: list[AgentSpec], out: str | Path, *, run_id: str 
             else:
                 planned = [episode_key(n, s.name, seed) for n in names for s, seed in suite.episodes()]
                 run_dir.create({"suite": suite.name, "suite_path": str(suite.path), "agents": names,
-                                "specs": [asdict(spec) for spec in specs], "record": record, **(config or {})},
+                                "specs": [asdict(spec) for spec in specs], "record": record, "batch": batch,
+                                **(config or {})},
                                planned, ident)
             episodes = run_suite(suite, executor, run_dir, progress=progress, retry_failed=retry_failed)
         finally:
@@ -107,6 +132,8 @@ def find_run(run: str | Path, out: str | Path) -> RunDir:
     path = Path(run)
     if (path / "manifest.json").is_file():
         return RunDir(path)
+    if len(path.parts) > 1:  # a path, not an id
+        raise RunError(f"{run}: no run directory with a manifest.json there")
     candidate = RunDir.under(out, str(run))
     if not candidate.manifest_path.is_file():
         raise RunError(f"{run}: no run directory with a manifest.json (looked in {path} and {candidate.path})")

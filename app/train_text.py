@@ -217,7 +217,7 @@ def train_text(preset: str | Preset = "small", data_dir: str | Path | None = Non
     if init is not None:
         load_tokenizer(init)  # checks the directory first: a clear error before any data is built
         if out_dir is None:
-            raise ValueError("--init DIR needs --out: a fine-tuned checkpoint has no zoo name")
+            raise ValueError("--init DIR needs --model-out: a fine-tuned checkpoint has no zoo name")
     out_dir = Path(out_dir) if out_dir is not None else default_model_dir(preset.name, "text")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train_summary.json").unlink(missing_ok=True)  # written last: its presence means finished

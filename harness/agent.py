@@ -1,4 +1,38 @@
-"""The agent protocol: what the runner calls, once per episode and once per step."""
+"""The agent protocol: what the runner calls, once per episode and once per step.
+
+Every agent: `name`, `reset(scenario)` (once per episode, before its first step) and `act(observation)`.
+
+Lockstep batches (`--batch K`, harness.runner.Lockstep): one worker runs up to K episodes side by side and
+steps the running ones together. What an agent sees there depends on what it implements:
+
+* `act_batch(observations) -> list[Control]` (optional): one call per lockstep step with the observations
+  of every running episode of this agent instance (1..K of them, in a stable slot order), one control
+  each, same order. One instance serves all K episodes, so `reset(scenario)` is still called once per
+  episode, at that episode's start, while the agent's other episodes are running: an agent with
+  act_batch must keep no per-episode state between steps, or keep it per slot by also implementing
+  `reset_batch(slot, scenario)` (called right after reset(scenario) for the episode that starts in `slot`,
+  0 <= slot < K, a slot is reused only after its episode ended); the harness then calls
+  `act_batch(observations, slots=[...])` with each observation's slot. The LLM agent keeps no episode
+  state beyond counters, so it implements neither.
+  `configure_batch(capacity)` (optional): called once before the first act_batch with K, the most
+  observations any act_batch call will get (the LLM agent pads every call to K rows, so that a row's
+  arithmetic, and thus its greedy tokens, never depend on which other episodes share its batch).
+  `last_compute_batch() -> list[dict]` (optional, model-backed agents): the compute fields of
+  `last_compute()` per row of the last act_batch, already apportioned (FLOPs summing to the batch's).
+  If act_batch raises (anything but a harness time limit), the harness asks `act(observation)` of each of
+  those episodes, one by one, for that step: an exception there, or a bad control from either call, fails
+  only its own episode. act_batch returning the wrong number of controls counts as raising. A time
+  limit hit inside act_batch fails every episode of that call (`agent timeout`, an infrastructure
+  failure that `--resume` runs again).
+* No act_batch: `act(observation)` is called one episode at a time, as at K = 1. An agent with
+  per-episode state cannot serve two running episodes, so the harness gives each running episode its
+  own copy (`copy.deepcopy`, made once per slot and reused). Model-backed agents (those with
+  `last_compute`) are not copied (a model per slot could exhaust memory): their episodes run one at a
+  time, interleaved with the batch. `batch_copies = True / False` on the agent overrides that choice;
+  an agent that cannot be deep-copied also runs one episode at a time.
+
+At K = 1 (the default) none of this is used: episodes run one after another through `act`.
+"""
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
@@ -26,3 +60,23 @@ def compute_report(agent: Agent) -> dict[str, float]:
     for their last `act`. Other agents report nothing."""
     report = getattr(agent, "last_compute", None)
     return report() if callable(report) else {}
+
+
+def batched(agent: Agent) -> bool:
+    """Whether the agent decides many episodes' steps in one call (`act_batch`)."""
+    return callable(getattr(agent, "act_batch", None))
+
+
+def batch_compute_report(agent: Agent, rows: int) -> list[dict[str, float]]:
+    """Per-row compute of the agent's last act_batch (`last_compute_batch()`), or nothing per row."""
+    report = getattr(agent, "last_compute_batch", None)
+    reports = report() if callable(report) else None
+    return list(reports) if reports is not None and len(reports) == rows else [{} for _ in range(rows)]
+
+
+def copyable(agent: Agent) -> bool:
+    """Whether running episodes of an agent without act_batch may each get their own deep copy."""
+    choice = getattr(agent, "batch_copies", None)
+    if choice is not None:
+        return bool(choice)
+    return not callable(getattr(agent, "last_compute", None))

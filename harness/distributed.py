@@ -19,6 +19,10 @@ Ray is imported only when a RayExecutor starts, never at module import. A local 
 existing cluster is used (its nodes need prunedrive installed; `--record` videos are written on the node
 that drove the episode). If Ray is already initialised in this process it is used as is and left running.
 
+Lockstep batches: `batch=K` (`--batch K`) makes each actor run up to K episodes side by side
+(harness.runner.Lockstep, EpisodeWorker.run_batch); each call returns as soon as one of them ends, so
+results are still written as each episode ends. batch=1 (the default) is the one-episode-per-call path.
+
 CARLA: pass `carla_servers=["host:port", ...]`; actor slot i always talks to server i (a replacement
 actor takes its predecessor's server), so `workers` may not exceed the number of servers.
 """
@@ -32,9 +36,10 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from prunedrive.harness.reaper import start_reaper, stop_reaper
 from prunedrive.harness.results import RunDir
-from prunedrive.harness.runner import (EPISODE_TIMEOUT_S, STEP_TIMEOUT_S, EpisodeJob, close_quietly, episode_row,
-                                       run_episode_with_retries, run_suite)
+from prunedrive.harness.runner import (EPISODE_TIMEOUT_S, STEP_TIMEOUT_S, EpisodeJob, Lockstep, close_quietly,
+                                       episode_row, run_episode_with_retries, run_suite)
 from prunedrive.scenarios.loader import Scenario, Suite
 
 OBJECT_STORE_BYTES = 200 * 1024**2  # results are a few hundred KB per episode; Ray's default is 30% of RAM
@@ -46,11 +51,14 @@ class EpisodeWorker:
     """The actor: agents built from factories, one env per scenario, one episode per `run` call."""
 
     def __init__(self, factories: list[AgentFactory], record: bool, retries: int, backend_options: dict | None,
-                 backoff_s: float, timeouts: dict):
+                 backoff_s: float, timeouts: dict, batch: int = 1):
         self.agents = [factory() for factory in factories]
         self.record, self.retries, self.timeouts = record, retries, timeouts
         self.backend_options, self.backoff_s = backend_options or {}, backoff_s
         self.envs: dict = {}
+        self.lockstep = Lockstep(self.agents, batch, record=record, retries=retries,
+                                 backend_options=self.backend_options, backoff_s=backoff_s,
+                                 **timeouts) if batch > 1 else None
 
     def names(self) -> list[str]:
         return [agent.name for agent in self.agents]
@@ -63,21 +71,42 @@ class EpisodeWorker:
                                         backend_options=self.backend_options, backoff_s=self.backoff_s,
                                         **self.timeouts)
 
+    def run_batch(self, jobs: list[tuple[int, Scenario, int]], run_path: str) -> list[tuple[tuple, dict, pd.DataFrame]]:
+        """Lockstep (batch > 1): queue `jobs` (agent index, scenario, seed) beside the episodes already running
+        here, step them all until at least one ends (or none is left), return the ended ones as
+        ((agent index, scenario name, seed), row, steps). The driver calls again, with jobs for the freed slots."""
+        run_dir = RunDir(run_path)
+        for agent_index, scenario, seed in jobs:
+            name = self.agents[agent_index].name
+            self.lockstep.add(EpisodeJob(agent_index, scenario, seed), run_dir.path.name,
+                              run_dir.video_path(name, scenario.name, seed) if self.record else None)
+        ended = self.lockstep.advance()
+        while not ended and self.lockstep.busy():
+            ended = self.lockstep.advance()
+        return [((job.agent_index, job.scenario.name, job.seed), row, steps) for job, row, steps in ended]
+
     def close(self) -> None:
         for env in self.envs.values():
             close_quietly(env)
         self.envs.clear()
+        if self.lockstep is not None:
+            self.lockstep.close()
 
 
 class RayExecutor:
-    """`workers` Ray actors, at most one episode in flight on each."""
+    """`workers` Ray actors, at most one call in flight on each: one episode (batch=1), or, with batch=K,
+    up to K episodes running side by side on each actor (harness.runner.Lockstep)."""
 
     def __init__(self, factories: list[AgentFactory], workers: int, *, ray_address: str | None = None,
                  record: bool = False, retries: int = 2, backend_options: dict | None = None,
                  carla_servers: list[str] | None = None, backoff_s: float = 2.0,
-                 step_timeout_s: float | None = STEP_TIMEOUT_S, episode_timeout_s: float | None = EPISODE_TIMEOUT_S):
+                 step_timeout_s: float | None = STEP_TIMEOUT_S, episode_timeout_s: float | None = EPISODE_TIMEOUT_S,
+                 batch: int = 1):
         if workers < 1:
             raise ValueError(f"--workers must be at least 1, got {workers}")
+        if batch < 1:
+            raise ValueError(f"--batch must be at least 1, got {batch}")
+        self.batch = batch
         if retries < 0:
             raise ValueError(f"--retries must be at least 0, got {retries}")
         self.servers = [parse_server(s) for s in carla_servers or []]
@@ -91,6 +120,7 @@ class RayExecutor:
         self.episode_timeout_s = (episode_timeout_s or EPISODE_TIMEOUT_S) + WORKER_GRACE_S
         self.actors: list = []
         self.started_ray = False
+        self._reaper = None
         self._names: list[str] | None = None
 
     # -- Ray ------------------------------------------------------------------------------------------
@@ -104,6 +134,8 @@ class RayExecutor:
             if self.ray_address:
                 ray.init(address=self.ray_address, log_to_driver=False, logging_level=logging.WARNING)
             else:
+                # Ray's dashboard and runtime-env agents outlive a driver killed with -9: the reaper ends them.
+                self._reaper = start_reaper()
                 ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
                          logging_level=logging.ERROR, object_store_memory=OBJECT_STORE_BYTES)
         self._remote = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(EpisodeWorker)
@@ -113,7 +145,8 @@ class RayExecutor:
         options = dict(self.backend_options or {})
         if self.servers:
             options.update(host=self.servers[slot][0], port=self.servers[slot][1])
-        return self._remote.remote(self.factories, self.record, self.retries, options, self.backoff_s, self.timeouts)
+        return self._remote.remote(self.factories, self.record, self.retries, options, self.backoff_s, self.timeouts,
+                                   self.batch)
 
     def names(self) -> list[str]:
         if self._names is None:
@@ -123,14 +156,23 @@ class RayExecutor:
             self._names = ray.get(self.actors[0].names.remote())  # a bad factory raises here, with its error
         return self._names
 
-    def run(self, jobs: list[EpisodeJob], run_dir: RunDir):
+    def _dead_errors(self) -> tuple:
         import ray
 
-        names = self.names()
         dead_errors: tuple = (ray.exceptions.RayActorError,)
         for name in ("ActorUnavailableError", "WorkerCrashedError"):
             if hasattr(ray.exceptions, name):
                 dead_errors += (getattr(ray.exceptions, name),)
+        return dead_errors
+
+    def run(self, jobs: list[EpisodeJob], run_dir: RunDir):
+        if self.batch > 1:
+            yield from self._run_lockstep(jobs, run_dir)
+            return
+        import ray
+
+        names = self.names()
+        dead_errors = self._dead_errors()
         self.actors += [self._new_actor(slot) for slot in range(len(self.actors), min(self.workers, len(jobs)))]
         todo, idle = deque(jobs), deque(range(len(self.actors)))
         in_flight: dict = {}  # ref -> (slot, job, started)
@@ -168,6 +210,88 @@ class RayExecutor:
             idle.append(slot)
             yield job, row, steps
 
+    def _run_lockstep(self, jobs: list[EpisodeJob], run_dir: RunDir):
+        """batch=K: each actor keeps up to K episodes running (EpisodeWorker.run_batch); every call returns as
+        soon as one of them ends, and the next call refills the freed slots. A call can only last as long as
+        its oldest running episode's wall limit, so an actor silent for episode_timeout_s + WORKER_GRACE_S is
+        hung: it is replaced and every episode it held fails with `agent timeout` (infrastructure: `--resume`
+        runs them again). An actor that dies takes all its episodes with it: each is re-queued (up to
+        `retries` deaths, as at batch 1) and then runs alone on an actor, so that an episode that kills its
+        worker cannot keep killing the episodes batched with it."""
+        import ray
+
+        names = self.names()
+        dead_errors = self._dead_errors()
+        self.actors += [self._new_actor(slot) for slot in range(len(self.actors), min(self.workers, len(jobs)))]
+        todo = deque(jobs)
+        held: list[dict] = [{} for _ in self.actors]  # per actor: episode key -> job, sent and not yet returned
+        in_flight: dict = {}  # ref -> (slot, call started)
+        deaths: dict[tuple, int] = {}  # (agent index, scenario, seed) -> times its worker died
+        suspects: set[tuple] = set()  # episodes whose worker died: run alone from now on
+        key = lambda job: (job.agent_index, job.scenario.name, job.seed)  # noqa: E731
+
+        def dispatch(slot: int) -> None:
+            if any(ref_slot == slot for ref_slot, _ in in_flight.values()):
+                return
+            new: list[EpisodeJob] = []
+            if not any(k in suspects for k in held[slot]):
+                while todo and len(held[slot]) + len(new) < self.batch:
+                    if key(todo[0]) in suspects:
+                        if not held[slot] and not new:
+                            new.append(todo.popleft())
+                        break
+                    new.append(todo.popleft())
+            if not new and not held[slot]:
+                return
+            for job in new:
+                held[slot][key(job)] = job
+            ref = self.actors[slot].run_batch.remote([(j.agent_index, j.scenario, j.seed) for j in new],
+                                                     str(run_dir.path))
+            in_flight[ref] = (slot, time.monotonic())
+
+        for slot in range(len(self.actors)):
+            dispatch(slot)
+        while in_flight:
+            oldest = min(started for _, started in in_flight.values())
+            wait_s = max(0.0, oldest + self.episode_timeout_s - time.monotonic())
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=wait_s)
+            if not ready:  # the oldest call ran past the limit: its worker is hung
+                ref = next(r for r, (_, started) in in_flight.items() if started == oldest)
+                slot, _ = in_flight.pop(ref)
+                self._replace(slot, deque())
+                lost, held[slot] = list(held[slot].values()), {}
+                for job in lost:
+                    suspects.discard(key(job))
+                    yield job, self._failed_row(job, names, run_dir,
+                                                f"agent timeout: its worker ran past {self.episode_timeout_s:g} s "
+                                                f"of wall time on a batch of {len(lost)}; the worker was "
+                                                "replaced"), pd.DataFrame()
+            else:
+                [ref] = ready
+                slot, _ = in_flight.pop(ref)
+                try:
+                    ended = ray.get(ref)
+                except dead_errors as exc:
+                    self._replace(slot, deque())
+                    lost, held[slot] = list(held[slot].values()), {}
+                    for job in reversed(lost):
+                        deaths[key(job)] = deaths.get(key(job), 0) + 1
+                        if deaths[key(job)] <= self.retries:
+                            todo.appendleft(job)  # the same episode, alone, on a fresh worker
+                            suspects.add(key(job))
+                            continue
+                        suspects.discard(key(job))
+                        yield job, self._failed_row(job, names, run_dir,
+                                                    f"worker died {deaths[key(job)]} times: {_first_line(exc)}"), \
+                            pd.DataFrame()
+                else:
+                    for episode, row, steps in ended:
+                        job = held[slot].pop(episode)
+                        suspects.discard(episode)
+                        yield job, row, steps
+            for other in range(len(self.actors)):
+                dispatch(other)
+
     def _replace(self, slot: int, idle: deque) -> None:
         import ray
 
@@ -196,6 +320,8 @@ class RayExecutor:
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
+        stop_reaper(self._reaper)
+        self._reaper = None
 
 
 def run_suite_distributed(suite: Suite, factories: list[AgentFactory], run_dir: RunDir, workers: int, *,

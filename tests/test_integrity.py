@@ -285,15 +285,42 @@ def test_model_directory_errors_name_the_file(model_dir, tmp_path, name, mutate,
 
 def test_prune_refuses_to_overwrite_its_input_or_a_non_empty_directory(model_dir, tmp_path, capsys):
     assert main(["prune", "--method", "magnitude", "--sparsity", "0.5", "--model", str(model_dir),
-                 "--out", str(model_dir)]) == 2
+                 "--model-out", str(model_dir)]) == 2
     assert "input model directory" in capsys.readouterr().err
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     assert main(["prune", "--method", "magnitude", "--sparsity", "0.5", "--model", str(model_dir),
-                 "--out", str(busy)]) == 2
+                 "--model-out", str(busy)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (busy / "notes.txt").read_text() == "mine"
     assert main(["prune", "--method", "magnitude", "--sparsity", "0.5", "--model", str(model_dir),
-                 "--out", str(busy), "--overwrite"]) == 0
+                 "--model-out", str(busy), "--overwrite"]) == 0
     assert (busy / "sparsity.json").is_file() and not (busy / "notes.txt").exists()
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_a_missing_carla_server_fails_fast_naming_host_and_port():
+    pytest.importorskip("carla")
+    from prunedrive.app.drive import probe_simulators
+    from prunedrive.harness.backends.base import SimulatorError
+
+    suite = load_suite("carla-devtest")
+    started = time.monotonic()
+    with pytest.raises(SimulatorError, match="no CARLA server answered at 127.0.0.1:1 within 1 s"):
+        probe_simulators(suite, {"host": "127.0.0.1", "port": 1, "timeout_s": 1.0}, None)  # the real client
+    assert time.monotonic() - started < 10
+    with pytest.raises(SimulatorError, match="127.0.0.1:3"):
+        probe_simulators(suite, {"timeout_s": 1.0}, ["127.0.0.1:3", "127.0.0.1:4"])  # each Ray worker's server
+
+
+def test_the_cli_exits_3_before_any_run_directory_when_the_simulator_is_not_there(tmp_path, capsys, monkeypatch):
+    from prunedrive.harness.backends.base import SimulatorError
+    from prunedrive.harness.backends.carla import CarlaBackend
+
+    def absent(cls, scenario, **options):
+        raise SimulatorError(f"no CARLA server answered at {options.get('host')}:{options.get('port')}")
+
+    monkeypatch.setattr(CarlaBackend, "probe", classmethod(absent))
+    assert main(["run", "--suite", "carla-devtest", "--carla-host", "h", "--carla-port", "7", "--out",
+                 str(tmp_path), "--quiet"]) == 3
+    assert "h:7" in capsys.readouterr().err and not list(tmp_path.iterdir())

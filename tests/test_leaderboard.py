@@ -128,7 +128,7 @@ def test_summary_report_and_regress_work_on_imported_runs(tmp_path, results_file
     assert main(["regress", "base", "worse", "--out", out, "--n-boot", "500",
                  "--baseline-agent", "leaderboard", "--candidate-agent", "pruned"]) == 1
     assert "REGRESSION" in capsys.readouterr().out.upper()
-    assert main(["report", "base", "worse", "--out", out, "--out-dir", str(tmp_path / "report")]) == 0
+    assert main(["report", "base", "worse", "--out", out, "--report-dir", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report").is_dir() and any((tmp_path / "report").glob("*.html"))
 
 

@@ -135,7 +135,7 @@ def test_a_pruning_method_by_entry_point(installed):
 
     assert "everyother" in pruning_methods()
     assert "everyother" in build_parser().parse_args(
-        ["prune", "--method", "everyother", "--sparsity", "0.5", "--model", "m", "--out", "o"]).method
+        ["prune", "--method", "everyother", "--sparsity", "0.5", "--model", "m", "--model-out", "o"]).method
     lm = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     report = prune(lm, "everyother", 0.5)
     assert report["method"] == "everyother"

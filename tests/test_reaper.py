@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from pathlib import Path
+
 from prunedrive.harness.reaper import _stat, descendants
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reaper reads /proc (Linux)")
@@ -40,4 +42,27 @@ def test_a_killed_driver_leaves_no_process_behind():
     deadline = time.time() + 10
     while time.time() < deadline and any(_alive(p, s) for p, s in tree.items()):
         time.sleep(0.2)
+    assert not [p for p, s in tree.items() if _alive(p, s)]
+
+
+@pytest.mark.ray
+def test_a_run_on_ray_killed_with_9_leaves_no_ray_process(tiny_suite, tmp_path):
+    pytest.importorskip("ray")
+    run = subprocess.Popen([sys.executable, "-m", "prunedrive.app.cli", "run", "--suite", str(tiny_suite),
+                            "--agent", "expert", "--workers", "2", "--out", str(tmp_path), "--run-id", "r", "--quiet"],
+                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, tree = time.time() + 120, {}
+    while time.time() < deadline:  # until Ray's agents are up (the raylet's children)
+        tree = descendants(run.pid)
+        names = [Path(f"/proc/{p}/cmdline").read_bytes() for p in tree if _stat(p)]
+        if any(b"DashboardAgent" in n or b"RuntimeEnvAgent" in n or b"raylet" in n for n in names) and len(tree) > 5:
+            break
+        time.sleep(0.5)
+    time.sleep(2)
+    tree = descendants(run.pid)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(p, s) for p, s in tree.items()):
+        time.sleep(0.5)
     assert not [p for p, s in tree.items() if _alive(p, s)]

@@ -273,7 +273,7 @@ def test_cli_report(runs, tmp_path, capsys):
     from prunedrive.app.cli import main
 
     base, models = runs
-    assert main(["report", "base", str(models[0]), "--out", str(tmp_path), "--out-dir", str(tmp_path / "r")]) == 0
+    assert main(["report", "base", str(models[0]), "--out", str(tmp_path), "--report-dir", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "report.html").is_file() and "report.html" in capsys.readouterr().out
     assert main(["report", "nope", "--out", str(tmp_path)]) == 2
     assert "no run directory" in capsys.readouterr().err

@@ -132,7 +132,7 @@ def test_same_seed_same_weights_also_through_the_cli_and_a_resume(trained, data_
 
     reference = _weights(trained)
     out = tmp_path / "cli"
-    assert main(["train", "--preset", "tiny", "--format", "text", "--out", str(out), "--data", str(data_dir),
+    assert main(["train", "--preset", "tiny", "--format", "text", "--model-out", str(out), "--data", str(data_dir),
                  "--threads", "1"]) == 0
     again = _weights(out)
     assert reference.keys() == again.keys() and all(torch.equal(reference[k], again[k]) for k in reference)
@@ -173,7 +173,7 @@ def test_init_fine_tunes_a_local_gpt2(data_dir, tmp_path):
     tokenizer.save_pretrained(init)
     before = _weights(init)
 
-    with pytest.raises(ValueError, match="--init DIR needs --out"):
+    with pytest.raises(ValueError, match="--init DIR needs --model-out"):
         tt.train_text("tiny", data_dir=data_dir, init=init, progress=False, threads=1)
     short = replace(TINY, text_train=replace(TINY.text_train, steps=12))  # GPT-2's steps are ~3x the Llama's
     out = tt.train_text(short, data_dir=data_dir, out_dir=tmp_path / "tuned", init=init, progress=False, threads=1)
@@ -202,10 +202,10 @@ def test_a_chat_template_is_used_as_the_agent_uses_it(data_dir):
 def test_format_options_are_checked(tmp_path):
     from prunedrive.app.cli import main
 
-    assert main(["train", "--preset", "tiny", "--init", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert main(["train", "--preset", "tiny", "--init", str(tmp_path), "--model-out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
     assert main(["train", "--preset", "tiny", "--format", "text", "--init", str(tmp_path / "missing"),
-                 "--out", str(tmp_path / "o")]) == 2
+                 "--model-out", str(tmp_path / "o")]) == 2
 
 
 def test_eval_open_on_a_text_model(trained):

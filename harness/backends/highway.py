@@ -7,6 +7,8 @@ highway-env's IDM/MOBIL vehicles. The route is a lane-level polyline through the
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 
 import numpy as np
 from highway_env import utils as hw_utils
@@ -275,10 +277,21 @@ def _config(scenario: Scenario) -> dict:
     return config
 
 
+def _quiet_offscreen_sdl() -> None:
+    """highway-env draws with pygame (SDL). Offscreen it needs no display or sound, and SDL complains on
+    stderr ("XDG_RUNTIME_DIR is invalid") when that variable is unset: give it a private one."""
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="prunedrive-xdg-")
+
+
 class HighwayBackend:
     """Backend protocol on highway-env."""
 
     def __init__(self, scenario: Scenario, render: bool = False):
+        if render:
+            _quiet_offscreen_sdl()
         self.scenario = scenario
         self.env = _ENVS[scenario.kind](config=_config(scenario), render_mode="rgb_array" if render else None)
         self.dt = 1.0 / scenario.policy_hz

@@ -1,0 +1,71 @@
+"""`prunedrive claims`: the plan covers the four claims, verdicts follow the CI, the command runs end to end."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from prunedrive.app import claims
+from prunedrive.app.claims import Comparison, claims_table, judge, plan
+
+
+def test_the_full_plan_asks_all_four_claims_with_their_controls():
+    variants, comparisons = plan()
+    by_claim = {c: [x for x in comparisons if x.claim == c] for c in "abcd"}
+    assert all(by_claim.values())
+    assert {v["sparsity"] for v in variants.values() if v["method"] == "owl"} >= {0.5, 0.7, 0.85, 0.9}
+    assert any(v.get("lam") == 0.0 for v in variants.values())                          # (a) the sweep includes 0
+    assert {v.get("calibration") for v in variants.values()} >= {"generic", "random"}  # (b)
+    assert {v.get("scope") for v in variants.values()} >= {"encoder", "all"}            # (c)
+    dg2pf = [v for v in variants.values() if v["method"] == "dg2pf"]
+    assert any(v["sparsity"] <= 0.01 for v in dg2pf)                                   # (d) its own training
+    assert any(v.get("distill") is False for v in dg2pf) and any(v.get("gradual") is False for v in dg2pf)
+    assert any(v.get("finetune") for v in variants.values() if v["method"] == "wanda")  # equal budget
+    for c in comparisons:  # every comparison names agents the plan drives
+        assert c.candidate in variants and (c.baseline in variants or c.baseline == "llm-dense")
+
+
+@pytest.mark.parametrize("kind, low, high, verdict", [
+    ("superiority", 0.5, 9.0, "supported"), ("superiority", -9.0, -0.5, "refuted"),
+    ("superiority", -2.0, 3.0, "inconclusive"), ("non-inferiority", -4.0, 2.0, "supported"),
+    ("non-inferiority", -12.0, -6.0, "refuted"), ("non-inferiority", -7.0, 1.0, "inconclusive"),
+])
+def test_verdicts_follow_the_confidence_interval(kind, low, high, verdict):
+    assert judge(Comparison("a", "x", "c", "b", kind), low, high) == verdict
+
+
+def test_the_table_pairs_episodes_and_reports_the_ci_half_width():
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(30):
+        base = float(rng.uniform(50, 90))
+        for agent, score in (("llm-wanda-0.85", base), ("llm-owl-0.85", base + 8 + float(rng.normal(0, 2)))):
+            rows.append({"agent": agent, "scenario": "s", "seed": seed, "status": "finished", "failure": "",
+                         "driving_score": score, "collisions": 0, "km_driven": 0.4})
+    [row] = claims_table(pd.DataFrame(rows), [Comparison("a", "OWL vs Wanda", "llm-owl-0.85", "llm-wanda-0.85")],
+                         n_boot=2000).to_dict("records")
+    assert row["n"] == 30 and row["verdict"] == "supported" and 6 < row["ds_diff"] < 10
+    assert 0 < row["ci_half_width"] < 2 and row["coll_per_km_diff"] == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from prunedrive.app.train import train
+
+    out = tmp_path_factory.mktemp("tiny")
+    return train("tiny", out_dir=out / "model", data_dir=out / "model" / "data", progress=False, threads=1)
+
+
+def test_the_command_runs_end_to_end_on_a_restricted_plan(tiny_model, tiny_suite, tmp_path, monkeypatch, capsys):
+    from prunedrive.app.cli import main
+
+    def two_variants(*args, **kwargs):
+        variants = {"llm-owl-0.7": {"method": "owl", "sparsity": 0.7},
+                    "llm-wanda-0.7": {"method": "wanda", "sparsity": 0.7}}
+        return variants, [Comparison("a", "OWL vs Wanda at 70%", "llm-owl-0.7", "llm-wanda-0.7")]
+
+    monkeypatch.setattr(claims, "plan", two_variants)
+    assert main(["claims", "--suite", str(tiny_suite), "--model", str(tiny_model), "--out", str(tmp_path),
+                 "--run-id", "c", "--quick", "--quiet"]) == 0
+    table = pd.read_csv(tmp_path / "c" / "claims.csv")
+    assert list(table.comparison) == ["OWL vs Wanda at 70%"] and table.n.iloc[0] == 3
+    assert table.verdict.iloc[0] in ("supported", "refuted", "inconclusive")
+    assert "The seeds' claims" in capsys.readouterr().out
