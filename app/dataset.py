@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from prunedrive.harness.progress import live_bars
 from prunedrive.agents.expert import ExpertAgent
 from prunedrive.harness.action import Control
 from prunedrive.harness.env import DriveEnv
@@ -196,7 +197,7 @@ def build_dataset(out_dir: str | Path, n_episodes: int, seed: int = 0, split: st
     policy_dir = str(policy_dir) if policy_dir is not None else None
     jobs = [(str(suite.path), i, split, seed, noise, max_steps, policy_dir, beta) for i in range(n_episodes)]
     start, rows, episodes = time.time(), [], []
-    with Progress(disable=not progress, transient=True) as bar:
+    with Progress(disable=not live_bars(progress), transient=True) as bar:
         task = bar.add_task(f"expert rollouts ({split})", total=n_episodes)
         if workers > 1 and n_episodes > 1:
             # spawn, not fork: the parent may hold torch/OpenMP threads that a forked child must not inherit.

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from prunedrive.harness.progress import live_bars
 from prunedrive.models import text
 from prunedrive.models.data import Split, load_split
 from prunedrive.app.dataset import build_dataset
@@ -151,7 +152,7 @@ def pick_threads(model: torch.nn.Module, batch: dict, candidates=(1, 2), loss_fn
     return choice
 
 
-def _save_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer, state: dict) -> None:
+def save_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer, state: dict) -> None:
     """Write step-N/ complete under a temporary name, rename it, then point `latest` at it: a kill at any
     moment leaves the previous checkpoint readable (a torn one is never pointed at)."""
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -170,7 +171,7 @@ def _save_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer, state: dict)
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _checkpoint_state(ckpt: Path) -> tuple[Path, dict] | None:
+def checkpoint_state(ckpt: Path) -> tuple[Path, dict] | None:
     """(directory, state) of the latest checkpoint, or None; an unreadable one is an error that says what to do."""
     pointer = ckpt / "latest"
     if not pointer.is_file():
@@ -181,6 +182,25 @@ def _checkpoint_state(ckpt: Path) -> tuple[Path, dict] | None:
     except (OSError, ValueError) as exc:
         raise ValueError(f"{directory}: unreadable training checkpoint ({exc}); "
                          "start over with `prunedrive train --no-resume`") from None
+
+
+def restore_checkpoint(directory: Path, model, optimizer, command: str) -> int:
+    """Load a checkpoint written by `save_checkpoint` into `model` and `optimizer`; returns its step."""
+    try:
+        load_model(model, str(directory / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        return int(json.loads((directory / "state.json").read_text())["step"])
+    except Exception as exc:  # noqa: BLE001 -- safetensors and torch raise several types for a torn file
+        raise ValueError(f"{directory}: unreadable training checkpoint ({type(exc).__name__}: {exc}); "
+                         f"start over with `{command} --no-resume`") from None
+
+
+def restart_log(out_dir: Path, step: int) -> Path:
+    """train_log.jsonl without what an interrupted run logged after its last checkpoint (those steps are redone)."""
+    log_path = out_dir / "train_log.jsonl"
+    kept = log_path.read_text().splitlines() if step and log_path.is_file() else []
+    log_path.write_text("".join(line + "\n" for line in kept if json.loads(line)["step"] <= step))
+    return log_path
 
 
 def train(preset: str | Preset = "small", data_dir: str | Path | None = None, out_dir: str | Path | None = None,
@@ -209,7 +229,7 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
 
     tok_path = out_dir / "checkpoint" / "tokenizer.json"
     ckpt = out_dir / "checkpoint"
-    latest = _checkpoint_state(ckpt) if resume else None
+    latest = checkpoint_state(ckpt) if resume else None
     state = latest[1] if latest else None
     if not (resume and state and state["config_hash"] == preset.hash() and state["seed"] == seed
             and state["rows"] == state_rows and tok_path.is_file()):
@@ -229,19 +249,8 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "latents" not in n and "type_embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.98))
-    step = 0
-    if state:
-        try:
-            load_model(model, str(latest[0] / "model.safetensors"))
-            optimizer.load_state_dict(torch.load(latest[0] / "optimizer.pt", weights_only=True))
-        except Exception as exc:  # noqa: BLE001 -- safetensors and torch raise several types for a torn file
-            raise ValueError(f"{latest[0]}: unreadable training checkpoint ({type(exc).__name__}: {exc}); "
-                             "start over with `prunedrive train --no-resume`") from None
-        step = state["step"]
-    log_path = out_dir / "train_log.jsonl"
-    kept = log_path.read_text().splitlines() if step and log_path.is_file() else []
-    # Drop what an interrupted run logged after its last checkpoint: those steps are redone.
-    log_path.write_text("".join(line + "\n" for line in kept if json.loads(line)["step"] <= step))
+    step = restore_checkpoint(latest[0], model, optimizer, "prunedrive train") if state else 0
+    log_path = restart_log(out_dir, step)
 
     dagger_step = int(r.dagger_at * r.steps) if r.dagger_episodes else None
     if dagger_step is not None and step > dagger_step:  # resuming after the DAgger rollouts
@@ -257,11 +266,11 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
     columns = [TextColumn("[bold]train {task.fields[preset]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
     train_start, running, dagger_seconds = time.time(), [], 0.0
-    with Progress(*columns, disable=not progress, transient=True) as bar, log_path.open("a") as log:
+    with Progress(*columns, disable=not live_bars(progress), transient=True) as bar, log_path.open("a") as log:
         task = bar.add_task("train", total=r.steps, completed=step, preset=preset.name, loss=float("nan"))
         while step < r.steps:
             if step == dagger_step:
-                _save_checkpoint(ckpt, model, optimizer, {"step": step, "config_hash": preset.hash(), "seed": seed,
+                save_checkpoint(ckpt, model, optimizer, {"step": step, "config_hash": preset.hash(), "seed": seed,
                                                           "rows": state_rows})
                 dagger_start = time.time()
                 split = concat(split, dagger_data(model, ckpt, preset, seed, progress))
@@ -287,7 +296,7 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
                 bar.update(task, completed=step, loss=record["loss"])
                 running = []
             if step % r.checkpoint_every == 0 or step == r.steps:
-                _save_checkpoint(ckpt, model, optimizer, {"step": step, "config_hash": preset.hash(), "seed": seed,
+                save_checkpoint(ckpt, model, optimizer, {"step": step, "config_hash": preset.hash(), "seed": seed,
                                                           "rows": state_rows})
                 if threads == "auto" and step < r.steps:  # the machine's load may have changed
                     thread_log.append((step, pick_threads(model, batches.collate(batches.epoch(0)[: r.batch_size]))))

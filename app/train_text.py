@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model
 
-from prunedrive.app.train import _checkpoint_state, _save_checkpoint, ensure_data, lr_at, pick_threads
+from prunedrive.harness.progress import live_bars
+from prunedrive.app.train import (checkpoint_state, ensure_data, lr_at, pick_threads, restart_log, restore_checkpoint,
+                                  save_checkpoint)
 from prunedrive.app.zoo import TEXT_MARKER, default_model_dir, is_trained
 from prunedrive.harness.results import atomic_write_text
 from prunedrive.models import scene_text
@@ -235,7 +236,7 @@ def train_text(preset: str | Preset = "small", data_dir: str | Path | None = Non
 
     ckpt = out_dir / "checkpoint"
     tok_dir = ckpt / TOKENIZER_DIR
-    latest = _checkpoint_state(ckpt) if resume else None
+    latest = checkpoint_state(ckpt) if resume else None
     state = latest[1] if latest else None
     if not (resume and state and state.get("config_hash") == key and state.get("seed") == seed
             and state.get("rows") == rows and state.get("init") == (str(init.resolve()) if init else None)
@@ -265,21 +266,11 @@ def train_text(preset: str | Preset = "small", data_dir: str | Path | None = Non
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=base_lr, betas=(0.9, 0.98))
-    step = 0
-    if state:
-        try:
-            load_model(model, str(latest[0] / "model.safetensors"))
-            optimizer.load_state_dict(torch.load(latest[0] / "optimizer.pt", weights_only=True))
-        except Exception as exc:  # noqa: BLE001 -- safetensors and torch raise several types for a torn file
-            raise ValueError(f"{latest[0]}: unreadable training checkpoint ({type(exc).__name__}: {exc}); "
-                             "start over with `prunedrive train --format text --no-resume`") from None
-        step = state["step"]
-    log_path = out_dir / "train_log.jsonl"
-    kept = log_path.read_text().splitlines() if step and log_path.is_file() else []
-    log_path.write_text("".join(line + "\n" for line in kept if json.loads(line)["step"] <= step))
+    step = restore_checkpoint(latest[0], model, optimizer, "prunedrive train --format text") if state else 0
+    log_path = restart_log(out_dir, step)
 
     def checkpoint() -> None:
-        _save_checkpoint(ckpt, model, optimizer, {"step": step, "config_hash": key, "seed": seed, "rows": rows,
+        save_checkpoint(ckpt, model, optimizer, {"step": step, "config_hash": key, "seed": seed, "rows": rows,
                                                   "init": str(init.resolve()) if init else None})
 
     stream = batches.stream(batch_size, start_step=step)
@@ -290,9 +281,9 @@ def train_text(preset: str | Preset = "small", data_dir: str | Path | None = Non
     columns = [TextColumn("[bold]train text {task.fields[preset]}"), BarColumn(),
                TextColumn("{task.completed}/{task.total}"), TextColumn("loss {task.fields[loss]:.3f}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
-    logged = [json.loads(line)["loss"] for line in kept if json.loads(line)["step"] <= step]
+    logged = [json.loads(line)["loss"] for line in log_path.read_text().splitlines()]  # kept by restart_log
     train_start, running, last_loss = time.time(), [], (logged[-1] if logged else float("nan"))
-    with Progress(*columns, disable=not progress, transient=True) as bar, log_path.open("a") as log:
+    with Progress(*columns, disable=not live_bars(progress), transient=True) as bar, log_path.open("a") as log:
         task = bar.add_task("train", total=r.steps, completed=step, preset=preset.name, loss=float("nan"))
         while step < r.steps:
             lr = lr_at(step, r.steps, base_lr, r.warmup, r.min_lr_ratio)

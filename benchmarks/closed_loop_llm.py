@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,27 +21,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prunedrive.agents.expert import ExpertAgent  # noqa: E402
 from prunedrive.agents.llm import LLMAgent  # noqa: E402
 from prunedrive.harness.env import DriveEnv  # noqa: E402
-from prunedrive.harness.scoring import score_episode  # noqa: E402
+from prunedrive.harness.runner import episode_row, run_episode  # noqa: E402
 from prunedrive.scenarios.loader import load_suite  # noqa: E402
 
 
 def drive(env: DriveEnv, agent, scenario, seed: int) -> dict:
-    agent.reset(scenario)
-    obs, _ = env.reset(seed=seed)
-    agent_s, steps = 0.0, 0
-    while True:
-        t = time.perf_counter()
-        control = agent.act(obs)
-        agent_s += time.perf_counter() - t
-        obs, _, terminated, truncated, info = env.step(control)
-        steps += 1
-        if terminated or truncated:
-            break
-    o = info["outcome"]
-    s = score_episode(o.route_completion, o.events, o.collision_ended)
-    return {"driving_score": s.driving_score, "route_completion": s.route_completion, "status": s.status,
-            "penalty": s.infraction_penalty, "steps": steps, "ms_per_step": 1000 * agent_s / steps,
-            "infractions": {k: v for k, v in s.infractions.items() if v}}
+    """One episode through the harness's own loop and scorer (harness.runner)."""
+    outcome, steps = run_episode(env, agent, scenario, seed)
+    row = episode_row(outcome, steps, run_id="closed-loop-llm", agent=agent.name, scenario=scenario, seed=seed,
+                      wall_s=0.0)
+    infractions = {k.removeprefix("n_"): int(v) for k, v in row.items() if k.startswith("n_") and v}
+    return {"driving_score": row["driving_score"], "route_completion": row["route_completion"],
+            "status": row["status"], "penalty": row["infraction_penalty"], "steps": int(row["steps"]),
+            "ms_per_step": 1000 * float(steps["agent_wall_s"].mean()), "infractions": infractions}
 
 
 def main(argv=None) -> dict:

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunedrive.harness.progress import live_bars
 from prunedrive.models.pruning.masks import EXCLUDE, find_linears, sparsity_report, unstructured_mask
 
 Forward = Callable[[nn.Module, object], tuple[torch.Tensor, torch.Tensor]]
@@ -222,7 +223,7 @@ def _mean(losses) -> float | None:
 
 
 def _progress(iterable, description: str, enabled: bool):
-    if not enabled:
+    if not live_bars(enabled):
         yield from iterable
         return
     try:
