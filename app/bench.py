@@ -188,32 +188,38 @@ def load_note(loads: list[float]) -> str:
 
 def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_id: str | None,
               progress: bool = True, with_expert: bool = True, workers: int | None = None,
-              mlflow: str | None = None, batch: int = 1) -> int:
-    """The main job; returns the exit code (app.drive.exit_code)."""
+              mlflow: str | None = None, batch: int = 1, model: str | Path | None = None) -> int:
+    """The main job; returns the exit code (app.drive.exit_code). `model`: the user's dense model directory (our
+    driving LLM, or any local Hugging Face causal LM, driven by the `text-llm` agent) instead of the zoo's."""
     from prunedrive.agents.registry import AgentSpec
     from prunedrive.app.compress import training_data_dir
     from prunedrive.app.drive import drive, exit_code
-    from prunedrive.app.eval_open import evaluate_open_loop
+    from prunedrive.app.eval_open import TextModel, evaluate_open_loop
     from prunedrive.app.train import ensure_default_model
     from prunedrive.app.zoo import default_model_dir, is_trained
     from prunedrive.models.data import load_split
     from prunedrive.models.driving_llm import DrivingLLM
+    from prunedrive.models.hf_causal import is_hf_causal_lm_dir
     from prunedrive.scenarios.loader import load_suite
 
     say = Phases()
     suite = load_suite(suite_name)
     zoo_dir = default_model_dir(preset)
-    if is_trained(zoo_dir, preset):
+    if model is not None:
+        dense_dir = Path(model)
+        say(f"dense model: {dense_dir} (yours)")
+    elif is_trained(zoo_dir, preset):
         say(f"dense model: {zoo_dir} (trained earlier; reused)")
     else:
         say(f"training the default {preset} model once into {zoo_dir} (first run only; about 7-11 min on 2 "
             "cores): expert data, training, DAgger")
-    dense_dir = ensure_default_model(preset, progress=progress)
+    dense_dir = dense_dir if model is not None else ensure_default_model(preset, progress=progress)
+    text_format = is_hf_causal_lm_dir(dense_dir)  # a plain causal LM: the text-native agent drives it
     say(f"pruning: {len(methods)} methods x {len(sparsities)} sparsities = {len(methods) * len(sparsities)} "
         f"variants (cached under {dense_dir / 'pruned'})")
     models = pruned_models(dense_dir, methods, sparsities, progress, say)
     specs = ([AgentSpec("expert")] if with_expert else []) + [
-        AgentSpec("llm", str(path), label=name) for name, (_, _, path) in models.items()]
+        AgentSpec("text-llm" if text_format else "llm", str(path), label=name) for name, (_, _, path) in models.items()]
     # Per agent: its model, method and target sparsity (of the LM), which `prunedrive report` plots.
     config = {"model": str(dense_dir), "methods": list(methods), "sparsities": list(sparsities),
               "models": {name: str(path) for name, (_, _, path) in models.items()},
@@ -223,14 +229,22 @@ def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_
     say(f"driving {n_episodes} episodes: {len(specs)} agents x {len(suite.episodes())} scenario-seeds of suite "
         f"{suite.name}" + (f" on {workers} Ray workers" if workers else ""))
     loads = [os.getloadavg()[0]]
-    run_dir, episodes = drive(suite, specs, out, run_id=run_id, default_run_id=f"bench-{suite.name}-{preset}",
+    run_dir, episodes = drive(suite, specs, out, run_id=run_id,
+                              default_run_id=f"bench-{suite.name}-{preset if model is None else dense_dir.name}",
                               workers=workers, progress=progress, config=config, batch=batch)
     loads.append(os.getloadavg()[0])
 
-    say(f"open loop: {len(models)} models on {OPEN_LOOP_SAMPLES} held-out expert samples each")
-    split = load_split(training_data_dir(dense_dir), "val")
-    open_loop = {name: evaluate_open_loop(DrivingLLM.from_pretrained(path), split, OPEN_LOOP_SAMPLES)
-                 for name, (_, _, path) in models.items()}
+    data_dir = training_data_dir(dense_dir)
+    if (data_dir / "val.parquet").is_file():
+        say(f"open loop: {len(models)} models on {OPEN_LOOP_SAMPLES} held-out expert samples each")
+        split = load_split(data_dir, "val")
+        load = TextModel if text_format else DrivingLLM.from_pretrained
+        open_loop = {name: evaluate_open_loop(load(path), split, OPEN_LOOP_SAMPLES) for name, (_, _, path) in
+                     models.items()}
+    else:
+        say(f"open loop: skipped, no held-out expert data at {data_dir} (`prunedrive eval-open --model DIR "
+            "--data DATA` evaluates a model on a split you give)")
+        open_loop = {}
     (run_dir.path / "open_loop.json").write_text(json.dumps(open_loop, indent=2, default=float))
     table = comparison_table(episodes, models, open_loop)
     table.to_csv(run_dir.path / "bench.csv", index=False)

@@ -141,8 +141,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from prunedrive.app.bench import run_bench
 
     _check_mlflow(args)
+    _check_model(args.model)
     return run_bench(args.suite, args.preset, args.methods, args.sparsities, Path(args.out), args.run_id,
-                     progress=not args.quiet, workers=args.workers, mlflow=args.mlflow, batch=args.batch or 1)
+                     progress=not args.quiet, workers=args.workers, mlflow=args.mlflow, batch=args.batch or 1,
+                     model=args.model)
 
 
 def cmd_claims(args: argparse.Namespace) -> int:
@@ -347,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="the main job: dense vs OWL/DG2PF/Wanda/magnitude, closed- and open-loop")
     bench.add_argument("--suite", default="smoke", help="smoke (default) or standard, or a path")
     bench.add_argument("--preset", default="small", help="the zoo model to train or reuse (small)")
+    bench.add_argument("--model", help="your dense model directory instead (ours, or any local HF causal LM)")
     bench.add_argument("--methods", nargs="+", default=["owl", "dg2pf", "wanda", "magnitude"],
                        choices=list(pruning_methods()),
                        help="pruning methods (owl dg2pf wanda magnitude)")

@@ -6,6 +6,7 @@ trained here on scene texts. Untrained models answer gibberish: the episode must
 fallbacks), the compute columns must be filled, and pruning must hit the target sparsity exactly.
 """
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -293,3 +294,19 @@ def test_conv1d_is_pruned_like_the_equivalent_linear():
                 prune_linear(layer, s, 0.5)
         assert torch.equal(weight_matrix(c), lin.weight), method
         assert float((c.weight == 0).float().mean()) == 0.5
+
+
+def test_bench_runs_the_comparison_on_a_users_hf_model(checkpoints, tiny_suite, tmp_path, capsys):
+    from prunedrive.app.cli import main
+
+    suite = tiny_suite.parent / "one.yaml"
+    suite.write_text(tiny_suite.read_text().replace("seeds: [1, 2, 3]", "seeds: [1]").replace("duration_s: 12",
+                                                                                             "duration_s: 2"))
+    model = tmp_path / "mine"
+    shutil.copytree(checkpoints["llama"], model)
+    assert main(["bench", "--model", str(model), "--suite", str(suite), "--methods", "magnitude", "--sparsities",
+                 "0.5", "--out", str(tmp_path / "results"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "llm-magnitude-0.5" in out and "llm-dense" in out and "(yours)" in out
+    manifest = json.loads((tmp_path / "results" / "bench-tiny-mine" / "manifest.json").read_text())
+    assert {s["name"] for s in manifest["config"]["specs"]} == {"expert", "text-llm"}
