@@ -71,17 +71,15 @@ class ExpertAgent:
         _, curvature = self._steer(route, speed)
         target = min(limit, np.sqrt(c.max_lateral_accel / max(curvature, 1e-4)))
         gap, lead_speed = self._nearest_obstacle(obs, route, speed)
-        if np.isfinite(gap):
-            desired = c.min_gap_m + speed * c.time_headway_s + speed * (speed - lead_speed) / (
-                2.0 * np.sqrt(c.comfort_accel * c.comfort_decel))
-            if (max(desired, 0.0) / max(gap, 0.1)) ** 2 > 0.25:  # the obstacle term costs >= 0.5 m/s^2
-                if obs["traffic_light_mask"][0] and obs["traffic_light"][0] in (_RED, _YELLOW) and \
-                        abs(gap - (float(obs["traffic_light"][1]) - 2.0)) < 1e-4:
-                    return "stopping for the traffic light"
-                lead = perception_labels(obs)["lead_distance_m"]
-                if lead is not None and abs(gap - (lead - c.vehicle_length_m)) < 1e-3:
-                    return "following the lead car"
-                return "yielding"
+        # The obstacle term of the IDM costs >= 0.5 m/s^2: the obstacle is why the expert slows.
+        if np.isfinite(gap) and (max(self._desired_gap(speed, lead_speed), 0.0) / max(gap, 0.1)) ** 2 > 0.25:
+            if obs["traffic_light_mask"][0] and obs["traffic_light"][0] in (_RED, _YELLOW) and \
+                    abs(gap - (float(obs["traffic_light"][1]) - 2.0)) < 1e-4:
+                return "stopping for the traffic light"
+            lead = perception_labels(obs)["lead_distance_m"]
+            if lead is not None and abs(gap - (lead - c.vehicle_length_m)) < 1e-3:
+                return "following the lead car"
+            return "yielding"
         if target < limit - 0.5 and speed > target - 2.0:
             return "slowing for the curve"
         return "cruising"
@@ -143,9 +141,13 @@ class ExpertAgent:
         if not np.isfinite(gap):
             return c.comfort_accel * free
         gap = max(gap, 0.1)
-        desired = c.min_gap_m + speed * c.time_headway_s + speed * (speed - lead_speed) / (
+        return c.comfort_accel * (free - (max(self._desired_gap(speed, lead_speed), 0.0) / gap) ** 2)
+
+    def _desired_gap(self, speed: float, lead_speed: float) -> float:
+        """IDM's desired bumper gap s*: s0 + v T + v (v - v_lead) / (2 sqrt(a b))."""
+        c = self.config
+        return c.min_gap_m + speed * c.time_headway_s + speed * (speed - lead_speed) / (
             2.0 * np.sqrt(c.comfort_accel * c.comfort_decel))
-        return c.comfort_accel * (free - (max(desired, 0.0) / gap) ** 2)
 
 
 def _max_curvature(points: np.ndarray, window: int = 4) -> float:
