@@ -124,7 +124,7 @@ def print_comparison(table: pd.DataFrame, load_note: str = "", console=None) -> 
     console = console or Console(width=min(Console().width, TABLE_WIDTH) if Console().is_terminal else TABLE_WIDTH)
     style = {"box": box.SIMPLE_HEAD, "pad_edge": False, "title_justify": "left"}
     driving = Table(title="Closed loop (Leaderboard 2.0); ΔDS: paired with dense by scenario and seed", **style)
-    for header in ("agent", "n", "DS ± SE", "ΔDS [95% CI]", "verdict", "RC", "coll/km", "succ%"):
+    for header in ("agent", "n", "DS ± SE", "ΔDS [95% CI]", "verdict", "RC", "coll/km", "succ"):
         driving.add_column(header, justify="left" if header in ("agent", "verdict") else "right", no_wrap=True)
     for r in table.itertuples():
         ds = f"{r.driving_score:.1f} ± {_cell(r.ds_se, '{:.1f}')}"
@@ -146,7 +146,8 @@ def print_comparison(table: pd.DataFrame, load_note: str = "", console=None) -> 
     n_min = int(table["n"].min()) if len(table) else 0
     legend = [
         "DS: driving score (0-100), mean ± standard error over n episodes. ΔDS: mean paired difference to dense "
-        "with its 95% percentile-bootstrap CI; verdict better/worse when the CI excludes 0.",
+        "with its 95% percentile-bootstrap CI; verdict better/worse when the CI excludes 0. RC: route completion %; "
+        "succ: % of episodes finished without infraction.",
         f"GFLOP per agent step: eff counts non-zero weights, exec what the kernels multiply (deterministic); "
         "ms/step is wall time (p50), which depends on the machine and its load.",
         OPEN_LOOP_LEGEND + ".",
