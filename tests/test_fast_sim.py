@@ -184,3 +184,38 @@ def test_conflict_test_agrees_with_highway_envs_on_every_pair():
             env.step(np.array([0.2, 0.0], np.float32))
     assert conflicts > 0 and checked > conflicts
     env.close()
+
+
+def _with_observation(env_cls):
+    """A reference class: `env_cls` computing highway-env's own observation every step, as highway-env does."""
+    from highway_env.envs.common.abstract import AbstractEnv
+
+    return type(f"Observed{env_cls.__name__}", (env_cls,), {"define_spaces": AbstractEnv.define_spaces})
+
+
+KIND_SCENARIOS = [Scenario(name=k, kind=k, vehicles=8, pedestrians=2 if k == "intersection" else 0, duration_s=15.0)
+                  for k in ("highway_cruise", "dense_highway", "onramp_merge", "roundabout", "intersection")]
+
+
+@pytest.mark.parametrize("scenario", KIND_SCENARIOS, ids=[s.kind for s in KIND_SCENARIOS])
+def test_skipping_highway_envs_observation_changes_no_trajectory(scenario, monkeypatch):
+    traces, outcomes = [], []
+    for make in (lambda cls: cls, _with_observation):
+        with monkeypatch.context() as m:
+            m.setitem(highway._ENVS, scenario.kind, make(highway._ENVS[scenario.kind]))
+            env = DriveEnv(scenario)
+            obs, _ = env.reset(seed=7)
+            road = env.backend.env.unwrapped.road
+            trace, act = [snapshot(road)], expert_policy()
+            for _ in range(1000):
+                obs, _, terminated, truncated, info = env.step(act(obs))
+                trace.append(snapshot(road))
+                if terminated or truncated:
+                    break
+            env.close()
+        traces.append(trace)
+        outcomes.append(info["outcome"])
+    skipped, observed = traces
+    assert len(skipped) == len(observed) > 10
+    assert all(np.array_equal(a, b) for a, b in zip(skipped, observed))
+    assert outcomes[0] == outcomes[1]
