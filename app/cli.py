@@ -163,7 +163,11 @@ def _check_model(model: str | None) -> None:
 
     zoo = home() / "models"
     known = sorted(p.name for p in zoo.iterdir() if p.is_dir()) if zoo.is_dir() else []
-    raise FileNotFoundError(f"--model {model}: no such model directory; the model zoo ({zoo}) has: "
+    hub = "/" in model and not model.startswith((".", "/", "~")) and len(Path(model).parts) == 2
+    raise FileNotFoundError(f"--model {model}: no such model directory"
+                            + ("; it looks like a model hub name, but prunedrive only loads local directories "
+                               "(nothing is downloaded)" if hub else "")
+                            + f"; the model zoo ({zoo}) has: "
                             + (", ".join(known) if known else "nothing yet (`prunedrive train` fills it)"))
 
 

@@ -197,9 +197,9 @@ def recipe(method: str, sparsity: float | None, pattern: str | None = None, scop
 
 def _check_output(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
     if out_dir.resolve() == model_dir.resolve():
-        raise ValueError(f"--out {out_dir} is the input model directory; pruning would overwrite the dense weights")
+        raise ValueError(f"--model-out {out_dir} is the input model directory; pruning would overwrite the dense weights")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"--out {out_dir} exists and is not empty; pick a new directory or pass --overwrite")
+        raise FileExistsError(f"--model-out {out_dir} exists and is not empty; pick a new directory or pass --overwrite")
 
 
 def _part_sparsity(model: DrivingLLM) -> dict[str, float]:

@@ -36,3 +36,9 @@ def test_list_valued_options_take_several_values():
     assert args.agent == ["expert", "constant"] and args.seeds == [1, 2]
     args = build_parser().parse_args(["run", "--agent", "expert", "--agent", "constant"])
     assert args.agent == ["expert", "constant"]
+
+
+def test_a_hub_name_is_refused_with_a_message_and_the_zoo(capsys):
+    assert main(["run", "--agent", "text-llm", "--model", "Qwen/Qwen2-0.5B", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "model hub name" in err and "nothing is downloaded" in err and "model zoo" in err
