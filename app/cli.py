@@ -252,6 +252,15 @@ def _add_mlflow_option(parser: argparse.ArgumentParser) -> None:
                              "sqlite:///<out>/mlflow.db (needs the mlflow extra)")
 
 
+def _add_batch_option(parser: argparse.ArgumentParser, resumable: bool = False) -> None:
+    parser.add_argument("--batch", type=_at_least(1), metavar="K",
+                        help="run K episodes side by side per worker, an LLM agent deciding all their steps in one "
+                             "batched decode (default 1" + ("; a resume defaults to the run's own" if resumable else "")
+                             + "). Results do not depend on K except where batched float arithmetic changes an "
+                             "LLM's greedy token (benchmarks/throughput.py measures how often); a given K is "
+                             "deterministic")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunedrive", description=__doc__.split("\n\n")[0])
     from importlib.metadata import version
@@ -277,11 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--carla-host", help="CARLA server host (carla suites)")
     run.add_argument("--carla-port", type=int, help="CARLA server RPC port (carla suites)")
     run.add_argument("--workers", type=_at_least(1), help="run episodes on this many Ray actors")
-    run.add_argument("--batch", type=_at_least(1), metavar="K",
-                     help="run K episodes side by side per worker, an LLM agent deciding all their steps in one "
-                          "batched decode (default 1; a resume defaults to the run's own). Results do not "
-                          "depend on K except where batched float arithmetic changes an LLM's greedy token "
-                          "(benchmarks/throughput.py measures how often); a given K is deterministic")
+    _add_batch_option(run, resumable=True)
     run.add_argument("--carla-servers", nargs="+", metavar="HOST:PORT",
                      help="one CARLA server per worker (with --workers); worker i always uses server i")
     run.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray for the run)")
@@ -362,11 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="results", help="where run directories go; default results/")
     bench.add_argument("--run-id", help="default bench-<suite>-<preset>; an existing one is resumed")
     bench.add_argument("--workers", type=_at_least(1), help="drive the episodes on this many Ray actors")
-    bench.add_argument("--batch", type=_at_least(1), metavar="K",
-                       help="run K episodes side by side per worker, an LLM agent deciding all their steps in one "
-                            "batched decode (default 1). Results do not depend on K except where "
-                            "batched float arithmetic changes an LLM's greedy token (benchmarks/throughput.py "
-                            "measures how often); a given K is deterministic")
+    _add_batch_option(bench)
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_mlflow_option(bench)
     bench.set_defaults(func=cmd_bench)

@@ -184,6 +184,15 @@ def checkpoint_state(ckpt: Path) -> tuple[Path, dict] | None:
                          "start over with `prunedrive train --no-resume`") from None
 
 
+def optimizer_step(model, optimizer, loss) -> float:
+    """One update with gradient clipping at norm 1; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
 def restore_checkpoint(directory: Path, model, optimizer, command: str) -> int:
     """Load a checkpoint written by `save_checkpoint` into `model` and `optimizer`; returns its step."""
     try:
@@ -281,13 +290,8 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
             for group in optimizer.param_groups:
                 group["lr"] = lr
             logits, labels = model(next(stream))
-            loss = model.loss(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            running.append(optimizer_step(model, optimizer, model.loss(logits, labels)))
             step += 1
-            running.append(loss.item())
             if step % r.log_every == 0 or step == r.steps:
                 record = {"step": step, "loss": float(np.mean(running)), "lr": lr,
                           "elapsed_s": round(time.time() - train_start, 1)}

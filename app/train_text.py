@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from prunedrive.harness.progress import live_bars
-from prunedrive.app.train import (checkpoint_state, ensure_data, lr_at, pick_threads, restart_log, restore_checkpoint,
-                                  save_checkpoint)
+from prunedrive.app.train import (checkpoint_state, ensure_data, lr_at, optimizer_step, pick_threads, restart_log,
+                                  restore_checkpoint, save_checkpoint)
 from prunedrive.app.zoo import TEXT_MARKER, default_model_dir, is_trained
 from prunedrive.harness.results import atomic_write_text
 from prunedrive.models import scene_text
@@ -290,13 +290,8 @@ def train_text(preset: str | Preset = "small", data_dir: str | Path | None = Non
             for group in optimizer.param_groups:
                 group["lr"] = lr
             torch.manual_seed(seed * 1_000_003 + step)  # dropout (an --init model's) is the same on a resume
-            loss = text_loss(model, next(stream))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            running.append(optimizer_step(model, optimizer, text_loss(model, next(stream))))
             step += 1
-            running.append(loss.item())
             if step % r.log_every == 0 or step == r.steps:
                 last_loss = float(np.mean(running))
                 record = {"step": step, "loss": last_loss, "lr": lr, "elapsed_s": round(time.time() - train_start, 1)}
