@@ -15,6 +15,7 @@ every comparison is a paired bootstrap over (scenario, seed). Verdicts:
       else inconclusive;
   non-inferiority ("A keeps accuracy"): supported when the CI's lower bound is above -margin, refuted when
       its upper bound is below -margin, else inconclusive.
+  Below MIN_PAIRS_FOR_VERDICT paired episodes the verdict is "n too small" (the CI is too narrow to trust).
 The table also gives the CI half-width reached, so one can see whether a 5-point difference was resolvable.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from prunedrive.app.bench import DENSE, Phases, prune_variants
+from prunedrive.harness.regress import MIN_PAIRS_FOR_VERDICT
 
 NON_INFERIORITY_MARGIN = 5.0  # DS points a "keeps accuracy" claim may lose
 FULL_SPARSITIES = (0.5, 0.7, 0.85, 0.9)
@@ -94,7 +96,9 @@ def plan(sparsities=FULL_SPARSITIES, lambdas=LAMBDAS, quick: bool = False) -> tu
     return variants, comparisons
 
 
-def judge(comparison: Comparison, low: float, high: float) -> str:
+def judge(comparison: Comparison, low: float, high: float, n: int = MIN_PAIRS_FOR_VERDICT) -> str:
+    if n < MIN_PAIRS_FOR_VERDICT:  # the percentile bootstrap is too narrow to trust on so few pairs
+        return "n too small"
     if not (np.isfinite(low) and np.isfinite(high)):
         return "inconclusive"
     if comparison.kind == "non-inferiority":
@@ -119,7 +123,8 @@ def claims_table(episodes: pd.DataFrame, comparisons: list[Comparison], n_boot: 
                      "kind": c.kind, "n": int(r["n_pairs"]) if r is not None else 0,
                      "ds_diff": r["diff"] if r is not None else np.nan, "ci_low": low, "ci_high": high,
                      "ci_half_width": (high - low) / 2, "coll_per_km_diff": rate.get(c.candidate, np.nan) -
-                     rate.get(c.baseline, np.nan), "verdict": judge(c, low, high)})
+                     rate.get(c.baseline, np.nan),
+                     "verdict": judge(c, low, high, int(r["n_pairs"]) if r is not None else 0)})
     return pd.DataFrame(rows)
 
 
