@@ -139,6 +139,10 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+        # A writer killed mid-write leaves its temporary file (never the target: see atomic_parquet). Only the
+        # lock holder writes here, so any temporary file now is such a leftover.
+        for leftover in [*self.path.glob(".*.tmp"), *self.path.glob("*/.*.tmp")]:
+            leftover.unlink(missing_ok=True)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

@@ -324,3 +324,15 @@ def test_the_cli_exits_3_before_any_run_directory_when_the_simulator_is_not_ther
     assert main(["run", "--suite", "carla-devtest", "--carla-host", "h", "--carla-port", "7", "--out",
                  str(tmp_path), "--quiet"]) == 3
     assert "h:7" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_a_writers_leftover_temporary_files_are_removed_by_the_next_writer(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.create({}, [])
+    leftover = tmp_path / "r" / "steps" / ".expert__s__1.parquet.x1y2z3.tmp"  # as a kill -9 mid-write leaves
+    leftover.write_bytes(b"half a parquet")
+    run.lock()
+    try:
+        assert not leftover.exists() and run.finished() == set()
+    finally:
+        run.unlock()
