@@ -38,7 +38,7 @@ import pandas as pd
 
 from prunedrive.harness.reaper import start_reaper, stop_reaper
 from prunedrive.harness.results import RunDir
-from prunedrive.harness.runner import (EPISODE_TIMEOUT_S, STEP_TIMEOUT_S, EpisodeJob, Lockstep, close_quietly,
+from prunedrive.harness.runner import (EPISODE_TIMEOUT_S, STEP_TIMEOUT_S, EpisodeJob, Lockstep, close_envs,
                                        episode_row, run_episode_with_retries, run_suite)
 from prunedrive.scenarios.loader import Scenario, Suite
 
@@ -86,11 +86,7 @@ class EpisodeWorker:
         return [((job.agent_index, job.scenario.name, job.seed), row, steps) for job, row, steps in ended]
 
     def close(self) -> None:
-        for env in self.envs.values():
-            close_quietly(env)
-        self.envs.clear()
-        if self.lockstep is not None:
-            self.lockstep.close()
+        close_envs(self.envs, self.lockstep)
 
 
 class RayExecutor:

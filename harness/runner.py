@@ -656,12 +656,17 @@ class InProcessExecutor:
             yield from lock.advance()
 
     def close(self) -> None:
-        for env in self.envs.values():
-            close_quietly(env)
-        self.envs.clear()
-        if self.lockstep is not None:
-            self.lockstep.close()
-            self.lockstep = None
+        close_envs(self.envs, self.lockstep)
+        self.lockstep = None
+
+
+def close_envs(envs: dict, lockstep=None) -> None:
+    """Close a worker's cached envs (and its lockstep's pool), whatever state their simulators are in."""
+    for env in envs.values():
+        close_quietly(env)
+    envs.clear()
+    if lockstep is not None:
+        lockstep.close()
 
 
 def run_suite(suite: Suite, agents: list[Agent] | Executor, run_dir: RunDir, *, progress: bool = True,
