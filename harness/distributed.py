@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd

@@ -347,7 +347,7 @@ class CarlaBackend:
     def _spawn_vehicles(self, route: np.ndarray) -> None:
         """Four-wheeled vehicles under Traffic Manager autopilot, on spawn points near the route: a big
         town's spawn points are mostly kilometres away, where traffic would never meet the ego."""
-        carla, rng, command = self.carla, self._rng, self.carla.command
+        rng, command = self._rng, self.carla.command
         cars = [bp for bp in self._world.get_blueprint_library().filter("vehicle.*")
                 if not bp.has_attribute("number_of_wheels") or bp.get_attribute("number_of_wheels").as_int() == 4]
         points = list(self._map.get_spawn_points())
