@@ -1,9 +1,10 @@
 """Per-kind simulator step time of the embedded backend: highway-env's original code against ours, in one run.
 
 For each highway-env scenario kind of a suite, the expert drives a few of its episodes twice: on the
-original env (highway-env building its pandas observation every step, which we skip since the backend
-reads the road itself; for the intersection also highway-env's own `RegulatedRoad`, whose conflict test
-deep-copies vehicles) and on ours (no observation; `FastRegulatedRoad`). The time is highway-env's `env.step` (its simulation
+original env (`highway.original_env`: highway-env's own road and network classes, building its pandas
+observation every step, which we skip since the backend reads the road itself; at the intersection its own
+`RegulatedRoad`, whose conflict test deep-copies vehicles) and on ours (no observation; `FastRoad`,
+`FastRoadNetwork`, `FastRegulatedRoad`). The time is highway-env's `env.step` (its simulation
 frames and its observation), divided by its frames per policy step: ms per simulator step. Original and
 fast episodes alternate, so a change in machine load hits both; timings still depend on that load (other
 processes, CPU frequency): compare the ratios, and rerun on a quiet machine for absolute numbers.
@@ -17,27 +18,11 @@ import argparse
 import time
 
 import numpy as np
-from highway_env.envs.common.abstract import AbstractEnv
-from highway_env.envs.intersection_env import IntersectionEnv
 
 from prunedrive.agents.expert import ExpertAgent
 from prunedrive.harness.backends import highway
-from prunedrive.harness.backends.highway import IntersectionScenarioEnv
 from prunedrive.harness.env import DriveEnv
 from prunedrive.scenarios.loader import load_suite
-
-
-class ReferenceIntersectionEnv(IntersectionScenarioEnv):
-    """Our intersection env on highway-env's unmodified `RegulatedRoad`: the original conflict test."""
-
-    def _make_road(self) -> None:
-        IntersectionEnv._make_road(self)
-
-
-def original(kind: str, fast_cls):
-    """highway-env's own behaviour for `kind`: its observation every step (and its road rules at the intersection)."""
-    base = ReferenceIntersectionEnv if kind == "intersection" else fast_cls
-    return type(f"Original{base.__name__}", (base,), {"define_spaces": AbstractEnv.define_spaces})
 
 
 def episode(scenario, seed: int, env_cls) -> tuple[float, int, object]:
@@ -81,7 +66,7 @@ def main() -> None:
         fast_cls = highway._ENVS.get(scenario.kind)
         if fast_cls is None or scenario.backend != "highway":
             continue
-        original_cls = original(scenario.kind, fast_cls)
+        original_cls = highway.original_env(scenario.kind)
         totals = np.zeros(2)
         steps = 0
         for seed in scenario.seeds[: args.episodes]:

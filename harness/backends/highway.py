@@ -12,17 +12,20 @@ import tempfile
 
 import numpy as np
 from highway_env import utils as hw_utils
+from highway_env.envs.common.abstract import AbstractEnv
 from highway_env.envs.highway_env import HighwayEnv
 from highway_env.envs.intersection_env import IntersectionEnv
 from highway_env.envs.merge_env import MergeGenericEnv
 from highway_env.envs.roundabout_env import RoundaboutGenericEnv
 from highway_env.road.regulation import RegulatedRoad
+from highway_env.road.road import Road
 from highway_env.vehicle.behavior import IDMVehicle
 from highway_env.vehicle.kinematics import Vehicle
 from highway_env.vehicle.objects import Obstacle, RoadObject
 
 from prunedrive.harness.action import Control
 from prunedrive.harness.backends.base import BackendState
+from prunedrive.harness.backends.highway_fast import FastRoad, speed_up
 from prunedrive.harness.events import Event, EventKind, StepEvents
 from prunedrive.harness.observation import EgoState, WorldObjects
 from prunedrive.scenarios.loader import Scenario
@@ -63,6 +66,13 @@ class _NoRewards:
         super().define_spaces()
         blank = np.zeros(self.observation_space.shape, self.observation_space.dtype)
         self.observation_type.observe = lambda: blank
+
+    def _reset(self) -> None:
+        """highway-env's road and vehicles, the road then switched to our faster classes of the same
+        behaviour (highway_fast.py, and FastRegulatedRoad for the intersection): the same objects and state,
+        bit-identical trajectories."""
+        super()._reset()
+        speed_up(self.road, {Road: FastRoad, RegulatedRoad: FastRegulatedRoad})
 
 
 class HighwayScenarioEnv(_NoRewards, HighwayEnv):
@@ -130,7 +140,7 @@ def _has_kinematic_prediction(vehicle) -> bool:
             and getattr(cls, "act", None) in _PLAIN_ACTS)
 
 
-class FastRegulatedRoad(RegulatedRoad):
+class FastRegulatedRoad(RegulatedRoad, FastRoad):
     """highway-env's intersection road (`RegulatedRoad`) with the same right-of-way rules, computed cheaper.
 
     `enforce_road_rules` asks `is_conflict_possible` about every pair of road users, and each call
@@ -151,6 +161,7 @@ class FastRegulatedRoad(RegulatedRoad):
       differs from that by a few ulps (1e-16) at most, so it would have skipped them too. NaNs are kept.
     Anything off that path (another horizon or step, a user not in the round, predictions of unequal
     length or not float64 2-vectors) falls back to `RegulatedRoad.is_conflict_possible` itself.
+    Its `step` is `FastRoad.step` (highway_fast.py) once the right-of-way is enforced.
     """
 
     _round: dict | None = None  # during enforce_road_rules: id(user) -> index, and the pair candidates
@@ -212,12 +223,6 @@ class IntersectionScenarioEnv(_NoRewards, IntersectionEnv):
         config = super().default_config()
         config["other_vehicles_type"] = f"{__name__}.{IntersectionIDMVehicle.__name__}"
         return config
-
-    def _make_road(self) -> None:
-        """highway-env's road, as a `FastRegulatedRoad`: the same object and state, cheaper right-of-way."""
-        super()._make_road()
-        if type(self.road) is RegulatedRoad:
-            self.road.__class__ = FastRegulatedRoad
 
 
 class RampMergeEnv(_NoRewards, MergeGenericEnv):
@@ -292,6 +297,18 @@ def _quiet_offscreen_sdl() -> None:
     os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
     if not os.environ.get("XDG_RUNTIME_DIR"):
         os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="prunedrive-xdg-")
+
+
+def original_env(kind: str) -> type:
+    """Our env of `kind` run the way highway-env runs it: its own road, network and right-of-way classes
+    and its observation every step. What the fast path is checked and timed against (tests/test_fast_sim.py,
+    benchmarks/sim_step.py): the trajectories must be the same bit for bit."""
+    fast = _ENVS[kind]
+
+    def _reset(self) -> None:
+        super(_NoRewards, self)._reset()  # highway-env's own, without the switch to the fast classes
+
+    return type(f"Original{fast.__name__}", (fast,), {"_reset": _reset, "define_spaces": AbstractEnv.define_spaces})
 
 
 class HighwayBackend:
