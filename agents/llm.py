@@ -117,9 +117,10 @@ class LLMAgent:
         rows = list(observations) + [observations[0]] * max(0, (self.batch_rows or n) - n)
         ids, stats = self.model.generate(collate(rows), self.prompt, self.max_new_tokens, self.stop_text)
         tokens_in, batch_steps = stats["tokens_in"], stats["decode_steps"]
-        controls, own = [], []
+        controls, own, texts = [], [], []
         for row in ids[:n]:
             self.last_text = self.model.tokenizer.decode(row)
+            texts.append(self.last_text)
             control = text.parse_action(self.last_text)
             self.steps += 1
             if control is None:
@@ -134,6 +135,7 @@ class LLMAgent:
             weight = np.array([report[field] for report in own], np.float64)
             for report, w in zip(own, weight / weight.sum() if weight.sum() > 0 else np.full(n, 1.0 / n)):
                 report[field] = float(total * w)
+        self.last_texts = texts  # each row's answer (last_text: the last row's)
         self._last_batch = own
         self._last = dict(own[-1])
         return controls

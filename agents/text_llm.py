@@ -77,6 +77,7 @@ class TextLLMAgent:
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self._logits_kw = self._last_logits_only()
+        self._takes_positions = "position_ids" in inspect.signature(self.model.forward).parameters
         self._cache_kw = self._cache_keyword()
         self.layers, self.d_attn = attention_width(self.model.config)
         cfg = _text_config(self.model.config)
@@ -85,8 +86,11 @@ class TextLLMAgent:
         self.steps = 0
         self.last_text = ""
         self._last: dict[str, float] = {}
+        self._last_batch: list[dict[str, float]] = []
+        self.batch_rows: int | None = None  # act_batch pads to this many rows (configure_batch)
         self._linears = find_linears(self.model, exclude=())
         self._rows: dict[str, int] = {}
+        self._prefill_rows: dict[str, int] = {}
         self.last_rows: dict[str, int] = {}
         self._counting = False
         self._hooks = [lin.register_forward_hook(self._count_rows(name)) for name, lin in self._linears.items()]
@@ -119,24 +123,11 @@ class TextLLMAgent:
         self.refresh_compute()  # weights may have been pruned since the last episode
 
     def act(self, observation: dict[str, np.ndarray]) -> Control:
-        ids = prompt_ids(self.tokenizer, observation, self.chat_template)
-        if self.max_positions and len(ids) + self.max_new_tokens > self.max_positions:
-            raise ValueError(f"{self.name}: the scene prompt has {len(ids)} tokens, plus max_new_tokens="
-                             f"{self.max_new_tokens} that exceeds the model's {self.max_positions} positions")
-        self._rows = {}
-        self._counting = True
-        try:
-            generated, decode_steps = self._greedy(ids)
-        finally:
-            self._counting = False
+        ids = self._prompt(observation)
+        generated, decode_steps = self._counted_decode([ids])
         self.last_rows = dict(self._rows)  # rows through each linear in this act (name -> rows)
-        self.last_text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        control = text.parse_action(self.last_text)
-        self.steps += 1
-        if control is None:
-            self.parse_failures += 1
-            control = BRAKE
-        self._last = self._compute(len(ids), decode_steps, len(generated))
+        control = self._control(generated[0])
+        self._last = self._compute(len(ids), decode_steps, len(generated[0]), self._rows)
         return control
 
     def last_compute(self) -> dict[str, float]:
@@ -147,7 +138,70 @@ class TextLLMAgent:
             h.remove()
         self._hooks = []
 
+    # -- lockstep batches (harness.agent) ------------------------------------------------------------
+    def configure_batch(self, capacity: int) -> None:
+        """Pad every act_batch to `capacity` rows (see act_batch)."""
+        self.batch_rows = int(capacity)
+
+    def act_batch(self, observations: list[dict[str, np.ndarray]]) -> list[Control]:
+        """One control per observation, decoded together: the prompts left-padded to the longest (attention
+        mask 0 on the padding, position ids counted from each row's first real token, so a row sees the
+        positions batch 1 gives it), one forward per step for all rows with one KV cache, each row stopping
+        on its own (a stopped row is fed along until the last row stops, its tokens ignored). The call is
+        padded to `batch_rows` rows with copies of the first prompt, as the vector agent's. A row's greedy
+        tokens equal act()'s wherever the float arithmetic allows: the padded length and the batch change
+        the summation order of some products, and where two logits are that close the token can differ
+        (benchmarks/throughput.py --tokens measures how often). The same calls give the same tokens.
+
+        Compute per row (`last_compute_batch()`): the row's own tokens_in/tokens_out; the call's FLOPs (every
+        row, padding included, through every decode step) split over the rows in proportion to what each
+        would have cost alone (its own prompt and decode steps), so they sum to what the call computed."""
+        n = len(observations)
+        if n == 0:
+            self._last_batch = []
+            return []
+        prompts = [self._prompt(o) for o in observations]
+        rows = prompts + [prompts[0]] * max(0, (self.batch_rows or n) - n)
+        generated, decode_steps = self._counted_decode(rows)
+        width = max(len(p) for p in rows)
+        controls, own, texts = [], [], []
+        for ids, answer in zip(prompts, generated):
+            controls.append(self._control(answer))
+            texts.append(self.last_text)
+            alone = {name: (len(ids) if self._prefill_rows.get(name, 0) == len(rows) * width else
+                            self._prefill_rows.get(name, 0) // len(rows)) + len(answer) - 1 for name in self._rows}
+            own.append(self._compute(len(ids), len(answer) - 1, len(answer), alone))
+        total = self._compute(width, decode_steps, 0, self._rows, rows=len(rows))
+        for field in ("dense_flops", "effective_flops", "executed_flops"):
+            weight = np.array([report[field] for report in own], np.float64)
+            for report, w in zip(own, weight / weight.sum() if weight.sum() > 0 else np.full(n, 1.0 / n)):
+                report[field] = float(total[field] * w)
+        self.last_rows = dict(self._rows)
+        self.last_texts = texts  # each row's answer (last_text: the last row's)
+        self._last_batch = own
+        self._last = dict(own[-1])
+        return controls
+
+    def last_compute_batch(self) -> list[dict[str, float]]:
+        return [dict(report) for report in self._last_batch]
+
     # -- decoding ----------------------------------------------------------------------------------
+    def _prompt(self, observation: dict[str, np.ndarray]) -> list[int]:
+        ids = prompt_ids(self.tokenizer, observation, self.chat_template)
+        if self.max_positions and len(ids) + self.max_new_tokens > self.max_positions:
+            raise ValueError(f"{self.name}: the scene prompt has {len(ids)} tokens, plus max_new_tokens="
+                             f"{self.max_new_tokens} that exceeds the model's {self.max_positions} positions")
+        return ids
+
+    def _control(self, generated: list[int]) -> Control:
+        self.last_text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        control = text.parse_action(self.last_text)
+        self.steps += 1
+        if control is None:
+            self.parse_failures += 1
+            control = BRAKE
+        return control
+
     def _stop(self, generated: list[int]) -> bool:
         if generated[-1] in self.eos_ids:
             return True
@@ -157,27 +211,52 @@ class TextLLMAgent:
         return any(s in so_far for s in self.stop_strings) or (
             self.stop_when_parsed and text.parse_action(so_far) is not None)
 
+    def _counted_decode(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+        """_greedy with the forward hooks counting: self._rows (whole call), self._prefill_rows (prefill)."""
+        self._rows, self._prefill_rows = {}, {}
+        self._counting = True
+        try:
+            return self._greedy(prompts)
+        finally:
+            self._counting = False
+
     @torch.no_grad()
-    def _greedy(self, ids: list[int]) -> tuple[list[int], int]:
-        """Greedy decoding with the KV cache: one prefill, then one row per fed-back token. Returns the
+    def _greedy(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+        """Greedy decoding with the KV cache for one or more prompts (left-padded, see act_batch): one
+        prefill, then one row per prompt per fed-back token until every row stopped. Returns each row's
         generated ids and the number of decode forwards (after the prefill)."""
         device = next(self.model.parameters()).device
-        context = torch.tensor([ids], dtype=torch.long, device=device)
-        out = self.model(input_ids=context, attention_mask=torch.ones_like(context), use_cache=True,
-                         **self._logits_kw)
-        generated: list[int] = []
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        context = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros_like(context)
+        for i, ids in enumerate(prompts):
+            context[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            mask[i, width - len(ids):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        extra = dict(self._logits_kw)
+        if self._takes_positions:
+            extra["position_ids"] = positions
+        out = self.model(input_ids=context, attention_mask=mask, use_cache=True, **extra)
+        self._prefill_rows = dict(self._rows)
+        generated: list[list[int]] = [[] for _ in prompts]
+        running = list(range(len(prompts)))
         decode_steps = 0
         while True:
-            token = int(torch.argmax(out.logits[0, -1]))
-            generated.append(token)
-            if len(generated) >= self.max_new_tokens or self._stop(generated):
+            tokens = torch.argmax(out.logits[:, -1], dim=-1)
+            for i in running:
+                generated[i].append(int(tokens[i]))
+            running = [i for i in running if not (len(generated[i]) >= self.max_new_tokens or self._stop(generated[i]))]
+            if not running:
                 return generated, decode_steps
-            step = torch.tensor([[token]], dtype=torch.long, device=device)
-            mask = torch.ones(1, len(ids) + len(generated), dtype=torch.long, device=device)
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            if self._takes_positions:
+                extra["position_ids"] = positions
             cache = getattr(out, "cache", None)
             cache = cache if cache is not None else out.past_key_values
-            out = self.model(input_ids=step, attention_mask=mask, use_cache=True,
-                             **{self._cache_kw: cache}, **self._logits_kw)
+            out = self.model(input_ids=tokens[:, None], attention_mask=mask, use_cache=True,
+                             **{self._cache_kw: cache}, **extra)
             decode_steps += 1
 
     # -- compute accounting ------------------------------------------------------------------------
@@ -189,11 +268,14 @@ class TextLLMAgent:
         self.nonzero_params = sum(int(torch.count_nonzero(p)) for p in unique)
         self._sizes = {n: (lin.weight.numel(), int(torch.count_nonzero(lin.weight))) for n, lin in self._linears.items()}
 
-    def _compute(self, tokens_in: int, decode_steps: int, tokens_out: int) -> dict[str, float]:
-        dense = sum(2 * self._sizes[n][0] * rows for n, rows in self._rows.items())
-        effective = sum(2 * self._sizes[n][1] * rows for n, rows in self._rows.items())
+    def _compute(self, tokens_in: int, decode_steps: int, tokens_out: int, linear_rows: dict[str, int],
+                 rows: int = 1) -> dict[str, float]:
+        """FLOPs of `rows` prompts of tokens_in tokens decoded for decode_steps steps, with `linear_rows` rows
+        through each linear (in all)."""
+        dense = sum(2 * self._sizes[n][0] * r for n, r in linear_rows.items())
+        effective = sum(2 * self._sizes[n][1] * r for n, r in linear_rows.items())
         pairs = tokens_in * (tokens_in + 1) // 2 + sum(tokens_in + j + 1 for j in range(decode_steps))
-        attention = 4 * self.d_attn * pairs * self.layers
+        attention = 4 * self.d_attn * pairs * self.layers * rows
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         return {"tokens_in": float(tokens_in), "tokens_out": float(tokens_out),
                 "dense_flops": float(dense + attention), "effective_flops": float(effective + attention),

@@ -151,7 +151,7 @@ def print_claims(table: pd.DataFrame, console=None) -> None:
 
 
 def run_claims(suite_name: str, preset: str, out: Path, run_id: str | None = None, workers: int | None = None,
-               quick: bool = False, progress: bool = True, model: str | None = None) -> int:
+               quick: bool = False, progress: bool = True, model: str | None = None, batch: int = 1) -> int:
     from prunedrive.agents.registry import AgentSpec
     from prunedrive.app.drive import drive, exit_code
     from prunedrive.app.train import ensure_default_model
@@ -173,7 +173,7 @@ def run_claims(suite_name: str, preset: str, out: Path, run_id: str | None = Non
               "sparsity": {name: sparsity for name, (_, sparsity, _) in models.items()}}
     run_dir, episodes = drive(suite, specs, out, run_id=run_id,
                               default_run_id=f"claims-{suite.name}-{dense_dir.name}" + ("-quick" if quick else ""),
-                              workers=workers, progress=progress, config=config)
+                              workers=workers, progress=progress, config=config, batch=batch)
     table = claims_table(episodes, comparisons)
     table.to_csv(run_dir.path / "claims.csv", index=False)
     (run_dir.path / "claims.json").write_text(json.dumps(table.to_dict("records"), indent=2, default=float))

@@ -152,7 +152,7 @@ def cmd_claims(args: argparse.Namespace) -> int:
 
     _check_model(args.model)
     return run_claims(args.suite, args.preset, Path(args.out), args.run_id, workers=args.workers, quick=args.quick,
-                      progress=not args.quiet, model=args.model)
+                      progress=not args.quiet, model=args.model, batch=args.batch or 1)
 
 
 def _check_model(model: str | None) -> None:
@@ -381,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     claims.add_argument("--workers", type=_at_least(1), help="drive the episodes on this many Ray actors")
     claims.add_argument("--quick", action="store_true",
                         help="one sparsity (0.7), one lambda, no SparseGPT: a smoke test of the experiment, not an answer")
+    _add_batch_option(claims)
     claims.add_argument("--quiet", action="store_true", help="no progress bars")
     claims.set_defaults(func=cmd_claims)
 

@@ -3,13 +3,16 @@
     python benchmarks/throughput.py                                    # untrained `small`, standard suite, 2 seeds
     python benchmarks/throughput.py --model ~/.cache/prunedrive/models/small-<hash> --seeds 4 --workers 1 2 --repeat 2
 
+    python benchmarks/throughput.py --agent text-llm --model ~/.cache/prunedrive/models/text-small-<hash>
+
 Every K drives the same episodes (the first --seeds seeds of every scenario of --suite) with the LLM agent
 through the runner (harness.runner.run_suite, in-process; `--workers N` > 1: Ray actors), one after another
 in this process, and is reported as a ratio to K = 1 measured in the same run. A step's wall time is split
 into simulator (the backend's step), agent (act / act_batch) and harness (the rest: the env wrapper,
-criteria, bookkeeping, batching, results). Also: whether each K's per-episode results equal K = 1's, and
-(--tokens N) how often the greedy tokens of K = 8 differ from batch 1 on N observations the expert drove
-through.
+criteria, bookkeeping, batching, results). Also: whether each K's per-episode results equal K = 1's; the
+agent's time per step against what its executed FLOPs would take at the machine's measured matmul speed
+(how far batch-1 decoding is from the hardware, and how much of that a batch wins back); and (--tokens N)
+how often the answers of act_batch with K = 8 differ from act()'s on N observations the expert drove through.
 
 Timings depend on the machine's load: on a shared machine run it twice, or compare ratios only.
 """
@@ -29,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prunedrive.agents.llm import LLMAgent  # noqa: E402
+from prunedrive.agents.text_llm import TextLLMAgent  # noqa: E402
 from prunedrive.harness.results import RunDir  # noqa: E402
 from prunedrive.harness.runner import InProcessExecutor, run_suite  # noqa: E402
 from prunedrive.scenarios.loader import Suite, load_suite  # noqa: E402
@@ -57,17 +61,21 @@ def model_dir(args, work: Path) -> tuple[Path, str]:
                   "episodes run to their time limit; pass --model for a trained one)")
 
 
-def drive(suite: Suite, model: Path, batch: int, workers: int, work: Path, threads: int) -> dict:
+def make_agent(kind: str, model: Path):
+    return LLMAgent(model, name="llm") if kind == "llm" else TextLLMAgent(model, name="llm")
+
+
+def drive(suite: Suite, kind: str, model: Path, batch: int, workers: int, work: Path, threads: int) -> dict:
     run_dir = RunDir(work / f"k{batch}-w{workers}")
     run_dir.create({"batch": batch, "workers": workers}, [])
     if workers > 1:
         from prunedrive.agents.registry import AgentSpec
         from prunedrive.harness.distributed import RayExecutor
 
-        executor = RayExecutor([AgentSpec("llm", str(model), label="llm")], workers, batch=batch)
+        executor = RayExecutor([AgentSpec(kind, str(model), label="llm")], workers, batch=batch)
         executor.names()  # start Ray and the first actor before the clock
     else:
-        executor = InProcessExecutor([LLMAgent(model, name="llm")], batch=batch)
+        executor = InProcessExecutor([make_agent(kind, model)], batch=batch)
     started = time.perf_counter()
     episodes = run_suite(suite, executor, run_dir, progress=False)
     wall = time.perf_counter() - started
@@ -81,15 +89,17 @@ def drive(suite: Suite, model: Path, batch: int, workers: int, work: Path, threa
             "sim_ms": 1000 * sim / n_steps, "agent_ms": 1000 * agent / n_steps,
             "harness_ms": 1000 * (wall * workers - sim - agent) / n_steps,
             "mean_batch": float(steps.batch_size.mean()), "threads": threads,
+            "executed_flops_per_step": float(steps.executed_flops.mean()),
             "results": episodes.sort_values(["scenario", "seed"])[RESULT_COLUMNS].reset_index(drop=True)}
 
 
-def token_agreement(model: Path, suite: Suite, n: int, batch: int = 8) -> dict:
-    """Greedy tokens of batch 1 vs batch `batch` on `n` observations the expert drives through (every step)."""
+def token_agreement(kind: str, model: Path, suite: Suite, n: int, batch: int = 8) -> dict:
+    """The agent's answers at batch 1 (act) vs in act_batch calls of `batch` rows, on `n` observations the
+    expert drives through (every step)."""
     from prunedrive.agents.expert import ExpertAgent
     from prunedrive.harness.env import DriveEnv
     from prunedrive.harness.runner import run_episode
-    from prunedrive.models.driving_llm import collate
+    from prunedrive.models import text
 
     observations: list[dict] = []
     for scenario in suite.scenarios:
@@ -99,26 +109,39 @@ def token_agreement(model: Path, suite: Suite, n: int, batch: int = 8) -> dict:
         env.close()
     rng = np.random.default_rng(0)
     picked = [observations[i] for i in sorted(rng.choice(len(observations), min(n, len(observations)), replace=False))]
-    agent = LLMAgent(model)
-    m = agent.model
-    single = [m.generate(collate([o]), agent.prompt, agent.max_new_tokens, agent.stop_text)[0][0] for o in picked]
+    agent = make_agent(kind, model)
+    single = []
+    for o in picked:
+        agent.act(o)
+        single.append(agent.last_text)
+    agent.configure_batch(batch)
     batched = []
     for i in range(0, len(picked), batch):
-        chunk = picked[i:i + batch]
-        rows = chunk + [chunk[0]] * (batch - len(chunk))  # padded as act_batch pads
-        batched += m.generate(collate(rows), agent.prompt, agent.max_new_tokens, agent.stop_text)[0][:len(chunk)]
-    from prunedrive.models import text
-
+        agent.act_batch(picked[i:i + batch])
+        batched += agent.last_texts
     differ = [a != b for a, b in zip(single, batched)]
-    controls = [text.parse_action(m.tokenizer.decode(a)) != text.parse_action(m.tokenizer.decode(b))
-                for a, b in zip(single, batched)]
-    return {"observations": len(picked), "batch": batch, "token_rows_differ": int(sum(differ)),
-            "control_rows_differ": int(sum(controls)), "tokens_total": int(sum(len(a) for a in single))}
+    controls = [text.parse_action(a) != text.parse_action(b) for a, b in zip(single, batched)]
+    return {"observations": len(picked), "batch": batch, "answers_differ": int(sum(differ)),
+            "controls_differ": int(sum(controls))}
+
+
+def matmul_gflops(threads: int, size: int = 512, seconds: float = 1.0) -> float:
+    """The machine's float32 matmul speed at this thread count (size x size products), for the agent's ideal time."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.mm(a, b)
+        done += 1
+    return 2 * size ** 3 * done / (time.perf_counter() - started) / 1e9
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model directory (default: an untrained `small` model, built here)")
+    p.add_argument("--agent", choices=["llm", "text-llm"], default="llm",
+                   help="llm: the vector-encoder model (default); text-llm: a Hugging Face causal LM directory")
     p.add_argument("--suite", default="standard")
     p.add_argument("--seeds", type=int, default=2, help="first N seeds of each scenario (default 2; 0: all)")
     p.add_argument("--scenarios", nargs="+", help="only these scenarios of the suite")
@@ -129,6 +152,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", type=int, default=0, help="also compare batch-1 and batch-8 tokens on N observations")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args(argv)
+    if args.agent == "text-llm" and not args.model:
+        p.error("--agent text-llm needs --model DIR (a Hugging Face causal LM directory)")
     torch.set_num_threads(args.threads)
     suite = subset(load_suite(args.suite), args.seeds or None, args.scenarios)
     batches = sorted(set(args.batches) | {1})
@@ -144,7 +169,7 @@ def main(argv=None) -> dict:
             for workers in args.workers:
                 # Every other round in reverse order, so a drift in the machine's load favours no K.
                 for batch in batches if repeat % 2 == 0 else batches[::-1]:
-                    row = drive(suite, model, batch, workers, work / f"r{repeat}", args.threads)
+                    row = drive(suite, args.agent, model, batch, workers, work / f"r{repeat}", args.threads)
                     runs.setdefault((workers, batch), []).append(row)
                     print(f"  workers {workers} K={batch:2d}: {row['wall_s']:7.1f} s  {row['episodes_per_hour']:7.0f} "
                           f"ep/h  {row['steps_per_s']:6.1f} steps/s  per step: sim {row['sim_ms']:.2f} ms, agent "
@@ -165,11 +190,20 @@ def main(argv=None) -> dict:
                   f"{r['steps_per_s'] / reference['steps_per_s']:7.2f}x  {r['agent_ms']:13.2f}  {r['sim_ms']:11.2f}  "
                   f"{r['harness_ms']:15.2f}  "
                   + ("yes" if same else f"no ({diff} of {len(r['results'])} episodes differ)"))
-        tokens = token_agreement(model, suite, args.tokens) if args.tokens else None
+        speed = matmul_gflops(args.threads)
+        print(f"\nagent time against its FLOPs at this machine's measured matmul speed ({speed:.1f} GFLOP/s, "
+              f"{args.threads} thread(s), 512x512 float32):")
+        print(" workers  K  executed GFLOP/step  ideal agent ms/step  measured agent ms/step  measured / ideal")
+        for r in rows:
+            ideal = 1000 * r["executed_flops_per_step"] / (speed * 1e9)
+            r["ideal_agent_ms"], r["matmul_gflops"] = ideal, speed
+            print(f" {r['workers']:7d} {r['batch']:2d}  {r['executed_flops_per_step'] / 1e9:19.4f}  {ideal:19.2f}  "
+                  f"{r['agent_ms']:22.2f}  {r['agent_ms'] / ideal:15.1f}x")
+        tokens = token_agreement(args.agent, model, suite, args.tokens) if args.tokens else None
         if tokens:
-            print(f"\ngreedy tokens, batch 1 vs batch {tokens['batch']} on {tokens['observations']} expert-driven "
-                  f"observations: {tokens['token_rows_differ']} answers differ in some token, "
-                  f"{tokens['control_rows_differ']} in the parsed control")
+            print(f"\nanswers, batch 1 vs batch {tokens['batch']} on {tokens['observations']} expert-driven "
+                  f"observations: {tokens['answers_differ']} differ in some token, "
+                  f"{tokens['controls_differ']} in the parsed control")
     if any(w > 1 for w in args.workers):
         print("workers > 1: the per-step split sums the workers' time; its harness part includes Ray and idle workers")
     print("timings depend on the machine's load")

@@ -198,6 +198,38 @@ def test_drives_a_short_episode_with_counted_compute(checkpoints, smoke_env, arc
     assert agent.act(obs) == first and agent.last_text == first_text
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_act_batch_answers_as_act_row_by_row(checkpoints, arch):
+    """Lockstep decoding: prompts of different lengths left-padded into one batch (and padded to K rows) give
+    each row act()'s own tokens, and the per-row FLOPs add up to what the call computed."""
+    agent = TextLLMAgent(checkpoints[arch], max_new_tokens=6, stop_strings=None, stop_when_parsed=False)
+    split = synthetic_split(8, seed=11)
+    observations = [split.observation(i) for i in (0, 3, 5)]
+    lengths = [len(prompt_ids(agent.tokenizer, o)) for o in observations]
+    assert len(set(lengths)) > 1  # the batch really needs padding
+    alone = []
+    for o in observations:
+        control = agent.act(o)
+        alone.append((control, agent.last_text, agent.last_compute()))
+    agent.configure_batch(4)
+    controls = agent.act_batch(observations)
+    reports = agent.last_compute_batch()
+    texts_match = 0
+    for i, (control, answer, report) in enumerate(alone):
+        assert reports[i]["tokens_in"] == report["tokens_in"] == lengths[i]
+        assert reports[i]["tokens_out"] == report["tokens_out"]
+        assert controls[i] == control
+        texts_match += agent.last_texts[i] == answer
+    assert texts_match == len(observations)  # untrained: gibberish, but the same gibberish token for token
+    width, rows = max(lengths), 4
+    steps = agent.max_new_tokens - 1  # no stop strings: every row runs all its tokens
+    linear = sum(2 * agent._sizes[n][0] * r for n, r in agent.last_rows.items())
+    pairs = width * (width + 1) // 2 + sum(width + j + 1 for j in range(steps))
+    attention = 4 * agent.d_attn * pairs * agent.layers * rows
+    assert sum(r["dense_flops"] for r in reports) == pytest.approx(linear + attention, rel=1e-12)
+    assert agent.act_batch(observations) == controls  # deterministic
+
+
 def test_a_parsable_answer_drives_and_gibberish_brakes(checkpoints, monkeypatch):
     agent = TextLLMAgent(checkpoints["llama"], max_new_tokens=3)
     obs = synthetic_split(2, seed=1).observation(0)
