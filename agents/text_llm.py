@@ -220,7 +220,7 @@ class TextLLMAgent:
         finally:
             self._counting = False
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _greedy(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
         """Greedy decoding with the KV cache for one or more prompts (left-padded, see act_batch): one
         prefill, then one row per prompt per fed-back token until every row stopped. Returns each row's

@@ -291,7 +291,7 @@ class DrivingLLM(nn.Module):
         return (ce * w).sum() / w.sum()
 
     # -- generation ------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, observation_batch: dict[str, torch.Tensor], prompt: str, max_new_tokens: int = 40,
                  stop_text: str | None = None) -> tuple[list[list[int]], dict]:
         """Greedy decoding with the KV cache, one prompt for the whole batch (so nothing is padded).

@@ -121,8 +121,11 @@ class _LaneTable:
                 self.circular[:, 0], self.turn[:, 0] * s / self.radius[:, 0] + self.start_phase[:, 0]
                 + np.pi / 2 * self.turn[:, 0], straight_heading)
             distance = distance + np.abs(_wrap_to_pi(heading - lane_heading))
-        for k in np.union1d(self.other, np.flatnonzero(unsure)):
+        for k in self.other:  # lanes of other types, and circular ones at their wrap-around (disjoint sets)
             distance[k] = self.lanes[k].distance_with_heading(position, heading)
+        if self.any_circular:
+            for k in np.flatnonzero(unsure):
+                distance[k] = self.lanes[k].distance_with_heading(position, heading)
         return distance
 
 
@@ -209,10 +212,12 @@ class FastRoad(Road):
         s_v, lat_v, unsure = s_v[0], lat_v[0], unsure[0]
         tol, reach = NEIGHBOUR_TOLERANCE_M, lane.VEHICLE_LENGTH
         half_width = lane.width_at(s) / 2 + 1  # on_lane(margin=1); these lane types have one width
-        off = (np.abs(lat_v) > half_width + tol) | (s_v < -reach - tol) | (s_v >= lane.length + reach + tol)
-        on = (np.abs(lat_v) <= half_width - tol) & (s_v >= -reach + tol) & (s_v < lane.length + reach - tol)
-        on &= ~unsure
-        off &= ~unsure
+        lat_v = np.abs(lat_v)
+        off = (lat_v > half_width + tol) | (s_v < -reach - tol) | (s_v >= lane.length + reach + tol)
+        on = (lat_v <= half_width - tol) & (s_v >= -reach + tol) & (s_v < lane.length + reach - tol)
+        if table.any_circular:
+            on &= ~unsure
+            off &= ~unsure
         ahead, behind = on & (s_v >= s + tol), on & (s_v < s - tol)
         nearest_ahead = s_v[ahead].min() if ahead.any() else np.inf
         nearest_behind = s_v[behind].max() if behind.any() else -np.inf
