@@ -152,7 +152,8 @@ def test_closest_lane_is_highway_envs_at_lane_ends_and_anywhere(kind):
     for position, heading in _probe_points(network, rng):
         expected = RoadNetwork.get_closest_lane_index(network, position, heading)
         assert network.get_closest_lane_index(position, heading) == expected, (position, heading)
-        approximate = table.distances(np.asarray(position, dtype=np.float64), heading)
+        approximate = table.distances(np.asarray(position, dtype=np.float64)[None, :],
+                                      None if heading is None else np.array([heading], dtype=np.float64))[:, 0]
         plain_argmin_wrong += table.indexes[int(np.argmin(approximate))] != expected
     env.close()
     if kind in ("roundabout", "intersection"):

@@ -30,12 +30,21 @@ from __future__ import annotations
 import numpy as np
 from highway_env.road.lane import CircularLane, SineLane, StraightLane
 from highway_env.road.road import Road, RoadNetwork
+from highway_env.vehicle.behavior import IDMVehicle
+from highway_env.vehicle.kinematics import Vehicle
 from highway_env.vehicle.objects import Landmark, RoadObject
 
 LANE_TOLERANCE_M = 1e-6  # distances are sums of a few float64 terms of < 1e4 m: their rounding is < 1e-9
 NEIGHBOUR_TOLERANCE_M = 1e-6  # the same bound, for lane coordinates
 _WRAP_MARGIN = 1e-6      # a circular lane's angle this close to +-pi is computed the original way
 _COLLISION_MARGIN = 1e-9
+
+
+_KINEMATIC_STEPS = (Vehicle.step, IDMVehicle.step)  # steps that read no road state besides on_state_update
+
+
+def _skip() -> None:
+    pass
 
 
 def _wrap_to_pi(x):
@@ -110,23 +119,42 @@ class _LaneTable:
             else np.zeros(s.shape, dtype=bool)
         return s, r, unsure, wave
 
-    def distances(self, position: np.ndarray, heading) -> np.ndarray:
-        """`distance_with_heading` of every lane, to within LANE_TOLERANCE_M of the original's."""
-        s, r, unsure, wave = (None if x is None else x[:, 0] for x in self.coordinates(position[None, :]))
-        distance = np.abs(r) + np.maximum(s - self.length[:, 0], 0.0) + np.maximum(-s, 0.0)
-        if heading is not None:
-            straight_heading = self.heading[:, 0] if wave is None else \
-                self.heading[:, 0] + np.arctan(self.amplitude[:, 0] * self.pulsation[:, 0] * np.cos(wave))
-            lane_heading = np.where(
-                self.circular[:, 0], self.turn[:, 0] * s / self.radius[:, 0] + self.start_phase[:, 0]
-                + np.pi / 2 * self.turn[:, 0], straight_heading)
-            distance = distance + np.abs(_wrap_to_pi(heading - lane_heading))
-        for k in self.other:  # lanes of other types, and circular ones at their wrap-around (disjoint sets)
-            distance[k] = self.lanes[k].distance_with_heading(position, heading)
+    def distances(self, positions: np.ndarray, headings: np.ndarray | None) -> np.ndarray:
+        """`distance_with_heading` of every lane (rows) from every position (columns; headings: one per position,
+        or None), to within LANE_TOLERANCE_M of the original's."""
+        s, r, unsure, wave = self.coordinates(positions)
+        distance = np.abs(r) + np.maximum(s - self.length, 0.0) + np.maximum(-s, 0.0)
+        if headings is not None:
+            straight_heading = self.heading if wave is None else \
+                self.heading + np.arctan(self.amplitude * self.pulsation * np.cos(wave))
+            lane_heading = np.where(self.circular, self.turn * s / self.radius + self.start_phase
+                                    + np.pi / 2 * self.turn, straight_heading)
+            distance = distance + np.abs(_wrap_to_pi(headings[None, :] - lane_heading))
+        # Lanes of other types, and circular ones at their wrap-around (disjoint sets): the original's own.
+        exact = [(k, p) for k in self.other for p in range(len(positions))]
         if self.any_circular:
-            for k in np.flatnonzero(unsure):
-                distance[k] = self.lanes[k].distance_with_heading(position, heading)
+            exact += list(zip(*np.nonzero(unsure)))
+        for k, p in exact:
+            distance[k, p] = self.lanes[k].distance_with_heading(positions[p], None if headings is None else headings[p])
         return distance
+
+    def closest(self, positions: np.ndarray, headings: np.ndarray | None) -> list | None:
+        """The original `get_closest_lane_index` of each position (module docstring), or None on NaNs."""
+        approx = self.distances(positions, headings)
+        near = approx <= approx.min(axis=0) + LANE_TOLERANCE_M
+        counts = near.sum(axis=0)
+        if not counts.all():  # NaNs: let the original decide
+            return None
+        answer = []
+        for p, count in enumerate(counts):
+            if count == 1:
+                answer.append(self.indexes[int(np.argmax(near[:, p]))])
+                continue
+            candidates = np.flatnonzero(near[:, p])
+            heading = None if headings is None else headings[p]
+            exact = [self.lanes[k].distance_with_heading(positions[p], heading) for k in candidates]
+            answer.append(self.indexes[candidates[int(np.argmin(exact))]])
+        return answer
 
 
 class FastRoadNetwork(RoadNetwork):
@@ -139,19 +167,16 @@ class FastRoadNetwork(RoadNetwork):
         super().add_lane(_from, _to, lane)
 
     def get_closest_lane_index(self, position: np.ndarray, heading: float | None = None):
+        found = self.closest_lane_indexes(np.asarray(position, dtype=np.float64)[None, :],
+                                          None if heading is None else np.array([heading], dtype=np.float64))
+        return super().get_closest_lane_index(position, heading) if found is None else found[0]
+
+    def closest_lane_indexes(self, positions: np.ndarray, headings: np.ndarray | None) -> list | None:
+        """`get_closest_lane_index` of P positions (P, 2) at once (headings (P,) or None); None where the
+        vectorised pass cannot decide (NaNs, no lanes): ask the original then."""
         if self._table is None:
             self._table = _LaneTable.of_network(self)
-        table = self._table
-        if not table.lanes:
-            return super().get_closest_lane_index(position, heading)
-        approx = table.distances(np.asarray(position, dtype=np.float64), heading)
-        near = np.flatnonzero(approx <= approx.min() + LANE_TOLERANCE_M)
-        if len(near) == 0:  # NaNs: let the original decide
-            return super().get_closest_lane_index(position, heading)
-        if len(near) == 1:
-            return table.indexes[near[0]]
-        exact = [table.lanes[k].distance_with_heading(position, heading) for k in near]
-        return table.indexes[near[int(np.argmin(exact))]]
+        return self._table.closest(positions, headings) if self._table.lanes else None
 
 
 def _plain_collision_test(user) -> bool:
@@ -164,18 +189,18 @@ class FastRoad(Road):
     (module docstring)."""
 
     _act_users: tuple | None = None  # during act(): the road users and their positions, which act() never moves
+    _act_lanes: dict | None = None   # during act(): id(lane) -> the users' coordinates on it (_on_lane)
     _lane_tables: dict | None = None
 
     def act(self) -> None:
-        self._act_users = self._users()
+        self._act_users, self._act_lanes = self._users(), {}
         try:
             super().act()
         finally:
-            self._act_users = None
+            self._act_users = self._act_lanes = None
 
     def step(self, dt: float) -> None:
-        for vehicle in self.vehicles:
-            vehicle.step(dt)
+        self._step_vehicles(dt)
         vehicles, others = self.vehicles, self.vehicles + self.objects
         may_collide = self._may_collide(vehicles, others, dt)
         for i, vehicle in enumerate(vehicles):
@@ -185,6 +210,38 @@ class FastRoad(Road):
             for j in range(len(vehicles), len(others)):
                 if may_collide[i, j]:
                     vehicle.handle_collisions(others[j], dt)
+
+    def _step_vehicles(self, dt: float) -> None:
+        """Each vehicle's `step`, in order, as the original; for vehicles whose step is highway-env's own
+        kinematics, the lane search that ends it (`on_state_update`) runs after the loop for all of them at
+        once (FastRoadNetwork.closest_lane_indexes). Nothing in a vehicle's step reads another vehicle's lane,
+        so the lanes found are the same, and each is set before anything else reads it."""
+        network = self.network
+        deferred = [v for v in self.vehicles if type(v).step in _KINEMATIC_STEPS
+                    and type(v).on_state_update is Vehicle.on_state_update and v.road is self]
+        if not isinstance(network, FastRoadNetwork) or len(deferred) < 2:
+            deferred = []
+        for vehicle in deferred:
+            vehicle.on_state_update = _skip  # an instance attribute, removed below
+        try:
+            for vehicle in self.vehicles:
+                vehicle.step(dt)
+        finally:
+            for vehicle in deferred:
+                del vehicle.on_state_update
+        if not deferred:
+            return
+        positions = np.array([np.asarray(v.position, dtype=np.float64) for v in deferred]).reshape(-1, 2)
+        headings = np.array([float(v.heading) for v in deferred], dtype=np.float64)
+        found = network.closest_lane_indexes(positions, headings)
+        for k, vehicle in enumerate(deferred):
+            if found is None:
+                vehicle.on_state_update()
+                continue
+            vehicle.lane_index = found[k]  # from here on, Vehicle.on_state_update's body
+            vehicle.lane = network.get_lane(vehicle.lane_index)
+            if self.record_history:
+                vehicle.history.appendleft(vehicle.create_from(vehicle))
 
     def _users(self) -> tuple[list, np.ndarray]:
         users = [u for u in self.vehicles + self.objects if not isinstance(u, Landmark)]
@@ -201,30 +258,22 @@ class FastRoad(Road):
         lane = self.network.get_lane(lane_index)
         if type(lane) not in (StraightLane, SineLane, CircularLane):
             return super().neighbour_vehicles(vehicle, lane_index)
-        users, positions = self._act_users or self._users()
-        if self._lane_tables is None:
-            self._lane_tables = {}
-        table = self._lane_tables.get(id(lane))
-        if table is None or table.lanes[0] is not lane:
-            table = self._lane_tables[id(lane)] = _LaneTable([lane])
+        users = (self._act_users or self._users())[0]
+        order, sorted_s, sorted_on, unsure = self._on_lane(lane)
         s = lane.local_coordinates(vehicle.position)[0]
-        s_v, lat_v, unsure, _ = table.coordinates(positions)
-        s_v, lat_v, unsure = s_v[0], lat_v[0], unsure[0]
-        tol, reach = NEIGHBOUR_TOLERANCE_M, lane.VEHICLE_LENGTH
-        half_width = lane.width_at(s) / 2 + 1  # on_lane(margin=1); these lane types have one width
-        lat_v = np.abs(lat_v)
-        off = (lat_v > half_width + tol) | (s_v < -reach - tol) | (s_v >= lane.length + reach + tol)
-        on = (lat_v <= half_width - tol) & (s_v >= -reach + tol) & (s_v < lane.length + reach - tol)
-        if table.any_circular:
-            on &= ~unsure
-            off &= ~unsure
-        ahead, behind = on & (s_v >= s + tol), on & (s_v < s - tol)
-        nearest_ahead = s_v[ahead].min() if ahead.any() else np.inf
-        nearest_behind = s_v[behind].max() if behind.any() else -np.inf
-        contenders = unsure | (~off & (((s_v >= s - tol) & (s_v <= nearest_ahead + 2 * tol))
-                                        | ((s_v < s + tol) & (s_v >= nearest_behind - 2 * tol))))
+        tol = NEIGHBOUR_TOLERANCE_M
+        # The nearest users surely on the lane and surely ahead / behind bound where the answers can be.
+        ahead = int(np.searchsorted(sorted_s, s + tol, "left"))
+        behind = int(np.searchsorted(sorted_s, s - tol, "left"))
+        first_on = ahead + int(np.argmax(sorted_on[ahead:])) if sorted_on[ahead:].any() else None
+        last_on = int(np.flatnonzero(sorted_on[:behind])[-1]) if sorted_on[:behind].any() else None
+        nearest_ahead = sorted_s[first_on] if first_on is not None else np.inf
+        nearest_behind = sorted_s[last_on] if last_on is not None else -np.inf
+        front = order[behind:int(np.searchsorted(sorted_s, nearest_ahead + 2 * tol, "right"))]
+        rear = order[int(np.searchsorted(sorted_s, nearest_behind - 2 * tol, "left")):ahead]
+        contenders = sorted(set(front.tolist()) | set(rear.tolist()) | set(unsure.tolist()))
         s_front = s_rear = v_front = v_rear = None
-        for k in np.flatnonzero(contenders):
+        for k in contenders:  # in the original order
             v = users[k]
             if v is vehicle:
                 continue
@@ -237,6 +286,36 @@ class FastRoad(Road):
             if s_k < s and (s_rear is None or s_k > s_rear):
                 s_rear, v_rear = s_k, v
         return v_front, v_rear
+
+    def _on_lane(self, lane) -> tuple:
+        """The road users that may be on `lane` (not surely off it), sorted by their approximate s: their
+        indexes, s, and whether each is surely on the lane; and the users whose coordinates are unsure (a
+        circular lane's wrap-around). Within act() the answer is kept per lane: positions do not change there."""
+        cached = self._act_lanes.get(id(lane)) if self._act_lanes is not None else None
+        if cached is not None and cached[0] is lane:
+            return cached[1]
+        if self._lane_tables is None:
+            self._lane_tables = {}
+        table = self._lane_tables.get(id(lane))
+        if table is None or table.lanes[0] is not lane:
+            table = self._lane_tables[id(lane)] = _LaneTable([lane])
+        positions = (self._act_users or self._users())[1]
+        s_v, lat_v, unsure, _ = table.coordinates(positions)
+        s_v, lat_v, unsure = s_v[0], np.abs(lat_v[0]), unsure[0]
+        tol, reach = NEIGHBOUR_TOLERANCE_M, lane.VEHICLE_LENGTH
+        half_width = lane.width / 2 + 1  # on_lane(margin=1); these lane types have one width
+        off = (lat_v > half_width + tol) | (s_v < -reach - tol) | (s_v >= lane.length + reach + tol)
+        on = (lat_v <= half_width - tol) & (s_v >= -reach + tol) & (s_v < lane.length + reach - tol)
+        if table.any_circular:
+            on &= ~unsure
+            off &= ~unsure
+        # Users not surely off, sorted by s (ties in the original order); the unsure ones are always checked.
+        maybe = np.flatnonzero(~off)
+        order = maybe[np.argsort(s_v[maybe], kind="stable")]
+        answer = (order, s_v[order], on[order], np.flatnonzero(unsure) if table.any_circular else order[:0])
+        if self._act_lanes is not None:
+            self._act_lanes[id(lane)] = (lane, answer)
+        return answer
 
     @staticmethod
     def _may_collide(vehicles: list, others: list, dt: float) -> np.ndarray:
