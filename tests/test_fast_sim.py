@@ -155,6 +155,10 @@ def test_closest_lane_is_highway_envs_at_lane_ends_and_anywhere(kind):
         approximate = table.distances(np.asarray(position, dtype=np.float64)[None, :],
                                       None if heading is None else np.array([heading], dtype=np.float64))[:, 0]
         plain_argmin_wrong += table.indexes[int(np.argmin(approximate))] != expected
+    with_heading = [(p, h) for p, h in _probe_points(network, rng) if h is not None]
+    batched = network.closest_lane_indexes(np.array([p for p, _ in with_heading], dtype=np.float64),
+                                           np.array([h for _, h in with_heading], dtype=np.float64))
+    assert batched == [RoadNetwork.get_closest_lane_index(network, p, h) for p, h in with_heading]
     env.close()
     if kind in ("roundabout", "intersection"):
         # Guard: the vectorised distances alone (no exact re-check of the near ties) would answer wrongly
