@@ -15,8 +15,10 @@ everything that is left:
   not know, that lane's distance is the original's own. Every lane within `LANE_TOLERANCE_M` of the
   smallest distance then gets the original `distance_with_heading`, in the original order, and the first
   minimum wins, as in `np.argmin`. The true closest lane is always among them, so the answer is the same.
-- `FastRoad.neighbour_vehicles`: the lane coordinates of every road user at once; the original loop body
-  then runs, in the original order, on the users that could be the front or rear vehicle (see there).
+  `FastRoad.step` asks it once per frame for all vehicles, after their steps (see `_step_vehicles`).
+- `FastRoad.neighbour_vehicles`: the lane coordinates of every road user at once, sorted, kept per lane for
+  the act phase (nothing moves there); the original loop body then runs, in the original order, on the
+  users that could be the front or rear vehicle (see there).
 - `FastRoad.step`: the same vehicle steps, then the same `handle_collisions` calls in the same order,
   except for the pairs whose centres are, by a relative margin of 1e-9, farther apart than the original's
   own spherical pre-check allows: for those the original returns "no collision" and changes nothing.
