@@ -87,7 +87,6 @@ class TextLLMAgent:
         self.last_text = ""
         self._last: dict[str, float] = {}
         self._last_batch: list[dict[str, float]] = []
-        self.batch_rows: int | None = None  # act_batch pads to this many rows (configure_batch)
         self._linears = find_linears(self.model, exclude=())
         self._rows: dict[str, int] = {}
         self._prefill_rows: dict[str, int] = {}
@@ -139,19 +138,18 @@ class TextLLMAgent:
         self._hooks = []
 
     # -- lockstep batches (harness.agent) ------------------------------------------------------------
-    def configure_batch(self, capacity: int) -> None:
-        """Pad every act_batch to `capacity` rows (see act_batch)."""
-        self.batch_rows = int(capacity)
-
     def act_batch(self, observations: list[dict[str, np.ndarray]]) -> list[Control]:
         """One control per observation, decoded together: the prompts left-padded to the longest (attention
         mask 0 on the padding, position ids counted from each row's first real token, so a row sees the
         positions batch 1 gives it), one forward per step for all rows with one KV cache, each row stopping
-        on its own (a stopped row is fed along until the last row stops, its tokens ignored). The call is
-        padded to `batch_rows` rows with copies of the first prompt, as the vector agent's. A row's greedy
-        tokens equal act()'s wherever the float arithmetic allows: the padded length and the batch change
-        the summation order of some products, and where two logits are that close the token can differ
-        (benchmarks/throughput.py --tokens measures how often). The same calls give the same tokens.
+        on its own (a stopped row is fed along until the last row stops, its tokens ignored). Unlike the
+        vector agent's, the call is not padded to K rows: prompts differ in length, so the padded length
+        already depends on which episodes share the call, and extra rows would cost a whole prefill each
+        (the text agent's time is mostly prefill). A row's greedy tokens equal act()'s wherever the float
+        arithmetic allows: the padded shape changes the summation order of some products, and where two
+        logits are that close the token can differ (benchmarks/throughput.py --tokens measures how often).
+        The same calls give the same tokens: in one process a suite's schedule, and so each call, is the same
+        for a given K; across Ray workers which episodes share a call can change from run to run.
 
         Compute per row (`last_compute_batch()`): the row's own tokens_in/tokens_out; the call's FLOPs (every
         row, padding included, through every decode step) split over the rows in proportion to what each
@@ -161,7 +159,7 @@ class TextLLMAgent:
             self._last_batch = []
             return []
         prompts = [self._prompt(o) for o in observations]
-        rows = prompts + [prompts[0]] * max(0, (self.batch_rows or n) - n)
+        rows = prompts
         generated, decode_steps = self._counted_decode(rows)
         width = max(len(p) for p in rows)
         controls, own, texts = [], [], []

@@ -73,7 +73,7 @@ def drive(suite: Suite, kind: str, model: Path, batch: int, workers: int, work: 
         from prunedrive.harness.distributed import RayExecutor
 
         executor = RayExecutor([AgentSpec(kind, str(model), label="llm")], workers, batch=batch)
-        executor.names()  # start Ray and the first actor before the clock
+        executor.start_all()  # start Ray and every actor before the clock
     else:
         executor = InProcessExecutor([make_agent(kind, model)], batch=batch)
     started = time.perf_counter()
@@ -114,7 +114,8 @@ def token_agreement(kind: str, model: Path, suite: Suite, n: int, batch: int = 8
     for o in picked:
         agent.act(o)
         single.append(agent.last_text)
-    agent.configure_batch(batch)
+    if hasattr(agent, "configure_batch"):
+        agent.configure_batch(batch)
     batched = []
     for i in range(0, len(picked), batch):
         agent.act_batch(picked[i:i + batch])

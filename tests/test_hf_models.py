@@ -200,8 +200,8 @@ def test_drives_a_short_episode_with_counted_compute(checkpoints, smoke_env, arc
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_act_batch_answers_as_act_row_by_row(checkpoints, arch):
-    """Lockstep decoding: prompts of different lengths left-padded into one batch (and padded to K rows) give
-    each row act()'s own tokens, and the per-row FLOPs add up to what the call computed."""
+    """Lockstep decoding: prompts of different lengths left-padded into one batch give each row act()'s own
+    tokens, and the per-row FLOPs add up to what the call computed."""
     agent = TextLLMAgent(checkpoints[arch], max_new_tokens=6, stop_strings=None, stop_when_parsed=False)
     split = synthetic_split(8, seed=11)
     observations = [split.observation(i) for i in (0, 3, 5)]
@@ -211,7 +211,6 @@ def test_act_batch_answers_as_act_row_by_row(checkpoints, arch):
     for o in observations:
         control = agent.act(o)
         alone.append((control, agent.last_text, agent.last_compute()))
-    agent.configure_batch(4)
     controls = agent.act_batch(observations)
     reports = agent.last_compute_batch()
     texts_match = 0
@@ -221,7 +220,7 @@ def test_act_batch_answers_as_act_row_by_row(checkpoints, arch):
         assert controls[i] == control
         texts_match += agent.last_texts[i] == answer
     assert texts_match == len(observations)  # untrained: gibberish, but the same gibberish token for token
-    width, rows = max(lengths), 4
+    width, rows = max(lengths), len(observations)
     steps = agent.max_new_tokens - 1  # no stop strings: every row runs all its tokens
     linear = sum(2 * agent._sizes[n][0] * r for n, r in agent.last_rows.items())
     pairs = width * (width + 1) // 2 + sum(width + j + 1 for j in range(steps))
