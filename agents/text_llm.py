@@ -152,24 +152,23 @@ class TextLLMAgent:
         for a given K; across Ray workers which episodes share a call can change from run to run.
 
         Compute per row (`last_compute_batch()`): the row's own tokens_in/tokens_out; the call's FLOPs (every
-        row, padding included, through every decode step) split over the rows in proportion to what each
+        row through the padded prompt and every decode step) split over the rows in proportion to what each
         would have cost alone (its own prompt and decode steps), so they sum to what the call computed."""
         n = len(observations)
         if n == 0:
             self._last_batch = []
             return []
         prompts = [self._prompt(o) for o in observations]
-        rows = prompts
-        generated, decode_steps = self._counted_decode(rows)
-        width = max(len(p) for p in rows)
+        generated, decode_steps = self._counted_decode(prompts)
+        width = max(len(p) for p in prompts)
         controls, own, texts = [], [], []
         for ids, answer in zip(prompts, generated):
             controls.append(self._control(answer))
             texts.append(self.last_text)
-            alone = {name: (len(ids) if self._prefill_rows.get(name, 0) == len(rows) * width else
-                            self._prefill_rows.get(name, 0) // len(rows)) + len(answer) - 1 for name in self._rows}
+            alone = {name: (len(ids) if self._prefill_rows.get(name, 0) == n * width else
+                            self._prefill_rows.get(name, 0) // n) + len(answer) - 1 for name in self._rows}
             own.append(self._compute(len(ids), len(answer) - 1, len(answer), alone))
-        total = self._compute(width, decode_steps, 0, self._rows, rows=len(rows))
+        total = self._compute(width, decode_steps, 0, self._rows, rows=n)
         for field in ("dense_flops", "effective_flops", "executed_flops"):
             weight = np.array([report[field] for report in own], np.float64)
             for report, w in zip(own, weight / weight.sum() if weight.sum() > 0 else np.full(n, 1.0 / n)):
