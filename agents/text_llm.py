@@ -158,6 +158,13 @@ class TextLLMAgent:
         if n == 0:
             self._last_batch = []
             return []
+        if not self._takes_positions:  # left padding would shift the positions of shorter prompts: one by one
+            controls, self.last_texts, self._last_batch = [], [], []
+            for observation in observations:
+                controls.append(self.act(observation))
+                self.last_texts.append(self.last_text)
+                self._last_batch.append(self.last_compute())
+            return controls
         prompts = [self._prompt(o) for o in observations]
         generated, decode_steps = self._counted_decode(prompts)
         width = max(len(p) for p in prompts)

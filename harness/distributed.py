@@ -239,7 +239,7 @@ class RayExecutor:
                 return
             new: list[EpisodeJob] = []
             if not any(k in suspects for k in held[slot]):
-                while todo and len(held[slot]) + len(new) < min(self.batch, share or self.batch):
+                while todo and len(held[slot]) + len(new) < (self.batch if share is None else min(self.batch, share)):
                     if key(todo[0]) in suspects:
                         if not held[slot] and not new:
                             new.append(todo.popleft())
@@ -253,9 +253,9 @@ class RayExecutor:
                                                      str(run_dir.path))
             in_flight[ref] = (slot, time.monotonic())
 
-        share = -(-len(todo) // len(self.actors))  # the first round splits the jobs evenly over the actors
+        share, extra = divmod(len(todo), len(self.actors))  # the first round splits the jobs evenly
         for slot in range(len(self.actors)):
-            dispatch(slot, share)
+            dispatch(slot, share + (slot < extra))
         while in_flight:
             oldest = min(started for _, started in in_flight.values())
             wait_s = max(0.0, oldest + self.episode_timeout_s - time.monotonic())

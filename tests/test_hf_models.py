@@ -229,6 +229,20 @@ def test_act_batch_answers_as_act_row_by_row(checkpoints, arch):
     assert agent.act_batch(observations) == controls  # deterministic
 
 
+def test_act_batch_without_position_ids_answers_one_by_one(checkpoints):
+    """A model whose forward takes no position_ids cannot be left-padded safely: act_batch asks act() per row."""
+    agent = TextLLMAgent(checkpoints["llama"], max_new_tokens=4, stop_strings=None, stop_when_parsed=False)
+    agent._takes_positions = False
+    split = synthetic_split(4, seed=11)
+    observations = [split.observation(i) for i in range(3)]
+    alone = []
+    for o in observations:
+        agent.act(o)
+        alone.append(agent.last_text)
+    agent.act_batch(observations)
+    assert agent.last_texts == alone and len(agent.last_compute_batch()) == 3
+
+
 def test_a_parsable_answer_drives_and_gibberish_brakes(checkpoints, monkeypatch):
     agent = TextLLMAgent(checkpoints["llama"], max_new_tokens=3)
     obs = synthetic_split(2, seed=1).observation(0)

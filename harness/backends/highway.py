@@ -67,11 +67,18 @@ class _NoRewards:
         blank = np.zeros(self.observation_space.shape, self.observation_space.dtype)
         self.observation_type.observe = lambda: blank
 
-    def _reset(self) -> None:
-        """highway-env's road and vehicles, the road then switched to our faster classes of the same
-        behaviour (highway_fast.py, and FastRegulatedRoad for the intersection): the same objects and state,
-        bit-identical trajectories."""
-        super()._reset()
+    # highway-env's road, switched to our faster classes of the same behaviour as soon as it is built, before
+    # the vehicles are placed (the intersection simulates 3 s of traffic there): highway_fast.py, and
+    # FastRegulatedRoad for the intersection. The same objects and state, bit-identical trajectories.
+    def _make_road(self) -> None:  # merge, roundabout, intersection
+        super()._make_road()
+        self._speed_up_road()
+
+    def _create_road(self) -> None:  # highway
+        super()._create_road()
+        self._speed_up_road()
+
+    def _speed_up_road(self) -> None:
         speed_up(self.road, {Road: FastRoad, RegulatedRoad: FastRegulatedRoad})
 
 
@@ -305,10 +312,11 @@ def original_env(kind: str) -> type:
     benchmarks/sim_step.py): the trajectories must be the same bit for bit."""
     fast = _ENVS[kind]
 
-    def _reset(self) -> None:
-        super(_NoRewards, self)._reset()  # highway-env's own, without the switch to the fast classes
+    def _speed_up_road(self) -> None:
+        pass  # highway-env's own classes stay
 
-    return type(f"Original{fast.__name__}", (fast,), {"_reset": _reset, "define_spaces": AbstractEnv.define_spaces})
+    return type(f"Original{fast.__name__}", (fast,), {"_speed_up_road": _speed_up_road,
+                                                       "define_spaces": AbstractEnv.define_spaces})
 
 
 class HighwayBackend:

@@ -160,7 +160,9 @@ class _LaneTable:
 
 
 class FastRoadNetwork(RoadNetwork):
-    """`RoadNetwork` whose closest-lane search is vectorised; the same lane index, always (module docstring)."""
+    """`RoadNetwork` whose closest-lane search is vectorised; the same lane index, always (module docstring).
+    Its lane table is rebuilt when `add_lane` is called; a network edited otherwise (its `graph` directly,
+    or a lane's geometry in place) must not be switched to this class."""
 
     _table: _LaneTable | None = None
 
@@ -216,12 +218,16 @@ class FastRoad(Road):
     def _step_vehicles(self, dt: float) -> None:
         """Each vehicle's `step`, in order, as the original; for vehicles whose step is highway-env's own
         kinematics, the lane search that ends it (`on_state_update`) runs after the loop for all of them at
-        once (FastRoadNetwork.closest_lane_indexes). Nothing in a vehicle's step reads another vehicle's lane,
-        so the lanes found are the same, and each is set before anything else reads it."""
+        once (FastRoadNetwork.closest_lane_indexes), when every vehicle's step is one of those. Their steps
+        read no other vehicle's lane, so the lanes found are the same, and each is set before anything else
+        reads it."""
         network = self.network
-        deferred = [v for v in self.vehicles if type(v).step in _KINEMATIC_STEPS
-                    and type(v).on_state_update is Vehicle.on_state_update and v.road is self]
-        if not isinstance(network, FastRoadNetwork) or len(deferred) < 2:
+        # Only when every vehicle qualifies: another class's step might read a lane set earlier in the loop.
+        deferred = list(self.vehicles)
+        if (not isinstance(network, FastRoadNetwork) or len(deferred) < 2
+                or len({id(v) for v in deferred}) != len(deferred)
+                or not all(type(v).step in _KINEMATIC_STEPS and type(v).on_state_update is Vehicle.on_state_update
+                           and "on_state_update" not in vars(v) and v.road is self for v in deferred)):
             deferred = []
         for vehicle in deferred:
             vehicle.on_state_update = _skip  # an instance attribute, removed below
