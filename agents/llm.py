@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from prunedrive.harness.action import BRAKE, Control
+from prunedrive.harness.compute import apportion
 from prunedrive.harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES, OBS_SHAPES
 from prunedrive.models import text
 from prunedrive.models.driving_llm import DrivingLLM, collate
@@ -130,11 +131,7 @@ class LLMAgent:
             own.append(self._compute(tokens_in, self._own_decode_steps(row), len(row)))
         # Every row of the call (padding included) processed tokens_in + batch_steps tokens.
         per_row = self._compute(tokens_in, batch_steps, 0)
-        for field in ("dense_flops", "effective_flops", "executed_flops"):
-            total = per_row[field] * len(rows)
-            weight = np.array([report[field] for report in own], np.float64)
-            for report, w in zip(own, weight / weight.sum() if weight.sum() > 0 else np.full(n, 1.0 / n)):
-                report[field] = float(total * w)
+        apportion(own, {field: value * len(rows) for field, value in per_row.items()})
         self.last_texts = texts  # each row's answer (last_text: the last row's)
         self._last_batch = own
         self._last = dict(own[-1])

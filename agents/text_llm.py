@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from prunedrive.harness.action import BRAKE, Control
+from prunedrive.harness.compute import apportion
 from prunedrive.models import text
 from prunedrive.models.hf_causal import load_causal_lm, prompt_ids, uses_chat_template
 from prunedrive.models.pruning.masks import find_linears, in_features
@@ -175,11 +176,7 @@ class TextLLMAgent:
             alone = {name: (len(ids) if self._prefill_rows.get(name, 0) == n * width else
                             self._prefill_rows.get(name, 0) // n) + len(answer) - 1 for name in self._rows}
             own.append(self._compute(len(ids), len(answer) - 1, len(answer), alone))
-        total = self._compute(width, decode_steps, 0, self._rows, rows=n)
-        for field in ("dense_flops", "effective_flops", "executed_flops"):
-            weight = np.array([report[field] for report in own], np.float64)
-            for report, w in zip(own, weight / weight.sum() if weight.sum() > 0 else np.full(n, 1.0 / n)):
-                report[field] = float(total[field] * w)
+        apportion(own, self._compute(width, decode_steps, 0, self._rows, rows=n))
         self.last_rows = dict(self._rows)
         self.last_texts = texts  # each row's answer (last_text: the last row's)
         self._last_batch = own

@@ -44,3 +44,14 @@ def aggregate(columns: dict[str, np.ndarray]) -> dict[str, float]:
         values = values[np.isfinite(values)]
         out[name] = float(values.max()) if len(values) else float("nan")
     return out
+
+
+def apportion(rows: list[dict[str, float]], totals: dict[str, float]) -> None:
+    """Split a batched call's FLOPs (`totals`, per FLOP field) over its rows in proportion to what each row
+    would have cost alone (its own report's value, replaced here), so the rows sum to what the call computed.
+    Rows that would have cost nothing share equally."""
+    for field in ("dense_flops", "effective_flops", "executed_flops"):
+        weight = np.array([report[field] for report in rows], np.float64)
+        shares = weight / weight.sum() if weight.sum() > 0 else np.full(len(rows), 1.0 / len(rows))
+        for report, share in zip(rows, shares):
+            report[field] = float(totals[field] * share)
