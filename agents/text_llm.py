@@ -245,8 +245,9 @@ class TextLLMAgent:
         decode_steps = 0
         while True:
             tokens = torch.argmax(out.logits[:, -1], dim=-1)
+            chosen = tokens.tolist()
             for i in running:
-                generated[i].append(int(tokens[i]))
+                generated[i].append(chosen[i])
             running = [i for i in running if not (len(generated[i]) >= self.max_new_tokens or self._stop(generated[i]))]
             if not running:
                 return generated, decode_steps

@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
         tokens = token_agreement(args.agent, model, suite, args.tokens) if args.tokens else None
         if tokens:
             print(f"\nanswers, batch 1 vs batch {tokens['batch']} on {tokens['observations']} expert-driven "
-                  f"observations: {tokens['answers_differ']} differ in some token, "
+                  f"observations: {tokens['answers_differ']} differ in their text, "
                   f"{tokens['controls_differ']} in the parsed control")
     if any(w > 1 for w in args.workers):
         print("workers > 1: the per-step split sums the workers' time; its harness part includes Ray and idle workers")

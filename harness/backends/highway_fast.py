@@ -73,7 +73,6 @@ class _LaneTable:
 
         straight, circular = (StraightLane, SineLane), (CircularLane,)
         self.length = column("length", kind=straight + circular)
-        self.width = column("width", kind=straight + circular)
         self.start, self.dir = points("start", straight), points("direction", straight)
         self.lateral = points("direction_lateral", straight)
         self.heading = column("heading", kind=straight)
@@ -266,8 +265,8 @@ class FastRoad(Road):
         lane = self.network.get_lane(lane_index)
         if type(lane) not in (StraightLane, SineLane, CircularLane):
             return super().neighbour_vehicles(vehicle, lane_index)
-        users = (self._act_users or self._users())[0]
-        order, sorted_s, sorted_on, unsure = self._on_lane(lane)
+        users, positions = self._act_users or self._users()
+        order, sorted_s, sorted_on, unsure = self._on_lane(lane, positions)
         s = lane.local_coordinates(vehicle.position)[0]
         tol = NEIGHBOUR_TOLERANCE_M
         # The nearest users surely on the lane and surely ahead / behind bound where the answers can be.
@@ -295,7 +294,7 @@ class FastRoad(Road):
                 s_rear, v_rear = s_k, v
         return v_front, v_rear
 
-    def _on_lane(self, lane) -> tuple:
+    def _on_lane(self, lane, positions: np.ndarray) -> tuple:
         """The road users that may be on `lane` (not surely off it), sorted by their approximate s: their
         indexes, s, and whether each is surely on the lane; and the users whose coordinates are unsure (a
         circular lane's wrap-around). Within act() the answer is kept per lane: positions do not change there."""
@@ -307,7 +306,6 @@ class FastRoad(Road):
         table = self._lane_tables.get(id(lane))
         if table is None or table.lanes[0] is not lane:
             table = self._lane_tables[id(lane)] = _LaneTable([lane])
-        positions = (self._act_users or self._users())[1]
         s_v, lat_v, unsure, _ = table.coordinates(positions)
         s_v, lat_v, unsure = s_v[0], np.abs(lat_v[0]), unsure[0]
         tol, reach = NEIGHBOUR_TOLERANCE_M, lane.VEHICLE_LENGTH
