@@ -3,7 +3,10 @@
     (a) OWL's outlier-weighed layerwise sparsity beats uniform Wanda at high sparsity (OWL paper);
         with a lambda sweep that includes 0 (lambda 0 is uniform Wanda with OWL's code path).
     (b) driving calibration data beats generic-text calibration (OWLed), and random token ids.
-    (c) the vector encoder is more sensitive to pruning than the LLM (OWLed): encoder-only vs LM-only.
+    (c) the vector encoder is more sensitive to pruning than the LLM (OWLed): encoder-only vs LM-only at the
+        same sparsity of the part pruned, and per weight removed: the encoder holds a small share of the
+        model's weights, so its sensitivity is the DS drop per 10% of the *model's* weights removed
+        (sparsity.json's `global`), compared paired with the LM's.
     (d) DG2PF keeps accuracy at high sparsity (non-inferior to dense within a margin), and its gain is not
         just more training: vs a one-shot method given the same fine-tuning budget, vs DG2PF's own training
         at ~0 sparsity, and vs its ablations (no distillation, no gradual ramp).
@@ -17,6 +20,8 @@ every comparison is a paired bootstrap over (scenario, seed). Verdicts:
       its upper bound is below -margin, else inconclusive.
   Below MIN_PAIRS_FOR_VERDICT paired episodes the verdict is "n too small" (the CI is too narrow to trust).
 The table also gives the CI half-width reached, so one can see whether a 5-point difference was resolvable.
+A second table (sensitivity.csv) gives, for OWL with each scope, the paired DS drop from dense per 10% of the
+part pruned and per 10% of the model's weights removed, with CIs.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ NON_INFERIORITY_MARGIN = 5.0  # DS points a "keeps accuracy" claim may lose
 FULL_SPARSITIES = (0.5, 0.7, 0.85, 0.9)
 QUICK_SPARSITIES = (0.7,)
 LAMBDAS = (0.0, 0.04, 0.16)  # besides OWL's default 0.08
+PER_WEIGHTS = 0.1  # sensitivity is the DS drop per this share of weights removed (10%)
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,8 @@ class Comparison:
     text: str             # what is compared, for people
     candidate: str        # agent names in the run
     baseline: str
-    kind: str = "superiority"  # or "non-inferiority"
+    kind: str = "superiority"  # or "non-inferiority"; "per-weight": A's DS drop from dense per 10% of the
+    #                            model's weights removed exceeds B's (a superiority test on that difference)
 
 
 def plan(sparsities=FULL_SPARSITIES, lambdas=LAMBDAS, quick: bool = False) -> tuple[dict[str, dict], list[Comparison]]:
@@ -79,6 +86,8 @@ def plan(sparsities=FULL_SPARSITIES, lambdas=LAMBDAS, quick: bool = False) -> tu
         add(f"owl-{s:g}-all", method="owl", sparsity=s, scope="all")
         comparisons.append(Comparison("c", f"LM-only vs encoder-only OWL at {s:.0%} (encoder more sensitive)",
                                       lm, encoder))
+        comparisons.append(Comparison("c", f"encoder vs LM OWL at {s:.0%}: DS drop per 10% of the model's weights",
+                                      encoder, lm, "per-weight"))
     # (d) DG2PF: non-inferior to dense; better than one-shot + equal fine-tuning; beyond its own training.
     control = add("dg2pf-0.01", method="dg2pf", sparsity=0.01)
     for s in sparsities:
@@ -107,13 +116,50 @@ def judge(comparison: Comparison, low: float, high: float, n: int = MIN_PAIRS_FO
     return "supported" if low > 0 else "refuted" if high < 0 else "inconclusive"
 
 
-def claims_table(episodes: pd.DataFrame, comparisons: list[Comparison], n_boot: int = 10000) -> pd.DataFrame:
-    """One row per comparison: paired DS difference and 95% CI, collisions/km difference, n, verdict."""
+def paired_scores(episodes: pd.DataFrame, agents: list[str]) -> pd.DataFrame:
+    """Driving scores, one column per agent, one row per (scenario, seed) every agent has a score for."""
+    from prunedrive.harness.regress import scored_episodes
+
+    scored = scored_episodes(episodes)
+    scored = scored[scored["agent"].isin(agents)]
+    table = scored.pivot_table(index=["scenario", "seed"], columns="agent", values="driving_score", aggfunc="first")
+    return table.reindex(columns=agents).dropna()
+
+
+def drop_per_weights(scores: pd.DataFrame, agent: str, removed: float) -> pd.Series:
+    """Per episode: the agent's DS drop from dense per PER_WEIGHTS of weights removed (`removed`: a share)."""
+    return (scores[DENSE] - scores[agent]) / (removed / PER_WEIGHTS)
+
+
+def _per_weight_row(episodes: pd.DataFrame, c: Comparison, model_sparsity: dict[str, float], n_boot: int) -> dict:
+    from prunedrive.harness.regress import paired_bootstrap_ci
+
+    scores = paired_scores(episodes, [DENSE, c.candidate, c.baseline])
+    shares = [model_sparsity.get(a, np.nan) for a in (c.candidate, c.baseline)]
+    if not len(scores) or not all(np.isfinite(x) and x > 0 for x in shares):
+        return {"n": len(scores), "ds_diff": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+    d = (drop_per_weights(scores, c.candidate, shares[0]) - drop_per_weights(scores, c.baseline, shares[1])).to_numpy()
+    low, high = paired_bootstrap_ci(d, n_boot=n_boot)
+    return {"n": len(d), "ds_diff": float(d.mean()), "ci_low": low, "ci_high": high}
+
+
+def claims_table(episodes: pd.DataFrame, comparisons: list[Comparison], n_boot: int = 10000,
+                 model_sparsity: dict[str, float] | None = None) -> pd.DataFrame:
+    """One row per comparison: paired DS difference and 95% CI, collisions/km difference, n, verdict.
+    A "per-weight" comparison's difference is in DS points per 10% of the model's weights (`model_sparsity`:
+    {agent: share of the model's weights that are zero}); it has no collision difference."""
     from prunedrive.harness.metrics import per_km
     from prunedrive.harness.regress import compare_to_baseline
 
     rows = []
     for c in comparisons:
+        if c.kind == "per-weight":
+            r = _per_weight_row(episodes, c, model_sparsity or {}, n_boot)
+            rows.append({"claim": c.claim, "comparison": c.text, "candidate": c.candidate, "baseline": c.baseline,
+                         "kind": c.kind, **r, "ci_half_width": (r["ci_high"] - r["ci_low"]) / 2,
+                         "coll_per_km_diff": np.nan, "margin": np.nan,
+                         "verdict": judge(c, r["ci_low"], r["ci_high"], r["n"])})
+            continue
         pair = episodes[episodes["agent"].isin([c.candidate, c.baseline])]
         versus = compare_to_baseline(pair, c.baseline, n_boot=n_boot).set_index("agent")
         r = versus.loc[c.candidate] if c.candidate in versus.index else None
@@ -124,8 +170,51 @@ def claims_table(episodes: pd.DataFrame, comparisons: list[Comparison], n_boot: 
                      "ds_diff": r["diff"] if r is not None else np.nan, "ci_low": low, "ci_high": high,
                      "ci_half_width": (high - low) / 2, "coll_per_km_diff": rate.get(c.candidate, np.nan) -
                      rate.get(c.baseline, np.nan),
+                     "margin": NON_INFERIORITY_MARGIN if c.kind == "non-inferiority" else np.nan,
                      "verdict": judge(c, low, high, int(r["n_pairs"]) if r is not None else 0)})
     return pd.DataFrame(rows)
+
+
+def sensitivity_agents(variants: dict[str, dict]) -> list[tuple[str, str, float]]:
+    """(agent, scope, target sparsity) of claim (c): the plain OWL variants (no other option than the scope) at
+    the sparsities where some variant prunes another scope than the LM."""
+    scoped = {v["sparsity"] for v in variants.values() if v.get("scope")}
+    return [(name, v.get("scope", "lm"), v["sparsity"]) for name, v in variants.items()
+            if v["method"] == "owl" and v["sparsity"] in scoped and set(v) <= {"method", "sparsity", "scope"}]
+
+
+def sensitivity_table(episodes: pd.DataFrame, agents: list[tuple[str, str, float]],
+                      model_sparsity: dict[str, float], n_boot: int = 10000) -> pd.DataFrame:
+    """Claim (c)'s sensitivities: per agent, the paired DS drop from dense (95% CI), and that drop per 10% of the
+    part pruned (the target) and per 10% of the model's weights removed (`model_sparsity`)."""
+    from prunedrive.harness.regress import paired_bootstrap_ci
+
+    rows = []
+    for agent, scope, target in agents:
+        scores = paired_scores(episodes, [DENSE, agent])
+        drop = (scores[DENSE] - scores[agent]).to_numpy(np.float64)
+        low, high = paired_bootstrap_ci(drop, n_boot=n_boot) if len(drop) else (np.nan, np.nan)
+        row = {"agent": agent, "scope": scope, "target_sparsity": target,
+               "model_sparsity": model_sparsity.get(agent, np.nan), "n": len(drop),
+               "ds_drop": float(drop.mean()) if len(drop) else np.nan, "ci_low": low, "ci_high": high}
+        for key, share in (("per_part", target), ("per_model", row["model_sparsity"])):
+            scale = PER_WEIGHTS / share if np.isfinite(share) and share > 0 else np.nan
+            row.update({f"drop_{key}": row["ds_drop"] * scale, f"drop_{key}_low": low * scale,
+                        f"drop_{key}_high": high * scale})
+        rows.append(row)
+    columns = ["agent", "scope", "target_sparsity", "model_sparsity", "n", "ds_drop", "ci_low", "ci_high"] + [
+        f"drop_{key}{end}" for key in ("per_part", "per_model") for end in ("", "_low", "_high")]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def model_sparsities(models: dict[str, tuple]) -> dict[str, float]:
+    """{agent: share of the model's weights that are zero} from each pruned model's sparsity.json."""
+    out = {}
+    for name, (_, _, path) in models.items():
+        record = Path(path) / "sparsity.json"
+        if record.is_file():
+            out[name] = float(json.loads(record.read_text())["global"])
+    return out
 
 
 def print_claims(table: pd.DataFrame, console=None) -> None:
@@ -143,11 +232,38 @@ def print_claims(table: pd.DataFrame, console=None) -> None:
         coll = "–" if not np.isfinite(r.coll_per_km_diff) else f"{r.coll_per_km_diff:+.2f}"
         out.add_row(r.claim, r.comparison, str(r.n), diff, coll, r.verdict)
     console.print(out)
-    widths = table["ci_half_width"].dropna()
+    widths = table.loc[table["kind"] != "per-weight", "ci_half_width"].dropna()
     if len(widths):
         console.print(f"CI half-width reached: median {widths.median():.1f} DS points (a 5-point difference is "
                       f"resolvable where it is below 5). Non-inferiority margin: {NON_INFERIORITY_MARGIN:g} DS.",
                       style="dim")
+
+
+def print_sensitivity(table: pd.DataFrame, console=None) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    if table.empty:
+        return
+    console = console or Console(width=100 if not Console().is_terminal else min(Console().width, 120))
+    out = Table(title="Claim (c): sensitivity, OWL by scope (DS drop from dense, paired)", box=box.SIMPLE_HEAD,
+                pad_edge=False, title_justify="left")
+    for header in ("scope", "part", "model", "n", "DS drop [95% CI]", "per 10% of part", "per 10% of model"):
+        out.add_column(header, justify="left" if header == "scope" else "right", no_wrap=True)
+
+    def ci(r, key):
+        value, low, high = (getattr(r, f"{key}"), getattr(r, f"{key}_low"), getattr(r, f"{key}_high"))
+        return "–" if not np.isfinite(value) else f"{value:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+    for r in table.itertuples():
+        drop = "–" if not np.isfinite(r.ds_drop) else f"{r.ds_drop:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]"
+        out.add_row(r.scope, f"{r.target_sparsity:.0%}", f"{r.model_sparsity:.1%}", str(r.n), drop,
+                    ci(r, "drop_per_part"), ci(r, "drop_per_model"))
+    console.print(out)
+    console.print("OWL with each scope (sensitivity.csv names the agents). part: the target sparsity of the part "
+                  "pruned; model: the share of all the model's weights that are zero. A positive drop is a loss of "
+                  "DS.", style="dim")
 
 
 def run_claims(suite_name: str, preset: str, out: Path, run_id: str | None = None, workers: int | None = None,
@@ -174,9 +290,13 @@ def run_claims(suite_name: str, preset: str, out: Path, run_id: str | None = Non
     run_dir, episodes = drive(suite, specs, out, run_id=run_id,
                               default_run_id=f"claims-{suite.name}-{dense_dir.name}" + ("-quick" if quick else ""),
                               workers=workers, progress=progress, config=config, batch=batch)
-    table = claims_table(episodes, comparisons)
+    shares = model_sparsities(models)
+    table = claims_table(episodes, comparisons, model_sparsity=shares)
     table.to_csv(run_dir.path / "claims.csv", index=False)
     (run_dir.path / "claims.json").write_text(json.dumps(table.to_dict("records"), indent=2, default=float))
+    sensitivity = sensitivity_table(episodes, sensitivity_agents(variants), shares)
+    sensitivity.to_csv(run_dir.path / "sensitivity.csv", index=False)
     print_claims(table)
+    print_sensitivity(sensitivity)
     say(f"results: {run_dir.path.resolve()} (claims.csv; `prunedrive report {run_dir.path.resolve()}` plots them)")
     return exit_code(episodes, run_dir)

@@ -183,15 +183,22 @@ def paired_bootstrap_ci(differences: np.ndarray, alpha: float = 0.05, n_boot: in
 MIN_PAIRS_FOR_VERDICT = 10  # below this the percentile bootstrap is too narrow to conclude anything
 
 
+def scored_episodes(episodes: pd.DataFrame) -> pd.DataFrame:
+    """The episodes that carry a score: an agent's own failure is a result (DS 0); only infrastructure
+    failures (simulator, worker) say nothing about the agent and are left out."""
+    if "status" not in episodes:
+        return episodes
+    failure = episodes["failure"] if "failure" in episodes else pd.Series("", index=episodes.index)
+    return episodes[~(episodes["status"].eq("failed") & failure.ne("agent"))]
+
+
 def compare_to_baseline(episodes: pd.DataFrame, baseline: str, metric: str = "driving_score", alpha: float = 0.05,
                         n_boot: int = 10000, seed: int = 0) -> pd.DataFrame:
     """Every other agent of `episodes` against `baseline` on `metric`, paired by (scenario, seed): one row
     per agent with n (paired, scored episodes), the mean paired difference, its (1 - alpha) percentile
     bootstrap CI and a verdict: "better" / "worse" when the CI excludes 0, "no sig. difference" when it
     does not ("no sig. diff"), "n too small" below MIN_PAIRS_FOR_VERDICT pairs (the CI would be too narrow to trust)."""
-    # An agent's own failure is a result (DS 0); only infrastructure failures (simulator, worker) say nothing.
-    failure = episodes["failure"] if "failure" in episodes else pd.Series("", index=episodes.index)
-    scored = episodes[~(episodes["status"].eq("failed") & failure.ne("agent"))] if "status" in episodes else episodes
+    scored = scored_episodes(episodes)
     base = scored[scored["agent"] == baseline].set_index(["scenario", "seed"])[metric]
     rows = []
     for agent, group in scored.groupby("agent", sort=False):

@@ -1,6 +1,6 @@
 """A report over one or more runs: a self-contained HTML page and a Markdown file.
 
-    prunedrive report RUN [RUN ...] [--out-dir DIR]   # default results/reports/<first run>
+    prunedrive report RUN [RUN ...] [--report-dir DIR]   # default results/reports/<first run>
     write_report([run_dir, ...], out_dir) -> (report.html, report.md)
 
 The question it answers: how much does pruning cost at each sparsity, per method. Content:
@@ -21,6 +21,9 @@ The question it answers: how much does pruning cost at each sparsity, per method
   DS (effective GFLOPs per step vs mean DS ± SE), infractions per km (a heatmap agents x infraction kinds,
   values in the cells), DS per scenario kind.
 - Open-loop errors, when a run has `open_loop.json` (written by `prunedrive bench`), with units.
+- The seeds' claims, when a run has `claims.csv` (written by `prunedrive claims`): its table, a forest plot
+  of the paired differences coloured by verdict, and claim (c)'s sensitivity table (`sensitivity.csv`) with a
+  plot of the DS drop against the share of the model's weights removed.
 - Per-episode tables with the episode videos (`<video>` and a link) when the run was recorded.
 
 The HTML embeds every plot as a base64 PNG (the file can be mailed or attached to CI as is); the
@@ -616,6 +619,123 @@ def open_loop_table(series: list[Series]) -> tuple[list[tuple[str, str]], list[d
     return (columns, rows) if rows else ([], [])
 
 
+# -- the seeds' claims (prunedrive claims writes claims.csv and sensitivity.csv into its run) ---------------
+
+VERDICT_COLOURS = {"supported": "#2e7d32", "refuted": "#c62828"}  # anything else (inconclusive, n too small): grey
+SCOPE_COLOURS = {"lm": "#1f77b4", "encoder": "#d62728", "all": "#7f7f7f"}
+CLAIMS_COLUMNS = [("claim", "claim"), ("comparison", "comparison"), ("n", "n"), ("diff", "ΔDS [95% CI]"),
+                  ("coll", "Δcoll/km"), ("verdict", "verdict")]
+SENSITIVITY_COLUMNS = [("scope", "scope"), ("agent", "agent"), ("part", "part sparsity %"),
+                       ("model", "model sparsity %"), ("n", "n"), ("drop", "DS drop [95% CI]"),
+                       ("per_part", "per 10% of part"), ("per_model", "per 10% of model")]
+CLAIMS_NOTE = ("Each row: mean over paired episodes (same scenario and seed) of the candidate's DS minus the "
+               "baseline's, with its 95% percentile-bootstrap CI. Superiority rows: supported when the CI lies "
+               "above 0, refuted when below. Non-inferiority rows (\"keeps accuracy\"): supported when the CI's "
+               "lower bound is above minus the margin, refuted when its upper bound is below it. \"per 10% of the "
+               "model's weights\" rows compare DS drops from dense per 10% of the model's weights removed.")
+SENSITIVITY_NOTE = ("Claim (c): OWL pruning the LM, the encoder or both. DS drop: dense minus agent, paired, "
+                    "positive is a loss. part: the target sparsity of the part pruned; model: the share of all "
+                    "the model's weights that are zero. The drops per 10% divide the drop and its CI by those.")
+
+
+@dataclass
+class Claims:
+    run: str
+    table: pd.DataFrame
+    sensitivity: pd.DataFrame | None
+
+
+def load_claims(series: list[Series]) -> list[Claims]:
+    """The claims (and sensitivity) tables of the runs that have them, in run order."""
+    out = []
+    for run_path in dict.fromkeys(s.run_path for s in series):
+        path = run_path / "claims.csv"
+        if not path.is_file():
+            continue
+        sensitivity = run_path / "sensitivity.csv"
+        sensitivity = pd.read_csv(sensitivity) if sensitivity.is_file() else None
+        out.append(Claims(run_path.name, pd.read_csv(path),
+                          sensitivity if sensitivity is not None and not sensitivity.empty else None))
+    return out
+
+
+def _ci_text(value: float, low: float, high: float, sign: str = "+") -> str:
+    if not np.isfinite(value):
+        return "–"
+    return f"{value:{sign}.1f} [{low:{sign}.1f}, {high:{sign}.1f}]"
+
+
+def claims_rows(c: Claims) -> list[dict[str, str]]:
+    return [{"agent": r.comparison, "claim": str(r.claim), "comparison": r.comparison, "n": str(int(r.n)),
+             "diff": _ci_text(r.ds_diff, r.ci_low, r.ci_high),
+             "coll": f"{r.coll_per_km_diff:+.2f}" if np.isfinite(r.coll_per_km_diff) else "–", "verdict": r.verdict}
+            for r in c.table.itertuples()]
+
+
+def sensitivity_rows(c: Claims) -> list[dict[str, str]]:
+    if c.sensitivity is None:
+        return []
+    return [{"agent": r.agent, "scope": r.scope, "part": f"{100 * r.target_sparsity:.3g}",
+             "model": f"{100 * r.model_sparsity:.1f}", "n": str(int(r.n)), "drop": _ci_text(r.ds_drop, r.ci_low,
+                                                                                          r.ci_high),
+             "per_part": _ci_text(r.drop_per_part, r.drop_per_part_low, r.drop_per_part_high),
+             "per_model": _ci_text(r.drop_per_model, r.drop_per_model_low, r.drop_per_model_high)}
+            for r in c.sensitivity.itertuples()]
+
+
+def plot_claims(c: Claims) -> Plot:
+    name, title = f"claims_{c.run}", f"The seeds' claims: paired DS differences ({c.run})"
+    table = c.table[np.isfinite(c.table["ds_diff"]) & (c.table["kind"] != "per-weight")].reset_index(drop=True)
+    if table.empty:
+        return Plot(name, title, None, "no comparison has paired episodes")
+    figure = _figure(8.5, 1.0 + 0.26 * len(table))
+    ax = figure.add_subplot()
+    y = np.arange(len(table))[::-1]
+    for row, r in zip(y, table.itertuples()):
+        ax.errorbar([r.ds_diff], [row], xerr=[[r.ds_diff - r.ci_low], [r.ci_high - r.ds_diff]], fmt="o", ms=4,
+                    color=VERDICT_COLOURS.get(r.verdict, "#888888"), elinewidth=1.4, capsize=2)
+    ax.axvline(0, color="#333333", linewidth=0.8)
+    margins = table.get("margin", pd.Series(dtype=float)).dropna().unique()
+    for margin in margins:
+        ax.axvline(-margin, color="#333333", linewidth=0.8, linestyle=":")
+    ax.set_yticks(y, [f"({r.claim}) {r.comparison}" for r in table.itertuples()], fontsize=7.5)
+    ax.set_xlabel("ΔDS, candidate − baseline (95% CI)")
+    ax.grid(alpha=0.3, axis="x")
+    ax.set_title(title, fontsize=10)
+    note = ("Green: supported, red: refuted, grey: inconclusive. Solid line: no difference"
+            + (f"; dotted: the non-inferiority margin ({', '.join(f'−{m:g}' for m in margins)} DS) of the "
+               "\"keeps accuracy\" rows" if len(margins) else "")
+            + ". Per-weight rows are in the table only (other units).")
+    return Plot(name, title, _png(figure), note, wide=True)
+
+
+def plot_sensitivity(c: Claims) -> Plot:
+    name, title = f"sensitivity_{c.run}", f"Claim (c): DS drop vs the model's weights removed ({c.run})"
+    table = c.sensitivity
+    if table is None or table.empty or not np.isfinite(table["ds_drop"]).any():
+        return Plot(name, title, None, "no sensitivity table")
+    figure = _figure(6.6, 4.2)
+    ax = figure.add_subplot()
+    for scope, group in table.groupby("scope", sort=False):
+        colour = SCOPE_COLOURS.get(scope, "#9467bd")
+        x = 100 * group["model_sparsity"]
+        ax.errorbar(x, group["ds_drop"], yerr=[group["ds_drop"] - group["ci_low"], group["ci_high"] - group["ds_drop"]],
+                    fmt="o", color=colour, capsize=3, label=scope)
+        for r in group.itertuples():
+            ax.annotate(f"{100 * r.target_sparsity:.0f}%", (100 * r.model_sparsity, r.ds_drop), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+    ax.axhline(0, color="#333333", linewidth=0.8)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("share of the model's weights removed (%)")
+    ax.set_ylabel("DS drop from dense (95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="scope", title_fontsize=8)
+    ax.set_title(title, fontsize=10)
+    note = ("Each point: OWL pruning one scope to the target sparsity written beside it. A steeper rise from the "
+            "origin is a more sensitive part: the same drop for fewer weights removed.")
+    return Plot(name, title, _png(figure), note)
+
+
 def kind_table(series: list[Series]) -> pd.DataFrame:
     """Agents (rows, in the report's order) x scenario kinds: mean driving score."""
     frame = pd.concat([s.episodes.assign(series=s.label) for s in series])
@@ -699,12 +819,15 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str | N
     palette = Palette(series)
     plots = [plot_sparsity(series, diffs, palette), plot_cost(series, palette), plot_infractions(series, palette),
              plot_kinds(series, palette)]
-    for plot in plots:
+    claims = load_claims(series)
+    claim_plots = [p for c in claims for p in (plot_claims(c), plot_sensitivity(c))]
+    for plot in plots + claim_plots:
         if plot.png:
             (out_dir / "plots" / f"{plot.name}.png").write_bytes(plot.png)
     report = Content(title, datetime.now().isoformat(timespec="seconds"), series, *comparison_table(series, diffs),
                      open_loop_table(series), kind_table(series), plots,
-                     {s.label: videos(s, out_dir) for s in series}, palette, dense_baseline(series))
+                     {s.label: videos(s, out_dir) for s in series}, palette, dense_baseline(series), claims,
+                     claim_plots)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     html_path.write_text(_html(report))
     md_path.write_text(_markdown(report))
@@ -724,6 +847,8 @@ class Content:
     links: dict[str, dict]
     palette: Palette
     dense: Series | None
+    claims: list[Claims] = field(default_factory=list)
+    claim_plots: list[Plot] = field(default_factory=list)
 
 
 def _runs_text(series: list[Series]) -> list[tuple[str, str]]:
@@ -793,6 +918,17 @@ def _html_table(table_id: str, columns, rows, classes=None) -> list[str]:
     return out
 
 
+def _html_plot(plot: Plot) -> str:
+    e = html.escape
+    wide = " class='wide'" if plot.wide else ""
+    if not plot.png:
+        return f"<figure{wide}><p class='note' id='plot-{plot.name}'>{e(plot.title)}: {e(plot.note)}</p></figure>"
+    data = base64.b64encode(plot.png).decode()
+    return (f"<figure{wide}><img class='plot' id='plot-{plot.name}' alt='{e(plot.title)}' "
+            f"src='data:image/png;base64,{data}'><figcaption><b>{e(plot.title)}.</b> {e(plot.note)}</figcaption>"
+            f"</figure>")
+
+
 def _html(c: Content) -> str:
     e = html.escape
     out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(c.title)}</title>",
@@ -822,17 +958,19 @@ def _html(c: Content) -> str:
                                for method, colour in c.palette.methods.items())
                    + "; grey: agents without a model.</p>")
     out.append("<div class='plots'>")
-    for plot in c.plots:
-        wide = " class='wide'" if plot.wide else ""
-        if plot.png:
-            data = base64.b64encode(plot.png).decode()
-            out.append(f"<figure{wide}><img class='plot' id='plot-{plot.name}' alt='{e(plot.title)}' "
-                       f"src='data:image/png;base64,{data}'><figcaption><b>{e(plot.title)}.</b> {e(plot.note)}"
-                       f"</figcaption></figure>")
-        else:
-            out.append(f"<figure{wide}><p class='note' id='plot-{plot.name}'>{e(plot.title)}: {e(plot.note)}</p>"
-                       f"</figure>")
-    out.append("</div><h2>Driving score per scenario kind</h2><div class='scroll'><table id='kinds'><thead><tr>"
+    out += [_html_plot(plot) for plot in c.plots]
+    out.append("</div>")
+    for claims in c.claims:
+        out.append(f"<h2>The seeds' claims ({e(claims.run)})</h2>")
+        out += _html_table(f"claims-{claims.run}", CLAIMS_COLUMNS, claims_rows(claims))
+        out.append(f"<p class='note'>{e(CLAIMS_NOTE)}</p>")
+        if claims.sensitivity is not None:
+            out += _html_table(f"sensitivity-{claims.run}", SENSITIVITY_COLUMNS, sensitivity_rows(claims))
+            out.append(f"<p class='note'>{e(SENSITIVITY_NOTE)}</p>")
+        out.append("<div class='plots'>")
+        out += [_html_plot(plot) for plot in c.claim_plots if plot.name.endswith(f"_{claims.run}")]
+        out.append("</div>")
+    out.append("<h2>Driving score per scenario kind</h2><div class='scroll'><table id='kinds'><thead><tr>"
                "<th>agent</th>")
     out += [f"<th>{e(str(k).replace('_', ' '))}</th>" for k in c.kinds.columns]
     out.append("</tr></thead><tbody>")
@@ -867,6 +1005,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
         "| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
 
 
+def _md_plot(plot: Plot) -> list[str]:
+    return ([f"![{plot.title}](plots/{plot.name}.png)", "", plot.note] if plot.png
+            else [f"*{plot.title}: {plot.note}*"]) + [""]
+
+
 def _markdown(c: Content) -> str:
     out = [f"# {c.title}", "", f"generated {c.created}", ""]
     out += [f"- **{run}**: {text}" for run, text in _runs_text(c.series)]
@@ -886,8 +1029,20 @@ def _markdown(c: Content) -> str:
         out += ["", OPEN_LOOP_NOTE, ""]
     out += ["## Plots", ""]
     for plot in c.plots:
-        out += ([f"![{plot.title}](plots/{plot.name}.png)", "", plot.note] if plot.png
-                else [f"*{plot.title}: {plot.note}*"]) + [""]
+        out += _md_plot(plot)
+    for claims in c.claims:
+        out += [f"## The seeds' claims ({claims.run})", ""]
+        rows = claims_rows(claims)
+        out += _md_table([h for _, h in CLAIMS_COLUMNS], [[r[col] for col, _ in CLAIMS_COLUMNS] for r in rows])
+        out += ["", CLAIMS_NOTE, ""]
+        if claims.sensitivity is not None:
+            rows = sensitivity_rows(claims)
+            out += _md_table([h for _, h in SENSITIVITY_COLUMNS],
+                             [[r[col] for col, _ in SENSITIVITY_COLUMNS] for r in rows])
+            out += ["", SENSITIVITY_NOTE, ""]
+        for plot in c.claim_plots:
+            if plot.name.endswith(f"_{claims.run}"):
+                out += _md_plot(plot)
     out += ["## Driving score per scenario kind", ""]
     out += _md_table(["agent", *(str(k) for k in c.kinds.columns)],
                      [[str(label), *("–" if not np.isfinite(v) else f"{v:.1f}" for v in values)]

@@ -47,6 +47,59 @@ def test_the_table_pairs_episodes_and_reports_the_ci_half_width():
     assert 0 < row["ci_half_width"] < 2 and row["coll_per_km_diff"] == 0
 
 
+def scope_episodes(drops: dict[str, float], n: int = 30, noise: float = 1.0, seed: int = 0) -> pd.DataFrame:
+    """Dense and one agent per `drops` entry ({agent: mean DS drop from dense}) on n paired episodes."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        dense = float(rng.uniform(60, 95))
+        for agent, drop in {"llm-dense": 0.0, **drops}.items():
+            score = dense - drop - (float(rng.normal(0, noise)) if drop else 0.0)
+            rows.append({"agent": agent, "scenario": f"s{i % 5}", "seed": i, "status": "finished", "failure": "",
+                         "driving_score": score, "collisions": 0, "km_driven": 0.4})
+    return pd.DataFrame(rows)
+
+
+def test_sensitivity_is_the_drop_per_share_of_the_model_removed_not_per_target():
+    # Equal drops at the same target sparsity, but the encoder is a fifth of the model's weights: per weight
+    # removed it is four times as sensitive. Dividing by the target (a wrong variant) would call them equal.
+    episodes = scope_episodes({"llm-owl-0.5": 8.0, "llm-owl-0.5-encoder": 8.0})
+    shares = {"llm-owl-0.5": 0.4, "llm-owl-0.5-encoder": 0.1}
+    per_weight = Comparison("c", "encoder vs LM per weight", "llm-owl-0.5-encoder", "llm-owl-0.5", "per-weight")
+    same_target = Comparison("c", "LM vs encoder", "llm-owl-0.5", "llm-owl-0.5-encoder")
+    rows = claims_table(episodes, [per_weight, same_target], n_boot=2000, model_sparsity=shares).set_index("kind")
+    assert rows.loc["per-weight", "ds_diff"] == pytest.approx(8.0 / 1 - 8.0 / 4, abs=0.6)  # per 10% of weights
+    assert rows.loc["per-weight", "verdict"] == "supported" and np.isnan(rows.loc["per-weight", "coll_per_km_diff"])
+    assert rows.loc["superiority", "verdict"] == "inconclusive"  # the same drop at the same target
+    # Without the shares there is nothing to divide by: no verdict rather than a wrong one.
+    [row] = claims_table(episodes, [per_weight], n_boot=200).to_dict("records")
+    assert np.isnan(row["ds_diff"]) and row["verdict"] == "inconclusive"
+
+
+def test_the_sensitivity_table_scales_the_drop_and_its_ci():
+    episodes = scope_episodes({"llm-owl-0.7": 6.0, "llm-owl-0.7-encoder": 9.0, "llm-owl-0.7-all": 12.0}, noise=2.0)
+    agents = [("llm-owl-0.7", "lm", 0.7), ("llm-owl-0.7-encoder", "encoder", 0.7), ("llm-owl-0.7-all", "all", 0.7)]
+    shares = {"llm-owl-0.7": 0.56, "llm-owl-0.7-encoder": 0.13, "llm-owl-0.7-all": 0.69}
+    table = claims.sensitivity_table(episodes, agents, shares, n_boot=2000).set_index("scope")
+    for scope, drop in (("lm", 6.0), ("encoder", 9.0), ("all", 12.0)):
+        r = table.loc[scope]
+        assert r["n"] == 30 and r["ds_drop"] == pytest.approx(drop, abs=1.0) and r["ci_low"] < r["ds_drop"] < r["ci_high"]
+        assert r["drop_per_part"] == pytest.approx(r["ds_drop"] * 0.1 / 0.7)
+        assert r["drop_per_model"] == pytest.approx(r["ds_drop"] * 0.1 / shares[r["agent"]])
+        assert r["drop_per_model_low"] == pytest.approx(r["ci_low"] * 0.1 / shares[r["agent"]])
+
+
+def test_the_sensitivity_agents_are_the_plain_owl_variants_of_each_scope():
+    variants, comparisons = plan()
+    agents = claims.sensitivity_agents(variants)
+    assert sorted((scope, s) for _, scope, s in agents) == sorted(
+        (scope, s) for scope in ("lm", "encoder", "all") for s in (0.5, 0.7))
+    assert all(set(variants[a]) <= {"method", "sparsity", "scope"} for a, _, _ in agents)  # no calibration, lambda
+    per_weight = [c for c in comparisons if c.kind == "per-weight"]
+    assert {(variants[c.candidate].get("scope"), variants[c.baseline].get("scope", "lm")) for c in per_weight} == {
+        ("encoder", "lm")} and len(per_weight) == 2
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from prunedrive.app.train import train
@@ -69,4 +122,5 @@ def test_the_command_runs_end_to_end_on_a_restricted_plan(tiny_model, tiny_suite
     table = pd.read_csv(tmp_path / "c" / "claims.csv")
     assert list(table.comparison) == ["OWL vs Wanda at 70%"] and table.n.iloc[0] == 3
     assert table.verdict.iloc[0] == "n too small"  # 3 episodes
+    assert (tmp_path / "c" / "sensitivity.csv").is_file()  # empty here: the restricted plan has no scopes
     assert "The seeds' claims" in capsys.readouterr().out

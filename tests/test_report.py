@@ -337,3 +337,38 @@ def test_the_page_renders_in_headless_chromium(runs, tmp_path):
     assert image.std() > 20  # not blank: text, tables and plots
     top = image[: image.shape[0] // 3]
     assert (top < 128).mean() > 0.01  # dark pixels (text, plot lines) where the tables and the plots are
+
+
+def test_a_claims_run_shows_its_claims_table_sensitivity_and_plots(tmp_path):
+    from prunedrive.app.claims import Comparison, claims_table, sensitivity_table
+
+    agents = [("llm-dense", "dense", 0.0, 0), ("llm-owl-0.5", "owl", 0.5, -4), ("llm-wanda-0.5", "wanda", 0.5, -12),
+              ("llm-owl-0.5-encoder", "owl", 0.5, -6)]
+    run = bench_run(tmp_path / "claims-synth", agents, n_scenarios=4, seeds=tuple(range(1, 6)))
+    episodes = RunDir(run).episodes()
+    shares = {"llm-owl-0.5": 0.4, "llm-owl-0.5-encoder": 0.09}
+    comparisons = [Comparison("a", "OWL vs Wanda at 50%", "llm-owl-0.5", "llm-wanda-0.5"),
+                   Comparison("d", "OWL at 50% vs dense (keeps accuracy)", "llm-owl-0.5", "llm-dense",
+                              "non-inferiority"),
+                   Comparison("c", "encoder vs LM per weight", "llm-owl-0.5-encoder", "llm-owl-0.5", "per-weight")]
+    table = claims_table(episodes, comparisons, n_boot=2000, model_sparsity=shares)
+    table.to_csv(run / "claims.csv", index=False)
+    sensitivity_table(episodes, [("llm-owl-0.5", "lm", 0.5), ("llm-owl-0.5-encoder", "encoder", 0.5)], shares,
+                      n_boot=2000).to_csv(run / "sensitivity.csv", index=False)
+
+    html_path, md_path = write_report([run], tmp_path / "report")
+    page = Page(html_path.read_text())
+    assert page.order["claims-claims-synth"] == list(table["comparison"])
+    row, truth = page.rows["OWL vs Wanda at 50%"], table.iloc[0]
+    assert row["diff"] == f"{truth.ds_diff:+.1f} [{truth.ci_low:+.1f}, {truth.ci_high:+.1f}]"
+    assert row["verdict"] == truth.verdict == "supported" and row["n"] == "20"
+    assert page.order["sensitivity-claims-synth"] == ["llm-owl-0.5", "llm-owl-0.5-encoder"]
+    assert page.rows["llm-owl-0.5-encoder"]["model"] == "9.0"
+    ids = {img["id"] for img in page.images}
+    assert {"plot-claims_claims-synth", "plot-sensitivity_claims-synth"} <= ids
+    md = md_path.read_text()
+    assert "## The seeds' claims (claims-synth)" in md and "(plots/claims_claims-synth.png)" in md
+    assert "encoder vs LM per weight" in md and "per 10% of model" in md
+
+    (run / "claims.csv").unlink()  # an ordinary run: no claims section
+    assert "The seeds' claims" not in write_report([run], tmp_path / "plain")[0].read_text()
