@@ -355,3 +355,27 @@ def test_bench_runs_the_comparison_on_a_users_hf_model(checkpoints, tiny_suite, 
     assert "llm-magnitude-0.5" in out and "llm-dense" in out and "(yours)" in out
     manifest = json.loads((tmp_path / "results" / "bench-tiny-mine" / "manifest.json").read_text())
     assert {s["name"] for s in manifest["config"]["specs"]} == {"expert", "text-llm"}
+
+
+@pytest.mark.parametrize("source", ["generic", "random"])
+def test_hf_calibration_sources_are_what_they_say(source):
+    """Wrong variant: a HF model calibrated on driving scene text when generic (or random) is asked for. Generic
+    samples are windows of the tokenized pydoc prose, random ones are not; both keep the driving token counts."""
+    from prunedrive.app.compress import hf_calibration_set
+    from prunedrive.models.pruning import generic_corpus
+
+    tokenizer = _tokenizer(chat=False)
+    driving, _ = hf_calibration_set(tokenizer, "driving", 4, None, 0)
+    samples, text = hf_calibration_set(tokenizer, source, 4, None, 0)
+    assert [s["input_ids"].shape[1] for s in samples] == [s["input_ids"].shape[1] for s in driving]
+    corpus = " " + " ".join(map(str, tokenizer(generic_corpus()[0], add_special_tokens=False)["input_ids"])) + " "
+    bos = tokenizer.bos_token_id
+
+    def in_corpus(s):
+        ids = s["input_ids"][0].tolist()
+        ids = ids[1:] if bos is not None and ids[0] == bos else ids
+        return f" {' '.join(map(str, ids))} " in corpus
+
+    assert all(map(in_corpus, samples)) if source == "generic" else not any(map(in_corpus, samples))
+    assert not any(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(samples, driving))
+    assert text.startswith(source) and ("pydoc_data.topics" in text) == (source == "generic")

@@ -17,7 +17,7 @@ from prunedrive.models.pruning.encoder import encoder_blocks, encoder_valid_rows
 from prunedrive.models.pruning.masks import decoder_layers, find_linears
 from prunedrive.models.pruning.oneshot import prune_linears_with_inputs
 from prunedrive.models.pruning.owl import owl_outlier_ratios, pooled_outlier_ratio
-from prunedrive.models.pruning.sparsegpt import Hessian, sparsegpt_prune_linear
+from prunedrive.models.pruning.sparsegpt import Hessian, prune_sparsegpt, sparsegpt_prune_linear
 from prunedrive.models.pruning.wanda import ColumnNorms, wanda_prune_linear
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -279,3 +279,12 @@ def test_prune_reports_nm_skipped_for_an_lm():
     calib = generic_text_calibration(VOCAB, n_samples=2, length=8, seed=0)
     report = prune(lm, "wanda", pattern="2:4", calibration=calib)
     assert report["nm_skipped"] == {}
+
+
+def test_sparsegpt_damps_like_the_reference_on_every_path():
+    """Wrong variant: another damping on the path `prune()` takes (prune_sparsegpt's default), which the
+    per-layer test above never calls. The reference (IST-DASLab/sparsegpt) damps with 1% of the mean diagonal."""
+    import inspect
+
+    for function in (prune_sparsegpt, sparsegpt_prune_linear):
+        assert inspect.signature(function).parameters["percdamp"].default == 0.01, function.__name__
