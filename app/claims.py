@@ -187,16 +187,18 @@ def sensitivity_table(episodes: pd.DataFrame, agents: list[tuple[str, str, float
                       model_sparsity: dict[str, float], n_boot: int = 10000) -> pd.DataFrame:
     """Claim (c)'s sensitivities: per agent, the paired DS drop from dense (95% CI), and that drop per 10% of the
     part pruned (the target) and per 10% of the model's weights removed (`model_sparsity`)."""
-    from prunedrive.harness.regress import paired_bootstrap_ci
+    from prunedrive.harness.regress import compare_to_baseline
 
     rows = []
     for agent, scope, target in agents:
-        scores = paired_scores(episodes, [DENSE, agent])
-        drop = (scores[DENSE] - scores[agent]).to_numpy(np.float64)
-        low, high = paired_bootstrap_ci(drop, n_boot=n_boot) if len(drop) else (np.nan, np.nan)
+        versus = compare_to_baseline(episodes[episodes["agent"].isin([DENSE, agent])], DENSE, n_boot=n_boot)
+        r = versus.set_index("agent").loc[agent] if agent in set(versus["agent"]) else None
+        n = int(r["n_pairs"]) if r is not None else 0
+        # a drop is the difference to dense with its sign turned: dense - agent, CI (-high, -low)
+        drop, low, high = (-r["diff"], -r["ci_high"], -r["ci_low"]) if n else (np.nan, np.nan, np.nan)
         row = {"agent": agent, "scope": scope, "target_sparsity": target,
-               "model_sparsity": model_sparsity.get(agent, np.nan), "n": len(drop),
-               "ds_drop": float(drop.mean()) if len(drop) else np.nan, "ci_low": low, "ci_high": high}
+               "model_sparsity": model_sparsity.get(agent, np.nan), "n": n, "ds_drop": drop, "ci_low": low,
+               "ci_high": high}
         for key, share in (("per_part", target), ("per_model", row["model_sparsity"])):
             scale = PER_WEIGHTS / share if np.isfinite(share) and share > 0 else np.nan
             row.update({f"drop_{key}": row["ds_drop"] * scale, f"drop_{key}_low": low * scale,
@@ -217,12 +219,17 @@ def model_sparsities(models: dict[str, tuple]) -> dict[str, float]:
     return out
 
 
+def _console():
+    from rich.console import Console
+
+    return Console(width=100 if not Console().is_terminal else min(Console().width, 120))
+
+
 def print_claims(table: pd.DataFrame, console=None) -> None:
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=100 if not Console().is_terminal else min(Console().width, 120))
+    console = console or _console()
     out = Table(title="The seeds' claims, closed loop (paired by scenario and seed)", box=box.SIMPLE_HEAD,
                 pad_edge=False, title_justify="left")
     for header in ("claim", "comparison", "n", "ΔDS [95% CI]", "Δcoll/km", "verdict"):
@@ -241,12 +248,11 @@ def print_claims(table: pd.DataFrame, console=None) -> None:
 
 def print_sensitivity(table: pd.DataFrame, console=None) -> None:
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
     if table.empty:
         return
-    console = console or Console(width=100 if not Console().is_terminal else min(Console().width, 120))
+    console = console or _console()
     out = Table(title="Claim (c): sensitivity, OWL by scope (DS drop from dense, paired)", box=box.SIMPLE_HEAD,
                 pad_edge=False, title_justify="left")
     for header in ("scope", "part", "model", "n", "DS drop [95% CI]", "per 10% of part", "per 10% of model"):
