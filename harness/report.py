@@ -659,10 +659,8 @@ def load_claims(series: list[Series]) -> list[Claims]:
     return out
 
 
-def _ci_text(value: float, low: float, high: float, sign: str = "+") -> str:
-    if not np.isfinite(value):
-        return "–"
-    return f"{value:{sign}.1f} [{low:{sign}.1f}, {high:{sign}.1f}]"
+def _ci_text(value: float, low: float, high: float) -> str:
+    return "–" if not np.isfinite(value) else f"{value:+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
 def claims_rows(c: Claims) -> list[dict[str, str]]:
