@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prunedrive.agents.llm import LLMAgent  # noqa: E402
 from prunedrive.models import text  # noqa: E402
-from prunedrive.app.dataset import synthetic_split  # noqa: E402
+from prunedrive.models.data import synthetic_split  # noqa: E402
 from prunedrive.models.driving_llm import DrivingLLM, collate  # noqa: E402
 from prunedrive.models.presets import PRESETS  # noqa: E402
 from prunedrive.models.pruning import find_linears, prune_magnitude  # noqa: E402

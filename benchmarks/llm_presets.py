@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prunedrive.models import text  # noqa: E402
-from prunedrive.app.dataset import synthetic_split  # noqa: E402
+from prunedrive.models.data import synthetic_split  # noqa: E402
 from prunedrive.models.driving_llm import collate  # noqa: E402
 from prunedrive.models.presets import PRESETS  # noqa: E402
 from prunedrive.app.train import untrained_model  # noqa: E402
