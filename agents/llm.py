@@ -1,7 +1,8 @@
 """The driving LLM as an agent: observation -> latent tokens + the action question -> greedy answer -> Control.
 
 An answer that does not parse gives the safe action (full brake) and is counted in `parse_failures`;
-it never ends the episode.
+it never ends the episode. Each decision reports it in its compute (`parse_failed`: 1 fell back, 0 parsed),
+so it reaches the step rows, the episode's `parse_failures` and the parse-failure rate of harness.metrics.
 
 Lockstep batches (`--batch K`, harness.agent): `act_batch(observations)` decodes many episodes' steps in one
 generate() call, padded to K rows so that a given K is deterministic; per row it reports its own tokens and
@@ -47,6 +48,12 @@ def _linear_weights(module: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
 
 
+def parse_or_brake(answer: str) -> tuple[Control, bool]:
+    """The answer's action, or the safe action (full brake) and True when the answer does not parse."""
+    control = text.parse_action(answer)
+    return (BRAKE, True) if control is None else (control, False)
+
+
 class LLMAgent:
     def __init__(self, model: DrivingLLM | str | Path, name: str | None = None, max_new_tokens: int = 24,
                  full_answer: bool = False, sparse: str = "dense"):
@@ -82,12 +89,11 @@ class LLMAgent:
     def act(self, observation: dict[str, np.ndarray]) -> Control:
         ids, stats = self.model.generate(collate([observation]), self.prompt, self.max_new_tokens, self.stop_text)
         self.last_text = self.model.tokenizer.decode(ids[0])
-        control = text.parse_action(self.last_text)
+        control, failed = parse_or_brake(self.last_text)
         self.steps += 1
-        if control is None:
-            self.parse_failures += 1
-            control = BRAKE
-        self._last = self._compute(stats["tokens_in"], stats["decode_steps"], len(ids[0]))
+        self.parse_failures += failed
+        self._last = {**self._compute(stats["tokens_in"], stats["decode_steps"], len(ids[0])),
+                      "parse_failed": float(failed)}
         return control
 
     def last_compute(self) -> dict[str, float]:
@@ -122,13 +128,12 @@ class LLMAgent:
         for row in ids[:n]:
             self.last_text = self.model.tokenizer.decode(row)
             texts.append(self.last_text)
-            control = text.parse_action(self.last_text)
+            control, failed = parse_or_brake(self.last_text)
             self.steps += 1
-            if control is None:
-                self.parse_failures += 1
-                control = BRAKE
+            self.parse_failures += failed
             controls.append(control)
-            own.append(self._compute(tokens_in, self._own_decode_steps(row), len(row)))
+            own.append({**self._compute(tokens_in, self._own_decode_steps(row), len(row)),
+                        "parse_failed": float(failed)})
         # Every row of the call (padding included) processed tokens_in + batch_steps tokens.
         per_row = self._compute(tokens_in, batch_steps, 0)
         apportion(own, {field: value * len(rows) for field, value in per_row.items()})

@@ -17,12 +17,16 @@ their own agents.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from importlib import import_module, metadata
 from pathlib import Path
 from typing import Any, Callable
 
 from prunedrive.harness.agent import Agent
+from prunedrive.harness.backends.base import SimulatorError
+from prunedrive.harness.runner import exits_raise
+from prunedrive.scenarios.loader import SAFE_NAME
 
 ENTRY_POINT_GROUP = "prunedrive.agents"
 BUILTIN_AGENTS = {
@@ -86,6 +90,46 @@ def parse_agent_args(pairs: list[str] | None) -> dict[str, Any]:
     return args
 
 
+def check_agent_name(name: object, agent: str) -> str:
+    """An agent's name keys its rows and names its result files: the rule of scenario names."""
+    if isinstance(name, str) and SAFE_NAME.fullmatch(name):
+        return name
+    text = repr(name)
+    shown = text if len(text) <= 60 else f"{text[:40]}... ({len(str(name))} characters)"
+    raise AgentError(f"--agent {agent}: its name is {shown}; an agent name is 1-128 letters, digits and _.=+- "
+                     "(it names result files and rows)")
+
+
+def check_factory_keywords(agent: str, factory: Callable, keywords: dict[str, Any]) -> None:
+    """The keywords a factory will be called with (--agent-arg, and `model` with --model) against its
+    signature: an unknown or missing one is a message now, naming what it accepts, not a TypeError later."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a callable without a signature (C code): its call will say
+        return
+    parameters = signature.parameters.values()
+    accepted = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        unknown = [key for key in keywords if key not in accepted]
+        if unknown:
+            given = "--model" if unknown[0] == "model" else f"--agent-arg {unknown[0]}"
+            raise AgentError(f"--agent {agent}: its factory takes no keyword {unknown[0]!r} ({given}); it accepts: "
+                             + (", ".join(accepted) or "no keywords"))
+    try:
+        signature.bind(**keywords)
+    except TypeError as exc:
+        raise AgentError(f"--agent {agent}: its factory cannot be called with "
+                         f"{', '.join(keywords) or 'no keywords'}: {exc} (give it with --agent-arg KEY=VALUE; it "
+                         f"accepts: {', '.join(accepted) or 'no keywords'})") from None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit) and type(exc) is SystemExit:
+        return f"SystemExit: it called sys.exit({exc.code!r})"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 @dataclass(frozen=True)
 class AgentSpec:
     """How to build one agent, anywhere: a name (built-in, plug-in or package.module:factory), an optional
@@ -99,18 +143,35 @@ class AgentSpec:
 
     def check(self) -> None:
         """Cheap checks before anything is driven, so a bad option is a message, not a worker traceback."""
-        resolve_factory(self.name)
+        factory = resolve_factory(self.name)
         if self.name in MODEL_AGENTS and self.model is None:
             raise AgentError(f"agent {self.name!r} needs --model DIR (a directory written by `prunedrive train` "
                              "or `prune`)")
         if self.model is not None and not Path(self.model).is_dir():
             raise FileNotFoundError(f"--model {self.model}: no such model directory")
+        check_factory_keywords(self.name, factory, self.keywords())
+        if self.label is not None:
+            check_agent_name(self.label, self.name)
+        check_model = getattr(factory, "check_model", None)  # e.g. text-llm: can the directory drive at all?
+        if self.model is not None and callable(check_model):
+            check_model(self.model, **dict(self.args))
 
-    def __call__(self) -> Agent:
+    def keywords(self) -> dict[str, Any]:
+        """What the factory is called with."""
         kwargs = dict(self.args)
         if self.model is not None:
             kwargs["model"] = self.model
-        agent = resolve_factory(self.name)(**kwargs)
+        return kwargs
+
+    def __call__(self) -> Agent:
+        factory = resolve_factory(self.name)
+        try:
+            with exits_raise(f"the factory of agent {self.name}"):
+                agent = factory(**self.keywords())
+        except (KeyboardInterrupt, SimulatorError, MemoryError, AgentError):
+            raise  # Ctrl-C, and infrastructure (simulator, memory) failures, are not the agent's
+        except BaseException as exc:  # noqa: BLE001 -- its sys.exit and os._exit too: a message, not an exit
+            raise AgentError(f"cannot build agent {self.name}: {_describe(exc)}") from exc
         if self.label:
             agent.name = self.label
         for attribute in ("name", "reset", "act"):

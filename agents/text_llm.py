@@ -7,8 +7,13 @@ The observation is rendered by models.scene_text (versioned), wrapped in the tok
 has one, and answered by greedy decoding with the KV cache. Decoding stops at EOS, at a stop string ("Reason"
 by default: the action lines come first), as soon as the text so far parses as a complete action
 (`stop_when_parsed`), or after `max_new_tokens`. An answer that does not parse gives the safe action (full brake)
-and is counted in `parse_failures`; it never ends the episode. Same model + observation -> same control
-(greedy, no sampling).
+and is counted in `parse_failures` and in the decision's compute (`parse_failed`, as agents/llm.py); it never
+ends the episode. Same model + observation -> same control (greedy, no sampling).
+
+The directory is checked once, when the agent is built (and by `AgentSpec.check` before a run drives, through
+`check_model`), not per episode: models.hf_causal.check_drivable renders the chat template on the longest
+probe scene within a size, memory and time limit and checks that prompt plus max_new_tokens fit the model's
+positions.
 
 Compute per act() (`last_compute()`, the fields of agents/llm.py), measured by forward hooks, so it holds for
 any architecture:
@@ -33,10 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prunedrive.harness.action import BRAKE, Control
+from prunedrive.agents.llm import parse_or_brake
+from prunedrive.harness.action import Control
 from prunedrive.harness.compute import apportion
 from prunedrive.models import text
-from prunedrive.models.hf_causal import load_causal_lm, prompt_ids, uses_chat_template
+from prunedrive.models.hf_causal import (check_causal_lm_dir, check_drivable, load_causal_lm, max_positions,
+                                         prompt_ids, uses_chat_template)
 from prunedrive.models.pruning.masks import find_linears, in_features
 from prunedrive.scenarios.loader import Scenario
 
@@ -65,11 +72,10 @@ class TextLLMAgent:
         """model_dir: a local HF causal LM directory (models.hf_causal.load_causal_lm checks it). chat_template:
         None = use the tokenizer's when it has one, False = always the plain prompt."""
         self.model_dir = str(model_dir)
+        self.max_new_tokens = _max_new_tokens(max_new_tokens)
         self.model, self.tokenizer = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, dtype=dtype)
+        check_drivable(model_dir, self.tokenizer, self.model.config, self.max_new_tokens, chat_template)
         self.name = name or f"text-llm-{Path(model_dir).name}"
-        self.max_new_tokens = int(max_new_tokens)
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.stop_strings = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings or ())
         self.stop_when_parsed = stop_when_parsed
         self.chat_template = chat_template
@@ -81,8 +87,7 @@ class TextLLMAgent:
         self._takes_positions = "position_ids" in inspect.signature(self.model.forward).parameters
         self._cache_kw = self._cache_keyword()
         self.layers, self.d_attn = attention_width(self.model.config)
-        cfg = _text_config(self.model.config)
-        self.max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.max_positions, _ = max_positions(self.model.config)
         self.parse_failures = 0
         self.steps = 0
         self.last_text = ""
@@ -126,8 +131,9 @@ class TextLLMAgent:
         ids = self._prompt(observation)
         generated, decode_steps = self._counted_decode([ids])
         self.last_rows = dict(self._rows)  # rows through each linear in this act (name -> rows)
-        control = self._control(generated[0])
-        self._last = self._compute(len(ids), decode_steps, len(generated[0]), self._rows)
+        control, failed = self._control(generated[0])
+        self._last = {**self._compute(len(ids), decode_steps, len(generated[0]), self._rows),
+                      "parse_failed": float(failed)}
         return control
 
     def last_compute(self) -> dict[str, float]:
@@ -171,11 +177,12 @@ class TextLLMAgent:
         width = max(len(p) for p in prompts)
         controls, own, texts = [], [], []
         for ids, answer in zip(prompts, generated):
-            controls.append(self._control(answer))
+            control, failed = self._control(answer)
+            controls.append(control)
             texts.append(self.last_text)
             alone = {name: (len(ids) if self._prefill_rows.get(name, 0) == n * width else
                             self._prefill_rows.get(name, 0) // n) + len(answer) - 1 for name in self._rows}
-            own.append(self._compute(len(ids), len(answer) - 1, len(answer), alone))
+            own.append({**self._compute(len(ids), len(answer) - 1, len(answer), alone), "parse_failed": float(failed)})
         apportion(own, self._compute(width, decode_steps, 0, self._rows, rows=n))
         self.last_rows = dict(self._rows)
         self.last_texts = texts  # each row's answer (last_text: the last row's)
@@ -194,14 +201,13 @@ class TextLLMAgent:
                              f"{self.max_new_tokens} that exceeds the model's {self.max_positions} positions")
         return ids
 
-    def _control(self, generated: list[int]) -> Control:
+    def _control(self, generated: list[int]) -> tuple[Control, bool]:
+        """The answer's control and whether it fell back (did not parse), counted."""
         self.last_text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        control = text.parse_action(self.last_text)
+        control, failed = parse_or_brake(self.last_text)
         self.steps += 1
-        if control is None:
-            self.parse_failures += 1
-            control = BRAKE
-        return control
+        self.parse_failures += failed
+        return control, failed
 
     def _stop(self, generated: list[int]) -> bool:
         if generated[-1] in self.eos_ids:
@@ -285,7 +291,28 @@ class TextLLMAgent:
                 "nonzero_params": float(self.nonzero_params), "peak_mem_bytes": float(peak)}
 
 
+def _max_new_tokens(value) -> int:
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {value!r}")
+    return count
+
+
 def make_text_llm_agent(model: str | Path, **options) -> TextLLMAgent:
     """The registry's `text-llm`: named after the model directory, so a dense model and its pruned variants stay
     apart."""
     return TextLLMAgent(model, **options)
+
+
+def check_text_llm_model(model: str | Path, max_new_tokens: int = 48, trust_remote_code: bool = False,
+                         chat_template: bool | None = None, **_other_options) -> None:
+    """What building the agent checks about its model directory, without loading the weights: AgentSpec.check
+    calls it in the process that plans the run, before any episode (Ray workers build their agents later)."""
+    check_causal_lm_dir(model, _max_new_tokens(max_new_tokens), trust_remote_code=trust_remote_code,
+                        chat_template=chat_template)
+
+
+make_text_llm_agent.check_model = check_text_llm_model

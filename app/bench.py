@@ -19,7 +19,8 @@ def prune_variants(dense_dir: Path, variants: dict[str, dict], progress: bool, s
     """{agent name: (method, sparsity, model dir)} for `variants` ({agent name: prune_model_dir keyword
     arguments, `method` and `sparsity` included}), pruning only what is not there yet. A pruned model is
     cached under a hash of its full recipe and of the dense weights, so changed settings or a retrained
-    dense model never reuse a stale one."""
+    dense model never reuse a stale one. Benches of one model at once share the cache: a recipe another
+    process is pruning is waited for and then reused (prune_model_dir's `reuse`: a lock per recipe)."""
     from prunedrive.app.compress import prune_model_dir, recipe
     from prunedrive.app.drive import weights_hash
     from prunedrive.harness.results import content_hash
@@ -33,8 +34,8 @@ def prune_variants(dense_dir: Path, variants: dict[str, dict], progress: bool, s
         out = dense_dir / "pruned" / f"{method}-{sparsity:g}-{key}"
         if not (out / "sparsity.json").is_file():
             if say:
-                say(f"  pruning {i}/{len(variants)}: {name}")
-            prune_model_dir(dense_dir, method, sparsity, out, progress=progress, **options)
+                say(f"  pruning {i}/{len(variants)}: {name} ({prune_estimate(method, options)})")
+            prune_model_dir(dense_dir, method, sparsity, out, progress=progress, reuse=True, **options)
         models[name] = (method, sparsity, out)
     return models
 
@@ -122,16 +123,17 @@ def print_comparison(table: pd.DataFrame, load_note: str = "", console=None) -> 
     from rich.table import Table
 
     console = console or Console(width=min(Console().width, TABLE_WIDTH) if Console().is_terminal else TABLE_WIDTH)
-    style = {"box": box.SIMPLE_HEAD, "pad_edge": False, "title_justify": "left"}
+    style = {"box": box.SIMPLE_HEAD, "pad_edge": False, "show_edge": False, "title_justify": "left"}
     driving = Table(title="Closed loop (Leaderboard 2.0); ΔDS: paired with dense by scenario and seed", **style)
-    for header in ("agent", "n", "DS ± SE", "ΔDS [95% CI]", "verdict", "RC", "coll/km", "succ"):
+    for header in ("agent", "n", "DS ± SE", "ΔDS [95% CI]", "verdict", "RC", "coll/\nkm", "succ", "parse\nfail"):
         driving.add_column(header, justify="left" if header in ("agent", "verdict") else "right", no_wrap=True)
     for r in table.itertuples():
         ds = f"{r.driving_score:.1f} ± {_cell(r.ds_se, '{:.1f}')}"
         diff = "–" if not np.isfinite(r.ds_diff) else \
             f"{r.ds_diff:+.1f} [{r.ds_ci_low:+.1f}, {r.ds_ci_high:+.1f}]"
         driving.add_row(r.agent, str(r.n), ds, diff, r.verdict or "–", _cell(r.route_completion, "{:.1f}"),
-                        _cell(r.collisions_per_km), _cell(r.success_rate, "{:.0f}"))
+                        _cell(r.collisions_per_km), _cell(r.success_rate, "{:.0f}"),
+                        _cell(getattr(r, "parse_failure_rate", np.nan)))
     console.print(driving)
     cost = Table(title="Cost and open loop", **style)
     for header in ("agent", "sparsity", "non-zero", "eff\nGFLOP", "exec\nGFLOP", "ms/\nstep", "lon\nerr", "lat\nerr",
@@ -147,7 +149,8 @@ def print_comparison(table: pd.DataFrame, load_note: str = "", console=None) -> 
     legend = [
         "DS: driving score (0-100), mean ± standard error over n episodes. ΔDS: mean paired difference to dense "
         "with its 95% percentile-bootstrap CI; verdict better/worse when the CI excludes 0. RC: route completion %; "
-        "succ: % of episodes finished without infraction.",
+        "succ: % of episodes finished without infraction. parse fail: share of the model's closed-loop answers that "
+        "did not parse (it braked instead; – for agents without a model).",
         f"GFLOP per agent step: eff counts non-zero weights, exec what the kernels multiply (deterministic); "
         "ms/step is wall time (p50), which depends on the machine and its load.",
         OPEN_LOOP_LEGEND + ".",
@@ -164,16 +167,65 @@ def print_comparison(table: pd.DataFrame, load_note: str = "", console=None) -> 
 OPEN_LOOP_SAMPLES = 200  # held-out expert samples per model; `prunedrive eval-open` defaults to 400
 
 
-class Phases:
-    """Phase lines with the elapsed time, flushed at once: readable in a terminal and in a log file."""
+# Seconds with `small` on an idle 2-core machine (the README's timing paragraph): training the default model
+# (expert data, training, DAgger), pruning one variant by method (DG2PF trains; OWL measured, Wanda and magnitude
+# do less than OWL, SparseGPT more), one closed-loop step (simulator + agent, batch 1) by agent kind, and the
+# open-loop eval of one model (200 samples). Steps and open loop were measured at load 3 on 2 cores and scaled to
+# idle by cores / load (harness.progress.estimate scales them back with the load it finds).
+IDLE_TRAIN_SECONDS = {"small": 422.0}
+IDLE_PRUNE_SECONDS = {"magnitude": 1.0, "wanda": 3.0, "owl": 3.0, "sparsegpt": 10.0, "dg2pf": 120.0}
+IDLE_STEP_SECONDS = {"expert": 0.005, "llm": 0.18}
+IDLE_OPEN_LOOP_SECONDS = 38.0
 
-    def __init__(self, enabled: bool = True):
+
+def prune_estimate(method: str, options: dict) -> str:
+    """How long pruning one variant will take; one-shot methods fine-tuned under their mask (`finetune`) take
+    about DG2PF's time."""
+    from prunedrive.harness.progress import estimate
+
+    seconds = IDLE_PRUNE_SECONDS.get(method)
+    if options.get("finetune"):
+        seconds = (seconds or 0.0) + IDLE_PRUNE_SECONDS["dg2pf"]
+    return estimate(seconds) if seconds is not None else "no measured time for this method"
+
+
+def driving_estimate(specs, suite) -> str:
+    """How long driving will take at most: every episode to its time limit, at the measured time per step."""
+    from prunedrive.harness.progress import estimate
+
+    steps = sum(scenario.duration_s * scenario.policy_hz for scenario, _ in suite.episodes())
+    seconds = sum(steps * IDLE_STEP_SECONDS["expert" if spec.name == "expert" else "llm"] for spec in specs)
+    return "at most " + estimate(seconds)
+
+
+class Phases:
+    """Phase lines with the elapsed time, flushed at once: readable in a terminal and in a log file. As a context
+    manager it keeps a harness.progress.Heartbeat: with the output going to a log, a `still <phase>` line when
+    nothing else was printed for a minute."""
+
+    def __init__(self, enabled: bool = True, heartbeat: bool = True):
+        from prunedrive.harness.progress import Heartbeat
+
         self.enabled, self.started = enabled, time.monotonic()
+        self.heartbeat = Heartbeat(enabled and heartbeat, prefix=self.stamp)
+
+    def stamp(self) -> str:
+        elapsed = int(time.monotonic() - self.started)
+        return f"[{elapsed // 60:3d}:{elapsed % 60:02d}] "
 
     def __call__(self, text: str) -> None:
+        from prunedrive.harness.progress import say
+
         if self.enabled:
-            elapsed = int(time.monotonic() - self.started)
-            print(f"[{elapsed // 60:3d}:{elapsed % 60:02d}] {text}", flush=True)
+            self.heartbeat.set_phase(text.strip().split(" (")[0])
+            say(self.stamp() + text)
+
+    def __enter__(self):
+        self.heartbeat.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.heartbeat.__exit__(*exc)
 
 
 def load_note(loads: list[float]) -> str:
@@ -188,8 +240,16 @@ def load_note(loads: list[float]) -> str:
 
 
 def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_id: str | None,
-              progress: bool = True, with_expert: bool = True, workers: int | None = None,
-              mlflow: str | None = None, batch: int = 1, model: str | Path | None = None) -> int:
+              progress: bool = True, **options) -> int:
+    """The main job (see _bench); phase lines all along and, when the output goes to a log, a line at least every
+    minute (Phases' heartbeat)."""
+    with Phases(heartbeat=progress) as say:
+        return _bench(say, suite_name, preset, methods, sparsities, out, run_id, progress=progress, **options)
+
+
+def _bench(say: Phases, suite_name: str, preset: str, methods, sparsities, out: Path, run_id: str | None,
+           progress: bool = True, with_expert: bool = True, workers: int | None = None,
+           mlflow: str | None = None, batch: int = 1, model: str | Path | None = None) -> int:
     """The main job; returns the exit code (app.drive.exit_code). `model`: the user's dense model directory (our
     driving LLM, or any local Hugging Face causal LM, driven by the `text-llm` agent) instead of the zoo's."""
     from prunedrive.agents.registry import AgentSpec
@@ -197,13 +257,13 @@ def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_
     from prunedrive.app.drive import drive, exit_code
     from prunedrive.app.eval_open import TextModel, evaluate_open_loop
     from prunedrive.app.train import ensure_default_model
-    from prunedrive.app.zoo import default_model_dir, is_trained
+    from prunedrive.app.zoo import default_model_dir, is_trained, shipped_is_current
+    from prunedrive.harness.progress import estimate
     from prunedrive.models.data import load_split
     from prunedrive.models.driving_llm import DrivingLLM
     from prunedrive.models.hf_causal import is_hf_causal_lm_dir
     from prunedrive.scenarios.loader import load_suite
 
-    say = Phases()
     suite = load_suite(suite_name)
     zoo_dir = default_model_dir(preset)
     if model is not None:
@@ -211,10 +271,10 @@ def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_
         say(f"dense model: {dense_dir} (yours)")
     elif is_trained(zoo_dir, preset):
         say(f"dense model: {zoo_dir} (trained earlier; reused)")
-    else:
-        say(f"training the default {preset} model once into {zoo_dir} (first run only; about 7-11 min on 2 "
-            "cores): expert data, training, DAgger")
-    dense_dir = dense_dir if model is not None else ensure_default_model(preset, progress=progress)
+    elif not shipped_is_current(preset):  # a shipped current model is copied in seconds (ensure_default_model says so)
+        say(f"training the default {preset} model once into {zoo_dir} (first run only; "
+            f"{estimate(IDLE_TRAIN_SECONDS.get(preset, IDLE_TRAIN_SECONDS['small']))}): expert data, training, DAgger")
+    dense_dir = dense_dir if model is not None else ensure_default_model(preset, progress=progress, say=say)
     text_format = is_hf_causal_lm_dir(dense_dir)  # a plain causal LM: the text-native agent drives it
     say(f"pruning: {len(methods)} methods x {len(sparsities)} sparsities = {len(methods) * len(sparsities)} "
         f"variants (cached under {dense_dir / 'pruned'})")
@@ -228,7 +288,7 @@ def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_
               "sparsity": {name: sparsity for name, (_, sparsity, _) in models.items()}}
     n_episodes = len(specs) * len(suite.episodes())
     say(f"driving {n_episodes} episodes: {len(specs)} agents x {len(suite.episodes())} scenario-seeds of suite "
-        f"{suite.name}" + (f" on {workers} Ray workers" if workers else ""))
+        f"{suite.name}" + (f" on {workers} Ray workers" if workers else "") + f" ({driving_estimate(specs, suite)})")
     loads = [os.getloadavg()[0]]
     run_dir, episodes = drive(suite, specs, out, run_id=run_id,
                               default_run_id=f"bench-{suite.name}-{preset if model is None else dense_dir.name}",
@@ -237,7 +297,8 @@ def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_
 
     data_dir = training_data_dir(dense_dir)
     if (data_dir / "val.parquet").is_file():
-        say(f"open loop: {len(models)} models on {OPEN_LOOP_SAMPLES} held-out expert samples each")
+        say(f"open loop: {len(models)} models on {OPEN_LOOP_SAMPLES} held-out expert samples each "
+            f"({estimate(IDLE_OPEN_LOOP_SECONDS * len(models))})")
         split = load_split(data_dir, "val")
         load = TextModel if text_format else DrivingLLM.from_pretrained
         open_loop = {name: evaluate_open_loop(load(path), split, OPEN_LOOP_SAMPLES) for name, (_, _, path) in

@@ -7,6 +7,8 @@ infrastructure reasons (simulator, worker, harness time limit; listed, and `--re
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -205,7 +207,7 @@ def cmd_regress(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from prunedrive.app.leaderboard import import_leaderboard
+    from prunedrive.app.leaderboard import import_exit_code, import_leaderboard
     from prunedrive.harness.results import RunDir
     from prunedrive.harness.summary import print_tables
 
@@ -213,7 +215,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     episodes = import_leaderboard(args.files, run_dir, args.agent)
     print_tables(episodes)
     print(f"imported {len(episodes)} route(s) from {len(args.files)} file(s): {run_dir.path.resolve()}")
-    return 0
+    return import_exit_code(run_dir)
 
 
 # -- parser ----------------------------------------------------------------------------------------------
@@ -233,16 +235,58 @@ def _threads(value: str) -> int | str:
     raise argparse.ArgumentTypeError(f"{value!r}: a positive integer or 'auto'")
 
 
-def _at_least(minimum: int):
+def _at_least(minimum: int, maximum: int | None = None):
+    """argparse type: an integer >= minimum (and <= maximum, where one is given)."""
+    allowed = f"allowed: {minimum}..{maximum}" if maximum is not None else f"allowed: at least {minimum}"
+
     def parse(value: str) -> int:
         try:
             number = int(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"{number} is below {minimum}")
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer; {allowed}") from None
+        if number < minimum or (maximum is not None and number > maximum):
+            raise argparse.ArgumentTypeError(f"{number} is out of range; {allowed}")
         return number
     return parse
+
+
+def _finite(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False):
+    """argparse type: a finite float in the interval from low to high (either end open where asked): NaN
+    compares False with everything, so an unchecked one silently turns every limit or gate off."""
+    allowed = (f"allowed: a finite number {'>' if low_open else '>='} {low:g}" if high == math.inf else
+               f"allowed: a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number; {allowed}") from None
+        below = number <= low if low_open else number < low
+        above = number >= high if high_open else number > high
+        if not math.isfinite(number) or below or above:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; {allowed}")
+        return number
+    return parse
+
+
+def _out_dir(value: str) -> str:
+    """argparse type: --out is a directory, or can be made one (nothing is created here: a refused run leaves
+    no trace)."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: not a directory (it is a file); give a directory for results")
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: {existing} is not a directory, so {value} cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{value}: {existing} is not writable")
+    return value
+
+
+# Upper bounds: past them an option is a typo or an attack (memory, back-off sleeps), not a plan.
+MAX_BATCH, MAX_WORKERS, MAX_RETRIES, MAX_N_BOOT = 4096, 1024, 10, 1_000_000
+MAX_TIMEOUT_S = 1e6  # about 11 days
+_TIMEOUT_RANGE = f"Seconds, 0 < S <= {MAX_TIMEOUT_S:g}: there is no 'no limit' (0 is refused); give a large S instead"
 
 
 def _add_mlflow_option(parser: argparse.ArgumentParser) -> None:
@@ -253,9 +297,10 @@ def _add_mlflow_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_batch_option(parser: argparse.ArgumentParser, resumable: bool = False) -> None:
-    parser.add_argument("--batch", type=_at_least(1), metavar="K",
+    parser.add_argument("--batch", type=_at_least(1, MAX_BATCH), metavar="K",
                         help="run K episodes side by side per worker, an LLM agent deciding all their steps in one "
-                             "batched decode (default 1" + ("; a resume defaults to the run's own" if resumable else "")
+                             f"batched decode (1..{MAX_BATCH}; default 1"
+                             + ("; a resume defaults to the run's own" if resumable else "")
                              + "). Results do not depend on K except where batched float arithmetic changes an "
                              "LLM's greedy token (benchmarks/throughput.py measures how often); a given K is "
                              "deterministic")
@@ -275,26 +320,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--agent-arg", action="append", metavar="KEY=VALUE", help="keyword argument of the agents' factories")
     run.add_argument("--model", help="model directory for --agent llm (or a plug-in that takes one)")
     run.add_argument("--seeds", type=int, nargs="+", help="override every scenario's seeds (0 <= seed < 2**32)")
-    run.add_argument("--out", default="results", help="where run directories go; default results/")
+    run.add_argument("--out", type=_out_dir, default="results",
+                     help="where run directories go (a directory, made when missing); default results/")
     run.add_argument("--run-id", help="name of the run directory; default suite-agents-timestamp")
     run.add_argument("--resume", metavar="RUN",
                      help="finish a killed run (its id or directory); its manifest supplies suite, seeds and agents")
     run.add_argument("--retry-failed", action="store_true",
                      help="with --resume, also re-run episodes whose agent failed (infrastructure failures always are)")
     run.add_argument("--record", action="store_true", help="write a video per episode under videos/")
-    run.add_argument("--retries", type=_at_least(0), default=2, help="retries of an episode whose simulator failed (2)")
+    run.add_argument("--retries", type=_at_least(0, MAX_RETRIES), default=2,
+                     help=f"retries of an episode whose simulator failed, with doubling back-off (0..{MAX_RETRIES}; 2)")
     run.add_argument("--carla-host", help="CARLA server host (carla suites)")
-    run.add_argument("--carla-port", type=int, help="CARLA server RPC port (carla suites)")
-    run.add_argument("--workers", type=_at_least(1), help="run episodes on this many Ray actors")
+    run.add_argument("--carla-port", type=_at_least(1, 65535), help="CARLA server RPC port, 1..65535 (carla suites)")
+    run.add_argument("--workers", type=_at_least(1, MAX_WORKERS),
+                     help=f"run episodes on this many Ray actors (1..{MAX_WORKERS})")
     _add_batch_option(run, resumable=True)
     run.add_argument("--carla-servers", nargs="+", metavar="HOST:PORT",
                      help="one CARLA server per worker (with --workers); worker i always uses server i")
     run.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray for the run)")
-    run.add_argument("--step-timeout", type=float, default=STEP_TIMEOUT_S, metavar="S",
-                     help=f"wall limit of one agent reset()/act() ({STEP_TIMEOUT_S:g} s); past it the episode fails "
-                          "with 'agent timeout' and the run goes on")
-    run.add_argument("--episode-timeout", type=float, default=EPISODE_TIMEOUT_S, metavar="S",
-                     help=f"wall limit of one episode ({EPISODE_TIMEOUT_S:g} s)")
+    run.add_argument("--step-timeout", type=_finite(0, MAX_TIMEOUT_S, low_open=True), default=STEP_TIMEOUT_S,
+                     metavar="S", help=f"wall limit of one agent reset()/act() ({STEP_TIMEOUT_S:g} s); past it the "
+                                       "episode fails with 'agent timeout' and the run goes on. "
+                                       f"{_TIMEOUT_RANGE}")
+    run.add_argument("--episode-timeout", type=_finite(0, MAX_TIMEOUT_S, low_open=True), default=EPISODE_TIMEOUT_S,
+                     metavar="S", help=f"wall limit of one episode ({EPISODE_TIMEOUT_S:g} s). {_TIMEOUT_RANGE}")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_mlflow_option(run)
     run.set_defaults(func=cmd_run)
@@ -362,11 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", nargs="+", default=["owl", "dg2pf", "wanda", "magnitude"],
                        choices=list(pruning_methods()),
                        help="pruning methods (owl dg2pf wanda magnitude)")
-    bench.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.85],
+    bench.add_argument("--sparsities", nargs="+", type=_finite(0, 1, low_open=True, high_open=True),
+                       default=[0.5, 0.7, 0.85],
                        help="target sparsities (0.5 0.7 0.85: at 0.85 the methods part)")
-    bench.add_argument("--out", default="results", help="where run directories go; default results/")
+    bench.add_argument("--out", type=_out_dir, default="results",
+                       help="where run directories go (a directory, made when missing); default results/")
     bench.add_argument("--run-id", help="default bench-<suite>-<preset>; an existing one is resumed")
-    bench.add_argument("--workers", type=_at_least(1), help="drive the episodes on this many Ray actors")
+    bench.add_argument("--workers", type=_at_least(1, MAX_WORKERS),
+                       help=f"drive the episodes on this many Ray actors (1..{MAX_WORKERS})")
     _add_batch_option(bench)
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_mlflow_option(bench)
@@ -376,9 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     claims.add_argument("--suite", default="standard", help="suite name or path (default standard: 30 episodes)")
     claims.add_argument("--preset", default="small", help="the zoo model to train or reuse (small); see --model")
     claims.add_argument("--model", help="a dense model directory instead of the zoo's preset")
-    claims.add_argument("--out", default="results", help="where run directories go; default results/")
+    claims.add_argument("--out", type=_out_dir, default="results",
+                        help="where run directories go (a directory, made when missing); default results/")
     claims.add_argument("--run-id", help="default claims-<suite>-<model>; an existing one is resumed")
-    claims.add_argument("--workers", type=_at_least(1), help="drive the episodes on this many Ray actors")
+    claims.add_argument("--workers", type=_at_least(1, MAX_WORKERS),
+                        help=f"drive the episodes on this many Ray actors (1..{MAX_WORKERS})")
     claims.add_argument("--quick", action="store_true",
                         help="one sparsity (0.7), one lambda, no SparseGPT: a smoke test of the experiment, not an answer")
     _add_batch_option(claims)
@@ -399,17 +453,22 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("baseline", help="baseline run (id under --out, or directory)")
     gate.add_argument("candidate", help="candidate run (id under --out, or directory)")
     gate.add_argument("--out", default="results", help="where run ids are looked up; default results/")
-    gate.add_argument("--max-drop", type=float, default=5.0, help="driving-score points of drop tolerated (5)")
-    gate.add_argument("--alpha", type=float, default=0.05, help="the CI is 1-alpha, two-sided (0.05)")
-    gate.add_argument("--n-boot", type=_at_least(100), default=10000, help="bootstrap resamples (10000)")
-    gate.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    gate.add_argument("--max-drop", type=_finite(0), default=5.0,
+                      help="driving-score points of drop tolerated (a finite number >= 0; 5)")
+    gate.add_argument("--alpha", type=_finite(0, 1, low_open=True, high_open=True), default=0.05,
+                      help="the CI is 1-alpha, two-sided (0 < alpha < 1; 0.05)")
+    gate.add_argument("--n-boot", type=_at_least(100, MAX_N_BOOT), default=10000,
+                      help=f"bootstrap resamples (100..{MAX_N_BOOT}; 10000)")
+    gate.add_argument("--seed", type=_at_least(0), default=0, help="bootstrap seed (>= 0; 0)")
     gate.add_argument("--agent", help="the agent to compare, in both runs (needed when a run has several)")
     gate.add_argument("--baseline-agent", help="the baseline's agent, when it differs from the candidate's")
     gate.add_argument("--candidate-agent", help="the candidate's agent")
-    gate.add_argument("--max-collision-increase", type=float, default=0.5, help="collisions per km tolerated (0.5)")
-    gate.add_argument("--max-slowdown", type=float, metavar="RATIO",
+    gate.add_argument("--max-collision-increase", type=_finite(0), default=0.5,
+                      help="collisions per km tolerated (a finite number >= 0; 0.5)")
+    gate.add_argument("--max-slowdown", type=_finite(0, low_open=True), metavar="RATIO",
                       help="make the per-step agent time a gate: fail above this candidate/baseline ratio "
-                           "(e.g. 1.5; default: reported only, since wall time depends on machine and load)")
+                           "(a finite ratio > 0, e.g. 1.5; default: reported only, since wall time depends on "
+                           "machine and load)")
     gate.add_argument("--json", metavar="FILE", help="also write the verdict as JSON")
     gate.set_defaults(func=cmd_regress)
 
@@ -419,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "recognised by its shape)")
     imp.add_argument("files", nargs="+", metavar="RESULTS.json", help="one or more results files")
     imp.add_argument("--run-id", required=True, help="name of the new run directory")
-    imp.add_argument("--out", default="results", help="where run directories go; default results/")
+    imp.add_argument("--out", type=_out_dir, default="results",
+                     help="where run directories go (a directory, made when missing); default results/")
     imp.add_argument("--agent", default="leaderboard", help="the agent's name in the run (default leaderboard)")
     imp.set_defaults(func=cmd_import)
 
@@ -439,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except SimulatorError as exc:  # the simulator is not there: infrastructure, not the user's input
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INFRASTRUCTURE
+    except MemoryError as exc:  # the machine's, not the input's (options that ask for too much are refused above)
+        print(f"error: out of memory{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return EXIT_INFRASTRUCTURE
 
 

@@ -22,22 +22,27 @@ stopping) with DG2PF's whole epoch budget, so that DG2PF's effect can be told ap
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import re
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from prunedrive.harness import locks
+from prunedrive.harness.results import content_hash
 from prunedrive.models.data import lm_calibration_lengths, lm_calibration_samples, load_split, synthetic_split
 from prunedrive.models.driving_llm import DrivingLLM
 from prunedrive.models.hf_causal import is_hf_causal_lm_dir
 from prunedrive.models.pruning import (generic_corpus, prose_calibration, prune, pruning_method,
                                        random_token_calibration, sparsity_report)
-from prunedrive.models.pruning.calibration import sample_length
+from prunedrive.models.pruning.calibration import context_length, fit_to_context, sample_length
 from prunedrive.models.pruning.dg2pf import DG2PFConfig, dg2pf_prune, next_token
 from prunedrive.models.pruning.encoder import ENCODER_METHODS, prune_encoder
 from prunedrive.models.pruning.masks import find_linears
@@ -55,6 +60,9 @@ DG2PF_DEFAULTS = {"sparsity_epochs": 5, "lr": 3e-4, "max_epochs": 10, "finetune_
                   "batch_size": 16, "train_batches": 24, "val_batches": 24}
 # Keyword arguments of prune_model_dir that are not the method's own.
 COMPRESS_OPTIONS = ("encoder_sparsity", "finetune")
+# <dense>/pruned/<recipe>: the cache of pruned variants the bench and claims share. The one place inside the
+# input model's directory an output may go: nothing a prune reads lives there.
+PRUNED_CACHE = "pruned"
 
 
 def training_data_dir(model_dir: Path) -> Path:
@@ -91,9 +99,11 @@ def calibration_with_source(model: DrivingLLM, source: str, n_samples: int, data
         else:
             samples = random_token_calibration(len(model.tokenizer), lengths, seed=seed)
             text = f"token ids drawn uniformly from the {len(model.tokenizer)}-token vocabulary"
+    # Not cut to the LM config's max_position_embeddings: the driving LLM's Llama has rotary positions (no table
+    # to index past) and trains and drives on these very sequences, longer than that nominal value on `tiny`.
     tokens = sum(sample_length(s) for s in samples)
     matched = "" if source == "driving" else ", token-count matched to the driving set"
-    return samples, {"source": source, "samples": len(samples), "tokens": tokens, "data": text,
+    return samples, {"source": source, "samples": len(samples), "tokens": tokens, "data": text, "truncated": 0,
                      "description": f"{source} ({len(samples)} samples, {tokens} tokens{matched}: {text})"}
 
 
@@ -195,11 +205,102 @@ def recipe(method: str, sparsity: float | None, pattern: str | None = None, scop
     return json.loads(json.dumps(out, default=str))
 
 
-def _check_output(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.resolve() == model_dir.resolve():
-        raise ValueError(f"--model-out {out_dir} is the input model directory; pruning would overwrite the dense weights")
+def _relation(out: Path, source: Path) -> str | None:
+    """How the output directory `out` overlaps the read `source` (both resolved), or None when apart."""
+    if out == source:
+        return "is"
+    if source in out.parents:
+        return "is inside"
+    if out in source.parents:
+        return "contains"
+    return None
+
+
+def check_output_paths(out_dir: Path, model_dir: Path, reads: dict[str, Path | None]) -> Path:
+    """The resolved output directory (symlinks followed), after refusing one that is, is inside or contains any
+    directory the prune reads (`reads`: {what, for the message: its directory}): --overwrite would delete
+    it, and the pruned model's files would mix with what is read. The one exception is the cache of pruned
+    variants, `<model_dir>/pruned/<name>` (nothing read lives there). Only paths are looked at: call it before
+    anything is loaded or removed."""
+    out = out_dir.expanduser().resolve()
+    cache = (model_dir.expanduser().resolve() / PRUNED_CACHE)
+    for what, path in reads.items():
+        if path is None:
+            continue
+        source = path.expanduser().resolve()
+        relation = _relation(out, source)
+        if relation is None or (relation == "is inside" and out.parent == cache):
+            continue
+        raise ValueError(f"--model-out {out_dir} (resolved: {out}) {relation} {what} {path} (resolved: {source}), "
+                         "which this prune reads; pick a --model-out outside it")
+    return out
+
+
+def _check_empty(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"--model-out {out_dir} exists and is not empty; pick a new directory or pass --overwrite")
+
+
+@contextlib.contextmanager
+def _output_lock(out_dir: Path, wait: bool):
+    """Hold `.<name>.lock` beside `out_dir` (harness.locks: flock, freed when its process dies). One prune
+    writes an output directory at a time; without `wait`, a second one fails at once with exit code 2."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = out_dir.with_name(f".{out_dir.name}.lock")
+    with locks.held(lock, wait) as holding:
+        if not holding:
+            raise FileExistsError(f"--model-out {out_dir}: another prune holds it (lock {lock}, held by the "
+                                  "process whose id it holds); wait for that prune to end or pick another directory")
+        yield
+
+
+def _partial_name(out_dir: Path) -> re.Pattern:
+    # .<name>.<12 hex: the call>.<mkdtemp's letters, digits, _>.partial; no dot in the last part, so the partial
+    # directories of an output named "<name>.<more>" never match.
+    return re.compile(rf"\.{re.escape(out_dir.name)}\.(?P<call>[0-9a-f]{{12}})\.[A-Za-z0-9_]+\.partial")
+
+
+def _partial_dir(out_dir: Path, call: str) -> Path:
+    """Where the model is written before it is renamed to `out_dir`: a directory of this prune's own (called with
+    the output's lock held, so the partial directories of `out_dir` left there belong to killed prunes). One left
+    by the same call (`call`: a hash of the inputs and settings) is reused, so a killed DG2PF run resumes from its
+    checkpoint; others are removed."""
+    pattern, reuse = _partial_name(out_dir), None
+    for leftover in sorted(out_dir.parent.iterdir()):
+        match = pattern.fullmatch(leftover.name)
+        if not match or not leftover.is_dir():
+            continue
+        if match["call"] == call and reuse is None:
+            reuse = leftover
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+    return reuse or Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{call}.", suffix=".partial", dir=out_dir.parent))
+
+
+def _call_key(model_dir: Path, data_dir: Path | None, settings: dict) -> str:
+    """12 hex digits naming one prune call: the input's weight files (name, size, mtime), the data directory
+    and every setting. A partial directory is only ever resumed by the same call."""
+    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.glob("*.safetensors"))
+    return content_hash({"model": str(model_dir.resolve()), "weights": weights,
+                         "data": str(data_dir.resolve()) if data_dir else None, "settings": settings})[:12]
+
+
+def _commit(partial: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished `partial` to `out_dir`, under the output's lock: the destination is checked again
+    (something other than a prune may have filled it meanwhile), and a replaced model is moved aside before the
+    rename and deleted after it, so `out_dir` always holds a whole model."""
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        os.replace(partial, out_dir)
+        return
+    if not overwrite:
+        raise FileExistsError(f"--model-out {out_dir} was filled while pruning (not by a prune: it holds no lock); "
+                              f"the pruned model is in {partial}")
+    aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".replaced", dir=out_dir.parent))
+    os.replace(out_dir, aside / out_dir.name)
+    os.replace(partial, out_dir)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _part_sparsity(model: DrivingLLM) -> dict[str, float]:
@@ -212,11 +313,16 @@ def prune_model_dir(model_dir: str | Path, method: str, sparsity: float | None, 
                     n_calibration: int = 64, data_dir: str | Path | None = None, seed: int = 0,
                     progress: bool = True, overwrite: bool = False, trust_remote_code: bool = False,
                     encoder_sparsity: float | None = None, finetune: bool | dict | None = None,
-                    **method_kwargs) -> dict:
+                    reuse: bool = False, **method_kwargs) -> dict:
     """Prune `model_dir` into `out_dir`; returns what sparsity.json holds. The model is written to a
-    hidden sibling directory and renamed when complete, so `out_dir` holds a whole model or none.
+    hidden sibling directory of its own and renamed when complete, so `out_dir` holds a whole model or none.
     `model_dir` is a DrivingLLM directory, or any local Hugging Face causal LM directory (config.json whose
     model_type is not prunedrive's driving LLM; see `_prune_hf_dir`).
+
+    Refused before anything is loaded: an `out_dir` that is, is inside or contains the model's or the data's
+    directory (`check_output_paths`). One prune writes `out_dir` at a time (a lock beside it); another fails at
+    once, unless `reuse` (a cache of pruned models): it waits, and returns the sparsity.json of a model the
+    other finished instead of pruning again.
 
     scope: "lm" | "encoder" | "all"; calibration: "driving" | "generic" | "random" (one-shot methods);
     encoder_sparsity: the encoder's own target (scope encoder/all; default `sparsity`); finetune: True or a dict
@@ -228,33 +334,72 @@ def prune_model_dir(model_dir: str | Path, method: str, sparsity: float | None, 
         raise ValueError(f"unknown scope {scope!r}; allowed: {', '.join(SCOPES)}")
     if spec.calibrated and calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration source {calibration!r}; allowed: {', '.join(CALIBRATIONS)}")
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    _check_output(model_dir, out_dir, overwrite)
-    if is_hf_causal_lm_dir(model_dir):
+    model_dir = Path(model_dir)
+    hf = is_hf_causal_lm_dir(model_dir)
+    if hf:
         if encoder_sparsity is not None or finetune:
             raise ValueError("encoder_sparsity and finetune apply to the driving LLM only")
+        _check_hf_options(spec, sparsity, pattern, scope, method_kwargs)
         if data_dir is None and (model_dir / "train_summary.json").is_file():  # trained here: its own data
             data_dir = training_data_dir(model_dir)
-        return _prune_hf_dir(model_dir, method, sparsity, out_dir, pattern, scope, calibration, n_calibration,
-                             data_dir, seed, progress, trust_remote_code, **method_kwargs)
+    else:
+        _check_driving_options(spec, sparsity, scope, pattern, encoder_sparsity, finetune)
+        data_dir = data_dir or training_data_dir(model_dir)
+    data_dir = Path(data_dir) if data_dir else None
+    final_dir = check_output_paths(Path(out_dir), model_dir, {"the input model directory (--model)": model_dir,
+                                                              "the data directory (--data)": data_dir})
+    settings = {"method": method, "sparsity": sparsity, "pattern": pattern, "scope": scope, "calibration": calibration,
+                "n_calibration": n_calibration, "seed": seed, "encoder_sparsity": encoder_sparsity,
+                "finetune": finetune, "options": method_kwargs}
+    with _output_lock(final_dir, wait=reuse):
+        if reuse and (final_dir / "sparsity.json").is_file():  # finished by the prune we waited for
+            return json.loads((final_dir / "sparsity.json").read_text())
+        _check_empty(final_dir, overwrite)
+        partial = _partial_dir(final_dir, _call_key(model_dir, data_dir, settings))
+        try:
+            if hf:
+                record = _prune_hf_dir(model_dir, method, sparsity, partial, pattern, scope, calibration,
+                                       n_calibration, data_dir, seed, progress, trust_remote_code, **method_kwargs)
+            else:
+                record = _prune_driving_dir(model_dir, method, sparsity, partial, pattern, scope, calibration,
+                                            n_calibration, data_dir, seed, progress, encoder_sparsity, finetune,
+                                            **method_kwargs)
+        except BaseException:
+            if not (partial / "dg2pf-checkpoint").is_dir():  # a DG2PF run resumes from it; nothing else can
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        # The training checkpoint only serves a resume of this call: the finished model does not carry it (36 MB).
+        shutil.rmtree(partial / "dg2pf-checkpoint", ignore_errors=True)
+        _commit(partial, final_dir, overwrite)
+    return record
+
+
+def _check_driving_options(spec, sparsity: float | None, scope: str, pattern: str | None,
+                           encoder_sparsity: float | None, finetune) -> None:
     if encoder_sparsity is not None and scope == "lm":
         raise ValueError("encoder_sparsity needs scope 'encoder' or 'all'")
     if encoder_sparsity is not None and pattern:
         raise ValueError("encoder_sparsity is for unstructured pruning; an N:M pattern sets both parts")
-    if scope != "lm" and not spec.trains and method not in ENCODER_METHODS:
-        raise ValueError(f"scope {scope!r}: the encoder can be pruned by {', '.join(ENCODER_METHODS)}, not {method}")
+    if scope != "lm" and not spec.trains and spec.name not in ENCODER_METHODS:
+        raise ValueError(f"scope {scope!r}: the encoder can be pruned by {', '.join(ENCODER_METHODS)}, not {spec.name}")
     if spec.trains and finetune:
         raise ValueError("dg2pf ends with pruned fine-tuning already; finetune is for one-shot methods")
-    final_dir, out_dir = out_dir, out_dir.with_name(f".{out_dir.name}.partial")  # DG2PF resumes from it
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(data_dir) if data_dir else training_data_dir(model_dir)
+    if spec.structured and finetune:
+        raise ValueError(f"{spec.name} is structured: recovery fine-tuning (finetune) is not wired for it yet")
+    if spec.trains and (sparsity is None or pattern):
+        raise ValueError("dg2pf takes --sparsity (unstructured, gradual magnitude); N:M patterns are not part of it")
+
+
+def _prune_driving_dir(model_dir: Path, method: str, sparsity: float | None, out_dir: Path, pattern, scope: str,
+                       calibration: str, n_calibration: int, data_dir: Path, seed: int, progress: bool,
+                       encoder_sparsity: float | None, finetune, **method_kwargs) -> dict:
+    """A DrivingLLM directory pruned into `out_dir` (the caller's partial directory): the model, sparsity.json."""
+    spec = pruning_method(method)
     torch.manual_seed(seed)
     model = DrivingLLM.from_pretrained(model_dir)
     started = time.time()
     extra: dict = {}
     if spec.trains:
-        if sparsity is None or pattern:
-            raise ValueError("dg2pf takes --sparsity (unstructured, gradual magnitude); N:M patterns are not part of it")
         config = dg2pf_config(sparsity, scope, encoder_sparsity, **method_kwargs)
         report = _dg2pf(model, model_dir, data_dir, config, seed, out_dir, progress)
         calibration_source = f"none ({report.pop('data')})"
@@ -281,6 +426,9 @@ def prune_model_dir(model_dir: str | Path, method: str, sparsity: float | None, 
                 samples = None
             with torch.no_grad():
                 report = prune(model.lm, method, sparsity, pattern, samples, **method_kwargs)
+            if spec.structured:  # a smaller LM: DrivingLLM rebuilds it from config.lm (models.pruning.surgery)
+                model.config.lm = model.lm.config.to_dict()
+                extra["structure"] = _structure_fields(report)
         calibration_source = "; ".join(sources) if sources else "none"
         for key in ("outlier_ratios", "nm_skipped"):
             if report.get(key) is not None:
@@ -303,6 +451,7 @@ def prune_model_dir(model_dir: str | Path, method: str, sparsity: float | None, 
     record = {
         "method": method, "target_sparsity": sparsity if sparsity is not None else _pattern_sparsity(pattern),
         "pattern": pattern, "scope": scope, "calibration": calibration_source, "seed": seed,
+        "calibration_truncated": extra.get("calibration_detail", {}).get("truncated", 0),
         "global": whole["global"], "lm_global": parts["lm"], "encoder_global": parts["encoder"], "parts": parts,
         "per_layer": whole["per_layer"],
         "per_block": report.get("per_block"), "layer_sparsities": report.get("layer_sparsities"),
@@ -313,10 +462,12 @@ def prune_model_dir(model_dir: str | Path, method: str, sparsity: float | None, 
     }
     model.save_pretrained(out_dir)
     (out_dir / "sparsity.json").write_text(json.dumps(record, indent=2, default=_json_default))
-    if final_dir.exists():  # --overwrite, checked above
-        shutil.rmtree(final_dir)
-    os.replace(out_dir, final_dir)
     return record
+
+
+def _structure_fields(report: dict) -> dict:
+    """What a structured method did (parameters before/after, widths, removed blocks), for sparsity.json."""
+    return {k: v for k, v in report.items() if k not in ("method", "pattern", "structured")}
 
 
 def _pattern_sparsity(pattern) -> float | None:
@@ -357,16 +508,26 @@ def hf_calibration_set(tokenizer, source: str, n_samples: int, data_dir: Path | 
     """(samples, description) for a HF causal LM: "driving", the driving data's train split (or, without one, an
     expert rollout) rendered as the text agent's scene-text prompts + expert answers; "generic", windows of English
     prose (pydoc_data.topics) with the driving samples' token counts (BOS first where the driving samples have
-    it); "random", uniform token ids with the same counts."""
+    it); "random", uniform token ids with the same counts. `hf_calibration` also cuts them to a context."""
+    samples, description, _ = hf_calibration(tokenizer, source, n_samples, data_dir, seed)
+    return samples, description
+
+
+def hf_calibration(tokenizer, source: str, n_samples: int, data_dir: Path | None, seed: int,
+                   max_length: int | None = None) -> tuple[list[dict], str, int]:
+    """(samples, description, how many driving samples were cut) as `hf_calibration_set`, the driving samples
+    cut to their first `max_length` tokens (the model's context) before the others copy their lengths."""
     from prunedrive.models.pruning.calibration import scene_text_calibration
     from prunedrive.models.scene_text import SCENE_TEXT_VERSION
 
     if source not in CALIBRATIONS:
         raise ValueError(f"unknown calibration source {source!r}; allowed: {', '.join(CALIBRATIONS)}")
     split, where = _driving_split(data_dir, "train", n_samples, seed)
-    driving = scene_text_calibration(tokenizer, split, n_samples, seed)
+    driving, cut = fit_to_context(scene_text_calibration(tokenizer, split, n_samples, seed), max_length)
+    cut_text = f", {cut} cut to the model's {max_length} positions" if cut else ""
     if source == "driving":
-        return driving, f"driving ({len(driving)} samples, scene-text v{SCENE_TEXT_VERSION} prompts, {where})"
+        return driving, (f"driving ({len(driving)} samples{cut_text}, scene-text v{SCENE_TEXT_VERSION} prompts, "
+                         f"{where})"), cut
     lengths = [sample_length(s) for s in driving]
     if source == "generic":
         corpus, text = generic_corpus()
@@ -378,44 +539,49 @@ def hf_calibration_set(tokenizer, source: str, n_samples: int, data_dir: Path | 
         samples = random_token_calibration(len(tokenizer), lengths, seed)
         text = "uniform token ids"
     return samples, (f"{source} ({len(samples)} samples, {sum(lengths)} tokens, token-count matched to the driving "
-                     f"set of {where}: {text})")
+                     f"set of {where}{cut_text}: {text})"), cut
 
 
-def _prune_hf_dir(model_dir: Path, method: str, sparsity: float | None, final_dir: Path, pattern, scope: str,
-                  calibration: str, n_calibration: int, data_dir, seed: int, progress: bool,
-                  trust_remote_code: bool, **method_kwargs) -> dict:
-    """A local HF causal LM directory: prune its decoder blocks' linears (Linear and GPT-2 Conv1D; output head
-    and embeddings stay dense) with a one-shot method, save with save_pretrained (safetensors, loads with
-    AutoModelForCausalLM.from_pretrained), the tokenizer next to it, plus sparsity.json."""
-    from prunedrive.models.hf_causal import load_causal_lm
-    from prunedrive.models.pruning.masks import decoder_layers
-
-    spec = pruning_method(method)
+def _check_hf_options(spec, sparsity: float | None, pattern: str | None, scope: str, method_kwargs: dict) -> None:
     if scope != "lm":
         raise ValueError(f"scope {scope!r}: a plain causal LM has no vector encoder; use scope 'lm'")
-    if spec.trains and method != "dg2pf":
-        raise ValueError(f"{method} trains while pruning and is not wired for plain Hugging Face causal LMs")
+    if spec.trains and spec.name != "dg2pf":
+        raise ValueError(f"{spec.name} trains while pruning and is not wired for plain Hugging Face causal LMs")
     if spec.trains and (sparsity is None or pattern):
         raise ValueError("dg2pf takes --sparsity (unstructured, gradual magnitude); N:M patterns are not part of it")
     unknown = set(method_kwargs) - set(DG2PFConfig.__dataclass_fields__) if spec.trains else set()
     if unknown:
         raise ValueError(f"dg2pf: unknown settings {sorted(unknown)}; allowed: "
                          f"{', '.join(DG2PFConfig.__dataclass_fields__)}")
-    out_dir = final_dir.with_name(f".{final_dir.name}.partial")  # DG2PF resumes from it
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _prune_hf_dir(model_dir: Path, method: str, sparsity: float | None, out_dir: Path, pattern, scope: str,
+                  calibration: str, n_calibration: int, data_dir, seed: int, progress: bool,
+                  trust_remote_code: bool, **method_kwargs) -> dict:
+    """A local HF causal LM directory: prune its decoder blocks' linears (Linear and GPT-2 Conv1D; output head
+    and embeddings stay dense) with a one-shot method, save with save_pretrained (safetensors, loads with
+    AutoModelForCausalLM.from_pretrained), the tokenizer next to it, plus sparsity.json, into `out_dir` (the
+    caller's partial directory). Calibration and DG2PF sequences are cut to the model's context."""
+    from prunedrive.models.hf_causal import load_causal_lm
+    from prunedrive.models.pruning.masks import decoder_layers
+
+    spec = pruning_method(method)
     torch.manual_seed(seed)
     model, tokenizer = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, dtype="float32")
     raw = json.loads((model_dir / "config.json").read_text())
     saved_dtype = raw.get("dtype") or raw.get("torch_dtype")
     started = time.time()
     data = Path(data_dir) if data_dir else None
+    limit = context_length(model)
     if spec.trains:
-        report = _dg2pf_hf(model, tokenizer, sparsity, data, n_calibration, seed, out_dir, progress, method_kwargs)
-        calibration_source = report.pop("data")
+        report = _dg2pf_hf(model, tokenizer, sparsity, data, n_calibration, seed, out_dir, progress, method_kwargs,
+                           limit)
+        calibration_source, truncated = report.pop("data"), report.pop("truncated")
         model.eval()
     else:
-        samples, calibration_source = (hf_calibration_set(tokenizer, calibration, n_calibration, data, seed)
-                                       if spec.calibrated else (None, "none"))
+        samples, calibration_source, truncated = (
+            hf_calibration(tokenizer, calibration, n_calibration, data, seed, limit) if spec.calibrated
+            else (None, "none", 0))
         with torch.no_grad():
             report = prune(model, method, sparsity, pattern, samples, **method_kwargs)
     blocks = decoder_layers(model)
@@ -423,6 +589,7 @@ def _prune_hf_dir(model_dir: Path, method: str, sparsity: float | None, final_di
     record = {
         "method": method, "target_sparsity": sparsity if sparsity is not None else report.get("target_sparsity"),
         "pattern": pattern, "scope": scope, "calibration": calibration_source, "seed": seed,
+        "calibration_truncated": truncated,
         "global": lm["global"], "lm_global": lm["global"], "per_layer": lm["per_layer"],
         "per_block": report.get("per_block"), "layer_sparsities": report.get("layer_sparsities"),
         "hyperparameters": report.get("hyperparameters") or {k: v for k, v in method_kwargs.items()},
@@ -434,15 +601,14 @@ def _prune_hf_dir(model_dir: Path, method: str, sparsity: float | None, final_di
     }
     if report.get("nm_skipped") is not None:
         record["lm_nm_skipped"] = report["nm_skipped"]
+    if spec.structured:
+        record["structure"] = _structure_fields(report)
     if isinstance(saved_dtype, str) and saved_dtype != "float32" and isinstance(getattr(torch, saved_dtype, None),
                                                                              torch.dtype):
         model.to(getattr(torch, saved_dtype))  # back to the checkpoint's dtype; zeros stay zeros
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "sparsity.json").write_text(json.dumps(record, indent=2, default=float))
-    if final_dir.exists():  # --overwrite, checked by the caller
-        shutil.rmtree(final_dir)
-    os.replace(out_dir, final_dir)
     return record
 
 
@@ -454,20 +620,34 @@ def _driving_split(data_dir: Path | None, split: str, n: int, seed: int):
     return _expert_rollout_split(n, seed), f"expert rollout of {HF_CALIBRATION_SCENARIO} (seed {seed + 1})"
 
 
-def scene_text_batches(tokenizer, split, batch_size: int, n_batches: int, seed: int) -> list[dict]:
-    """Teacher-forced training batches for a HF causal LM: scene-text prompt + expert action answer (+ EOS),
-    right-padded; `labels` are the answer tokens, -100 on the prompt and the padding."""
+def _fit_pair(prompt: list[int], answer: list[int], max_length: int | None) -> tuple[list[int], list[int], bool]:
+    """(prompt, answer, cut?) within `max_length` tokens: the prompt loses its start (the answer is what the
+    loss is on, and the scene's end, the ego's question, sits right before it)."""
+    if max_length is None or len(prompt) + len(answer) <= max_length:
+        return prompt, answer, False
+    keep = max(max_length - len(answer), 1)
+    prompt = prompt[-keep:]
+    return prompt, answer[:max_length - len(prompt)], True
+
+
+def scene_text_batches(tokenizer, split, batch_size: int, n_batches: int, seed: int,
+                       max_length: int | None = None) -> tuple[list[dict], int]:
+    """(teacher-forced training batches for a HF causal LM, how many sequences were cut): scene-text prompt +
+    expert action answer (+ EOS), right-padded, each within `max_length` tokens (the model's context;
+    `_fit_pair`); `labels` are the answer tokens, -100 on the prompt and the padding."""
     from prunedrive.models.hf_causal import answer_ids, prompt_ids
 
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).tolist()[:batch_size * n_batches]
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    batches = []
+    batches, cut = [], 0
     for start in range(0, len(order), batch_size):
         pairs = []
         for r in order[start:start + batch_size]:
             answer = answer_ids(tokenizer, str(split.frame["a_action"].iloc[r])) + ([eos] if eos is not None else [])
-            pairs.append((prompt_ids(tokenizer, split.observation(r)), answer))
+            prompt, answer, was_cut = _fit_pair(prompt_ids(tokenizer, split.observation(r)), answer, max_length)
+            pairs.append((prompt, answer))
+            cut += was_cut
         width = max(len(p) + len(a) for p, a in pairs)
         ids = torch.full((len(pairs), width), pad, dtype=torch.long)
         mask = torch.zeros((len(pairs), width), dtype=torch.long)
@@ -477,14 +657,15 @@ def scene_text_batches(tokenizer, split, batch_size: int, n_batches: int, seed: 
             mask[i, :len(p) + len(a)] = 1
             labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return batches
+    return batches, cut
 
 
 def _dg2pf_hf(model, tokenizer, sparsity: float, data_dir: Path | None, n_samples: int, seed: int, out_dir: Path,
-              progress: bool, overrides: dict) -> dict:
+              progress: bool, overrides: dict, max_length: int | None = None) -> dict:
     """DG2PF on a plain causal LM: distilled from a frozen copy of itself on scene-text prompts + expert answers
-    (`n_samples` training sequences in batches of 4, a quarter as many for validation); every Linear/Conv1D but
-    the output head is pruned (global |W|). `overrides` set DG2PFConfig fields (e.g. max_epochs=2)."""
+    (`n_samples` training sequences in batches of 4, a quarter as many for validation, each within `max_length`
+    tokens); every Linear/Conv1D but the output head is pruned (global |W|). `overrides` set DG2PFConfig fields
+    (e.g. max_epochs=2). The report's "truncated": how many sequences were cut."""
     import copy
 
     from prunedrive.models.pruning.dg2pf import causal_lm_forward
@@ -492,8 +673,10 @@ def _dg2pf_hf(model, tokenizer, sparsity: float, data_dir: Path | None, n_sample
     batch_size = 4
     train_split, train_where = _driving_split(data_dir, "train", n_samples, seed)
     val_split, val_where = _driving_split(data_dir, "val", max(n_samples // 4, batch_size), seed + 1000)
-    train = scene_text_batches(tokenizer, train_split, batch_size, max(n_samples // batch_size, 1), seed)
-    val = scene_text_batches(tokenizer, val_split, batch_size, max(n_samples // (4 * batch_size), 1), seed + 1)
+    train, train_cut = scene_text_batches(tokenizer, train_split, batch_size, max(n_samples // batch_size, 1), seed,
+                                          max_length)
+    val, val_cut = scene_text_batches(tokenizer, val_split, batch_size, max(n_samples // (4 * batch_size), 1),
+                                      seed + 1, max_length)
     settings = {"sparsity_epochs": 5, "max_epochs": 10, "finetune_max_epochs": 4, "patience": 2, **overrides,
                 "sparsity": sparsity}
     config = DG2PFConfig(**settings)
@@ -501,6 +684,8 @@ def _dg2pf_hf(model, tokenizer, sparsity: float, data_dir: Path | None, n_sample
     report = dg2pf_prune(model, teacher, train, val, forward=causal_lm_forward, config=config,
                          checkpoint_dir=str(out_dir / "dg2pf-checkpoint"), progress=progress)
     report["hyperparameters"] = dict(config.__dict__)
+    cut_text = f"; {train_cut + val_cut} cut to the model's {max_length} positions" if train_cut + val_cut else ""
     report["data"] = (f"none (trained on {sum(len(b['input_ids']) for b in train)} scene-text sequences from "
-                      f"{train_where}, validated on {val_where})")
+                      f"{train_where}, validated on {val_where}{cut_text})")
+    report["truncated"] = train_cut + val_cut
     return report

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prunedrive.harness.progress import live_bars
+from prunedrive.harness.progress import Ticker, live_bars
 from prunedrive.agents.expert import ExpertAgent
 from prunedrive.harness.action import Control
 from prunedrive.harness.env import DriveEnv
@@ -198,6 +198,8 @@ def build_dataset(out_dir: str | Path, n_episodes: int, seed: int = 0, split: st
     start, rows, episodes = time.time(), [], []
     with Progress(disable=not live_bars(progress), transient=True) as bar:
         task = bar.add_task(f"expert rollouts ({split})", total=n_episodes)
+        driver = "model" if policy_dir else "expert"  # DAgger: the model drives, the expert labels
+        ticker = Ticker(f"{driver} rollouts ({split})", n_episodes, "episodes", enabled=progress)
         if workers > 1 and n_episodes > 1:
             # spawn, not fork: the parent may hold torch/OpenMP threads that a forked child must not inherit.
             pool = ProcessPoolExecutor(min(workers, n_episodes), mp_context=multiprocessing.get_context("spawn"))
@@ -209,6 +211,7 @@ def build_dataset(out_dir: str | Path, n_episodes: int, seed: int = 0, split: st
                 rows += ep_rows
                 episodes.append(summary)
                 bar.update(task, advance=1, description=f"expert rollouts ({split}): {len(rows)} steps")
+                ticker.update(len(episodes), f"{len(rows)} steps")
         finally:
             if pool:
                 pool.shutdown()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from prunedrive.agents.registry import AgentSpec
-from prunedrive.harness.results import RunDir, RunError, content_hash, episode_key
+from prunedrive.agents.registry import AgentSpec, check_agent_name
+from prunedrive.harness.results import RunDir, RunError, content_hash, episode_key, parse_episode_key
 from prunedrive.harness.runner import EPISODE_TIMEOUT_S, STEP_TIMEOUT_S, InProcessExecutor, run_suite
 from prunedrive.scenarios.loader import Suite
 
@@ -25,12 +25,13 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_INFRASTRUCTURE = 0, 2, 3
 
 
 def weights_hash(model_dir: str | Path) -> str:
-    """sha256 of a model directory's weight files (*.safetensors), streamed: what identifies a model."""
+    """sha256 of the weight files a loader reads from a model directory (models.hf_causal.weight_files:
+    model.safetensors, or the shards its index lists; regular files inside the directory only), streamed:
+    what identifies a model. Other *.safetensors files beside them are not read."""
+    from prunedrive.models.hf_causal import weight_files
+
     digest = hashlib.sha256()
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
-    for path in files:
+    for path in sorted(weight_files(model_dir), key=lambda file: file.name):
         digest.update(path.name.encode())
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 22), b""):
@@ -84,6 +85,9 @@ def drive(suite: Suite, specs: list[AgentSpec], out: str | Path, *, run_id: str 
         raise RunError(f"--batch must be at least 1, got {batch}")
     if workers is not None and workers < 1:
         raise RunError(f"--workers must be at least 1, got {workers}")
+    for option, seconds in (("--step-timeout", step_timeout_s), ("--episode-timeout", episode_timeout_s)):
+        if seconds is not None and not 0 < seconds < float("inf"):  # NaN fails too: it would turn a limit off
+            raise RunError(f"{option} must be a finite number of seconds > 0 (None: no limit), got {seconds}")
     for spec in specs:
         spec.check()
     probe_simulators(suite, backend_options, carla_servers)
@@ -99,7 +103,9 @@ def drive(suite: Suite, specs: list[AgentSpec], out: str | Path, *, run_id: str 
                                      episode_timeout_s=episode_timeout_s, batch=batch)
     try:
         names = executor.names()
-        if len(set(names)) != len(names):
+        for spec, name in zip(specs, names):
+            check_agent_name(name, spec.name)
+        if len({name.lower() for name in names}) != len(names):  # ignoring case: "A" and "a" are one file on macOS
             raise RunError(f"agents share a name ({', '.join(names)}); give each a --label or another model")
         ident = identity(suite, specs, names)
         if resume:
@@ -140,18 +146,31 @@ def find_run(run: str | Path, out: str | Path) -> RunDir:
     return candidate
 
 
+def unscored(episodes: pd.DataFrame, run_dir: RunDir) -> list[str]:
+    """The keys of the run's planned episodes (its manifest's `planned`) that have no row in `episodes`."""
+    have = ({episode_key(row.agent, row.scenario, row.seed) for row in episodes.itertuples()}
+            if len(episodes) else set())
+    return [key for key in run_dir.manifest().get("planned") or [] if key not in have]
+
+
 def exit_code(episodes: pd.DataFrame, run_dir: RunDir) -> int:
-    """0: every planned episode scored (an agent's own failure is a score); 3: some failed for
-    infrastructure reasons, listed on stderr with the command that runs them again."""
-    if not len(episodes) or "failure" not in episodes:
+    """0: every planned episode has a scored row (an agent's own failure is a score); 3: some have none, or
+    failed for infrastructure reasons: listed on stderr with the command that runs them again."""
+    missing = unscored(episodes, run_dir)
+    broken = (episodes[episodes["status"].eq("failed") & episodes["failure"].ne("agent")]
+              if len(episodes) and "failure" in episodes else episodes.iloc[0:0])
+    if not missing and broken.empty:
         return EXIT_OK
-    broken = episodes[episodes["status"].eq("failed") & episodes["failure"].ne("agent")]
-    if broken.empty:
-        return EXIT_OK
-    print(f"{len(broken)} episode(s) failed for infrastructure reasons (simulator, worker or time limit):",
-          file=sys.stderr)
-    for row in broken.itertuples():
-        first = (row.error.strip().splitlines() or ["unknown error"])[-1]
-        print(f"  {row.agent} {row.scenario} seed={row.seed}: {first}", file=sys.stderr)
+    if missing:
+        print(f"{len(missing)} planned episode(s) have no result:", file=sys.stderr)
+        for key in missing:
+            agent, scenario, seed = parse_episode_key(key)
+            print(f"  {agent} {scenario} seed={seed}", file=sys.stderr)
+    if not broken.empty:
+        print(f"{len(broken)} episode(s) failed for infrastructure reasons (simulator, worker or time limit):",
+              file=sys.stderr)
+        for row in broken.itertuples():
+            first = (row.error.strip().splitlines() or ["unknown error"])[-1]
+            print(f"  {row.agent} {row.scenario} seed={row.seed}: {first}", file=sys.stderr)
     print(f"run them again with: prunedrive run --resume {run_dir.path}", file=sys.stderr)
     return EXIT_INFRASTRUCTURE

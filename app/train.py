@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from prunedrive.harness.progress import live_bars
+from prunedrive.harness.progress import Ticker, duration, estimate, live_bars, say
 from prunedrive.models import text
 from prunedrive.models.data import Split, load_split
 from prunedrive.app.dataset import build_dataset
-from prunedrive.app.zoo import default_model_dir, is_trained
+from prunedrive.app.zoo import default_model_dir, install_shipped, is_trained
 from prunedrive.harness.results import atomic_write_text
 from prunedrive.models.driving_llm import DrivingLLM
 from prunedrive.models.presets import Preset, get_preset
@@ -40,11 +40,25 @@ def untrained_model(preset: Preset, split: Split, seed: int = 0, vocab: int | No
     return DrivingLLM(preset.model_config(), tokenizer).eval()
 
 
+# Measured with `small` on the idle 2-core machine (README): seconds per rollout episode of 150 steps at most, on
+# the 2 rollout processes; the expert drives the data episodes, the model so far the DAgger ones.
+IDLE_SECONDS_PER_EPISODE = {"expert": 2.2, "dagger": 3.2}
+
+
+def rollout_estimate(kind: str, episodes: int, max_steps: int | None) -> str:
+    """How long `episodes` rollouts will take (see harness.progress.estimate)."""
+    scale = min((max_steps or 150) / 150, 1.0)
+    return estimate(IDLE_SECONDS_PER_EPISODE[kind] * episodes * scale)
+
+
 def ensure_data(data_dir: Path, preset: Preset, seed: int = 0, progress: bool = True) -> None:
     """Build the train and val splits of `preset` in data_dir unless they are already there."""
     d = preset.data
     for split, n in (("train", d.train_episodes), ("val", d.val_episodes)):
         if not (data_dir / f"{split}.parquet").is_file():
+            if progress:
+                say(f"expert data ({split}): the expert drives {n} episodes of suite {d.scenarios} "
+                    f"({rollout_estimate('expert', n, d.max_steps)})")
             build_dataset(data_dir, n, seed=seed, split=split, noise=d.noise, scenarios=d.scenarios,
                           max_steps=d.max_steps, progress=progress)
 
@@ -110,12 +124,38 @@ def dagger_data(model: DrivingLLM, ckpt: Path, preset: Preset, seed: int, progre
     r, d = preset.train, preset.data
     directory = ckpt / "dagger"
     if not (directory / "dagger.parquet").is_file():
+        if progress:
+            say(f"DAgger: the model so far drives {r.dagger_episodes} training episodes, the expert labels them "
+                f"({rollout_estimate('dagger', r.dagger_episodes, d.max_steps)})")
         model.eval()
         model.save_pretrained(directory / "policy")
         model.train()
         build_dataset(directory, r.dagger_episodes, seed=seed, split="dagger", scenarios=d.scenarios,
                       max_steps=d.max_steps, progress=progress, policy_dir=directory / "policy", beta=r.dagger_beta)
     return load_split(directory, "dagger")
+
+
+class FirstSteps:
+    """Says how long training will take before it gets going: the time of the first MEASURED steps (after one
+    warm-up step) times the steps left, plus the DAgger rollouts when they are still ahead."""
+
+    MEASURED = 3
+
+    def __init__(self, total: int, start: int, dagger_step: int | None, enabled: bool):
+        self.total, self.start, self.dagger_step, self.enabled = total, start, dagger_step, enabled
+        self.t0 = None
+
+    def after(self, step: int) -> None:
+        if not self.enabled:
+            return
+        if step == self.start + 1:  # the first step pays for allocations and thread start-up
+            self.t0 = time.perf_counter()
+        elif step == self.start + 1 + self.MEASURED and self.t0 is not None:
+            per_step = (time.perf_counter() - self.t0) / self.MEASURED
+            dagger = (f", plus the DAgger rollouts at step {self.dagger_step}"
+                      if self.dagger_step is not None and step <= self.dagger_step else "")
+            say(f"training: {self.total - self.start} steps, {per_step:.2f} s each so far -> about "
+                f"{duration(per_step * (self.total - step))} to go{dagger}")
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
@@ -275,6 +315,8 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
     columns = [TextColumn("[bold]train {task.fields[preset]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
     train_start, running, dagger_seconds = time.time(), [], 0.0
+    ticker = Ticker(f"train {preset.name}", r.steps, "steps", enabled=progress, done=step)
+    first_steps = FirstSteps(r.steps, step, dagger_step, enabled=progress)
     with Progress(*columns, disable=not live_bars(progress), transient=True) as bar, log_path.open("a") as log:
         task = bar.add_task("train", total=r.steps, completed=step, preset=preset.name, loss=float("nan"))
         while step < r.steps:
@@ -292,12 +334,14 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
             logits, labels = model(next(stream))
             running.append(optimizer_step(model, optimizer, model.loss(logits, labels)))
             step += 1
+            first_steps.after(step)
             if step % r.log_every == 0 or step == r.steps:
                 record = {"step": step, "loss": float(np.mean(running)), "lr": lr,
                           "elapsed_s": round(time.time() - train_start, 1)}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.update(task, completed=step, loss=record["loss"])
+                ticker.update(step, f"loss {record['loss']:.3f}")
                 running = []
             if step % r.checkpoint_every == 0 or step == r.steps:
                 save_checkpoint(ckpt, model, optimizer, {"step": step, "config_hash": preset.hash(), "seed": seed,
@@ -327,10 +371,15 @@ def cmd_train(preset: str = "small", out_dir: str | Path | None = None, data_dir
     return out
 
 
-def ensure_default_model(preset: str = "small", progress: bool = True) -> Path:
-    """The zoo directory of `preset`, training it (data + training, resumable) when absent or stale
-    (the text-format model: app/train_text.py's ensure_text_model)."""
+def ensure_default_model(preset: str = "small", progress: bool = True, say=say) -> Path:
+    """The zoo directory of `preset`: when absent or stale, the model shipped with the package if it has the
+    current recipe hash (app/zoo.py's install_shipped), else trained (data + training, resumable). `say` prints
+    the line that says which (the text-format model: app/train_text.py's ensure_text_model)."""
     directory = default_model_dir(preset)
     if not is_trained(directory, preset):
-        train(preset, out_dir=directory, progress=progress)
+        if install_shipped(preset, directory):
+            say(f"using the shipped {directory.name} model (trained by `prunedrive train --preset {preset}`, "
+                f"recipe hash {get_preset(preset).hash()}), copied into {directory}")
+        else:
+            train(preset, out_dir=directory, progress=progress)
     return directory

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prunedrive.harness.progress import live_bars
-from prunedrive.app.train import (checkpoint_state, ensure_data, lr_at, optimizer_step, pick_threads, restart_log,
-                                  restore_checkpoint, save_checkpoint)
+from prunedrive.harness.progress import Ticker, live_bars
+from prunedrive.app.train import (FirstSteps, checkpoint_state, ensure_data, lr_at, optimizer_step, pick_threads,
+                                  restart_log, restore_checkpoint, save_checkpoint)
 from prunedrive.app.zoo import TEXT_MARKER, default_model_dir, is_trained
 from prunedrive.harness.results import atomic_write_text
 from prunedrive.models import scene_text
@@ -283,6 +283,8 @@ def train_text(preset: str | Preset = "small", data_dir: str | Path | None = Non
                TimeElapsedColumn(), TimeRemainingColumn()]
     logged = [json.loads(line)["loss"] for line in log_path.read_text().splitlines()]  # kept by restart_log
     train_start, running, last_loss = time.time(), [], (logged[-1] if logged else float("nan"))
+    ticker = Ticker(f"train text {preset.name}", r.steps, "steps", enabled=progress, done=step)
+    first_steps = FirstSteps(r.steps, step, None, enabled=progress)
     with Progress(*columns, disable=not live_bars(progress), transient=True) as bar, log_path.open("a") as log:
         task = bar.add_task("train", total=r.steps, completed=step, preset=preset.name, loss=float("nan"))
         while step < r.steps:
@@ -292,12 +294,14 @@ def train_text(preset: str | Preset = "small", data_dir: str | Path | None = Non
             torch.manual_seed(seed * 1_000_003 + step)  # dropout (an --init model's) is the same on a resume
             running.append(optimizer_step(model, optimizer, text_loss(model, next(stream))))
             step += 1
+            first_steps.after(step)
             if step % r.log_every == 0 or step == r.steps:
                 last_loss = float(np.mean(running))
                 record = {"step": step, "loss": last_loss, "lr": lr, "elapsed_s": round(time.time() - train_start, 1)}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.update(task, completed=step, loss=last_loss)
+                ticker.update(step, f"loss {last_loss:.3f}")
                 running = []
             if step % r.checkpoint_every == 0 or step == r.steps:
                 checkpoint()

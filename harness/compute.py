@@ -20,6 +20,8 @@ class StepCompute:
     params: float = float("nan")
     nonzero_params: float = float("nan")
     peak_mem_bytes: float = float("nan")
+    # 1 when the model's answer did not parse and the agent fell back to its safe action, else 0.
+    parse_failed: float = float("nan")
 
 
 COMPUTE_FIELDS = tuple(f.name for f in fields(StepCompute))
@@ -43,7 +45,19 @@ def aggregate(columns: dict[str, np.ndarray]) -> dict[str, float]:
         values = np.asarray(columns[name], np.float64)
         values = values[np.isfinite(values)]
         out[name] = float(values.max()) if len(values) else float("nan")
+    out.update(parse_counts(columns["parse_failed"]))
     return out
+
+
+def parse_counts(parse_failed) -> dict[str, float]:
+    """The episode's `parse_failures` (answers that did not parse: fallback actions) and `model_decisions`
+    (steps a model decided): NaN for both when no step reports it (an agent without a model), so a
+    model-free agent never reads as one that always parsed."""
+    values = np.asarray(parse_failed, np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return {"parse_failures": float("nan"), "model_decisions": float("nan")}
+    return {"parse_failures": float(values.sum()), "model_decisions": float(len(values))}
 
 
 def apportion(rows: list[dict[str, float]], totals: dict[str, float]) -> None:

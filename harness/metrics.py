@@ -52,6 +52,8 @@ class Aggregate:
                      one; NaN when none has
       mean           mean of a column that only some agents fill (model compute): left out of the summary
                      when the episodes have no such column
+      ratio          sum of `sources[0]` / sum of `sources[1]` over the episodes that have both (a total over
+                     a total, as per_km); NaN when none has or the denominator sums to 0
     """
 
     how: str
@@ -65,7 +67,7 @@ class Aggregate:
     @property
     def skips_missing(self) -> bool:
         """True when episodes without a value are left out by design (rather than being bad input)."""
-        return self.how in ("nanmean", "median", "max", "mean")
+        return self.how in ("nanmean", "median", "max", "mean", "ratio")
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("nonzero_params", "nonzero_params", "non-zero params", "non-zero params", "parameters",
            Aggregate("mean", ("nonzero_params",)), fmt="params", higher_is_better=False, cost=True,
            views=frozenset({REPORT, BENCH})),
+    # Closed loop: the share of a model's decisions whose answer did not parse (the agent then braked). NaN
+    # for agents without a model. Weights that are all NaN score like a cautious driver; this says why.
+    Metric("parse_failure_rate", "parse_failure_rate", "parse failures (share of model decisions)", "parse fail",
+           "share", Aggregate("ratio", ("parse_failures", "model_decisions")), higher_is_better=False,
+           views=frozenset({OVERALL, REPORT, BENCH})),
 )
 
 
@@ -212,7 +219,21 @@ def aggregate_metric(m: Metric, group: pd.DataFrame) -> dict[str, float]:
         return {m.column: a.convert(float(reduce(values))) if len(values) else np.nan}
     if a.how == "mean":
         return {m.column: float(group[a.sources[0]].mean())} if a.sources[0] in group else {}
+    if a.how == "ratio":
+        return {m.column: ratio_of_totals(group, *a.sources)}
     raise ValueError(f"metric {m.column}: unknown aggregation {a.how!r}")
+
+
+def ratio_of_totals(group: pd.DataFrame, numerator: str, denominator: str) -> float:
+    """sum(numerator) / sum(denominator) over the rows that have both; NaN when there is nothing to divide
+    (no such column, no row with both, or a zero denominator)."""
+    if numerator not in group or denominator not in group:
+        return np.nan
+    top = pd.to_numeric(group[numerator], errors="coerce").to_numpy(float)
+    bottom = pd.to_numeric(group[denominator], errors="coerce").to_numpy(float)
+    both = np.isfinite(top) & np.isfinite(bottom)
+    total = float(bottom[both].sum())
+    return float(top[both].sum()) / total if total > 0 else np.nan
 
 
 def per_km(count: float, km: float) -> float:

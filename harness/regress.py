@@ -334,6 +334,7 @@ def compare(base: pd.DataFrame, cand: pd.DataFrame, max_drop: float = 5.0, alpha
     gated metrics: driving_score, collisions, km_driven, agent_wall_s_p50; `status` when known)."""
     if not 0 < alpha < 1:
         raise RegressInputError(f"alpha must be in (0, 1), got {alpha}")
+    _check_thresholds(max_drop=max_drop, max_collision_increase=max_collision_increase, max_slowdown=max_slowdown)
     if n_boot < 100:
         raise RegressInputError(f"n_boot must be at least 100, got {n_boot}")
     for frame, which, name in ((base, "baseline", baseline_name), (cand, "candidate", candidate_name)):
@@ -367,6 +368,18 @@ def compare(base: pd.DataFrame, cand: pd.DataFrame, max_drop: float = 5.0, alpha
             verdict.checks.append(check)
     verdict.differences = _values(paired, "driving_score", c) - _values(paired, "driving_score", b)
     return verdict
+
+
+def _check_thresholds(max_drop: float, max_collision_increase: float, max_slowdown: float | None) -> None:
+    """Finite margins only: NaN compares False with everything, so a NaN margin passed every regression."""
+    def finite(value) -> bool:
+        return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+    for name, value in (("max_drop", max_drop), ("max_collision_increase", max_collision_increase)):
+        if not (finite(value) and value >= 0):
+            raise RegressInputError(f"{name} must be a finite number >= 0, got {value}")
+    if max_slowdown is not None and not (finite(max_slowdown) and max_slowdown > 0):
+        raise RegressInputError(f"max_slowdown must be a finite ratio > 0 (or None: not a gate), got {max_slowdown}")
 
 
 def _suffixed(frame: pd.DataFrame, suffix: str) -> pd.DataFrame:

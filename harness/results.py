@@ -15,7 +15,6 @@ one whose agent failed is a result and stays (unless `retry_failed`).
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -29,7 +28,9 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 import pandas as pd
+import pyarrow.parquet as pq
 
+from prunedrive.harness import locks
 from prunedrive.harness.video import VIDEO_SUFFIX
 
 MANIFEST = "manifest.json"
@@ -52,6 +53,19 @@ def episode_key(agent: str, scenario: str, seed: int) -> str:
     """The file stem of an episode: injective (two different episodes never share one) and readable for
     the usual names ("llm-owl-0.7__dense-highway__3")."""
     return f"{_part(agent)}__{_part(scenario)}__{int(seed)}"
+
+
+# An episode key names files: <key>.parquet, its temporary ".<key>.parquet.XXXXXXXX.tmp" and its quarantined
+# "episodes-<key>-<stamp>.parquet" must all fit a 255-byte file name.
+MAX_EPISODE_KEY_CHARS = 200
+
+
+def check_episode_key(key: str, what: str) -> str:
+    """`key` if it can name the episode's files, else RunError naming `what` (the agent, route, ... it came from)."""
+    if len(key) > MAX_EPISODE_KEY_CHARS:
+        raise RunError(f"{what}: its episode key is {len(key)} characters once escaped; at most "
+                       f"{MAX_EPISODE_KEY_CHARS} (it names the episode's files): use a shorter name")
+    return key
 
 
 def parse_episode_key(key: str) -> tuple[str, str, int]:
@@ -129,15 +143,10 @@ class RunDir:
     def lock(self) -> None:
         """Hold the run's lock until `unlock` or process exit; a second writer gets a clear message."""
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = locks.acquire(self.path / ".lock", wait=False)
+        if fd is None:
             raise RunError(f"{self.path} is being written by another prunedrive process; wait for it to end "
-                           "(one run directory has one writer at a time)") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+                           "(one run directory has one writer at a time)")
         self._lock_fd = fd
         # A writer killed mid-write leaves its temporary file (never the target: see atomic_parquet). Only the
         # lock holder writes here, so any temporary file now is such a leftover.
@@ -146,17 +155,19 @@ class RunDir:
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
+            locks.release(self._lock_fd)
             self._lock_fd = None
 
     # -- episodes --------------------------------------------------------------------------------------
     def finished(self, retry_failed: bool = False) -> set[str]:
         """Keys of the episodes that count as done. Checks every file: unreadable, schema-less or misnamed
-        ones are moved to quarantine/ (with a warning) so their episodes run again; infrastructure
-        failures are not done; agent failures are, unless `retry_failed`."""
+        ones, and episodes whose steps file is missing or unreadable, are moved to quarantine/ (with a
+        warning) so their episodes run again; infrastructure failures are not done; agent failures are,
+        unless `retry_failed`."""
         done = set()
         for path in sorted((self.path / "episodes").glob("*.parquet")):
             row, problem = _read_episode_file(path)
+            problem = problem or _steps_file_problem(self.path / "steps" / path.name)
             if problem:
                 self._quarantine(path, problem)
                 continue
@@ -188,6 +199,13 @@ class RunDir:
         # Steps first: an episode row is the mark of a finished episode.
         atomic_parquet(steps, self.path / "steps" / f"{key}.parquet")
         atomic_parquet(pd.DataFrame([episode]), self.path / "episodes" / f"{key}.parquet")
+
+    def write_batch(self, episodes: pd.DataFrame, steps: pd.DataFrame) -> None:
+        """All episodes of a run that is written at once (an import): episodes.parquet and steps.parquet, two
+        fsynced files whatever the number of episodes, instead of a pair per episode. Not resumable: a run
+        written this way has no per-episode files."""
+        atomic_parquet(steps, self.path / "steps.parquet")
+        atomic_parquet(episodes, self.path / "episodes.parquet")
 
     def episodes(self) -> pd.DataFrame:
         files = sorted((self.path / "episodes").glob("*.parquet"))
@@ -230,6 +248,18 @@ def _read_episode_file(path: Path) -> tuple[dict, str]:
     if key != path.stem:
         return {}, f"holds episode {key}, not {path.stem}"
     return row, ""
+
+
+def _steps_file_problem(path: Path) -> str:
+    """What is wrong with an episode's steps file: missing, or a Parquet footer that does not read (a torn
+    file's does not); empty when it is sound. The footer only: reading every step of every episode would make a resume slow."""
+    if not path.is_file():
+        return f"its steps file {path.name} is missing"
+    try:
+        pq.read_metadata(path)
+    except Exception as exc:  # noqa: BLE001 -- pyarrow raises several types for a torn file
+        return f"its steps file {path.name} is unreadable ({type(exc).__name__})"
+    return ""
 
 
 def _fsync_replace(tmp: Path, path: Path) -> None:

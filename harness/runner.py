@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import signal
 import threading
 import time
 import traceback
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -78,6 +79,40 @@ def time_limit(seconds: float | None, what: str):
         signal.signal(signal.SIGALRM, previous)
 
 
+class AgentExit(SystemExit):
+    """os._exit() called by an agent inside a guarded call (`exits_raise`): raised instead, so that, like its
+    sys.exit(), it fails its own episode, not the run."""
+
+
+@contextmanager
+def exits_raise(what: str):
+    """Within the block, os._exit(code) called from this thread of this process raises AgentExit instead of
+    ending the process on the spot (no results written, the exit status the agent's, a run's planned
+    episodes silently unscored). Another thread's call, or a forked child's, still exits. os._exit is
+    restored after the block. Only for agents in the run's own process: a Ray worker leaves it off, so that
+    a worker that dies is seen (and its episode re-run) as a dead worker. Code that kept its own reference
+    to os._exit (`from os import _exit`) is not caught."""
+    real_exit, pid, thread = os._exit, os.getpid(), threading.get_ident()
+
+    def guarded_exit(code: int) -> None:
+        if os.getpid() != pid or threading.get_ident() != thread:
+            real_exit(code)
+        raise AgentExit(f"{what} called os._exit({code})")
+
+    os._exit = guarded_exit
+    try:
+        yield
+    finally:
+        os._exit = real_exit
+
+
+@contextmanager
+def agent_call(seconds: float | None, what: str, catch_exit: bool):
+    """The guards around one call into an agent: its time limit, and (`catch_exit`) os._exit raising."""
+    with time_limit(seconds, what), (exits_raise(what) if catch_exit else nullcontext()):
+        yield
+
+
 def default_make_env(scenario: Scenario, record: bool, **backend_options) -> DriveEnv:
     return DriveEnv(scenario, render_mode="rgb_array" if record else None, **backend_options)
 
@@ -107,11 +142,13 @@ class Episode:
 
     def __init__(self, env: DriveEnv, agent: Agent, scenario: Scenario, seed: int, video_path: Path | None = None,
                  *, on_step: OnStep | None = None, max_steps: int | None = None, trace: EpisodeTrace | None = None,
-                 step_timeout_s: float | None = None, episode_timeout_s: float | None = None):
+                 step_timeout_s: float | None = None, episode_timeout_s: float | None = None,
+                 catch_exit: bool = False):
         self.env, self.agent, self.scenario, self.seed, self.video_path = env, agent, scenario, seed, video_path
         self.on_step, self.max_steps = on_step, max_steps
         self.trace = trace if trace is not None else EpisodeTrace()
         self.step_timeout_s, self.episode_timeout_s = step_timeout_s, episode_timeout_s
+        self.catch_exit = catch_exit  # exits_raise around the agent's calls (in the run's own process)
         self.deadline = time.monotonic() + episode_timeout_s if episode_timeout_s else None
         self.observation: dict | None = None
         self.outcome: EpisodeOutcome | None = None
@@ -128,7 +165,7 @@ class Episode:
         return min(self.step_timeout_s or left, left)
 
     def limit(self, what: str):
-        return time_limit(self.time_left(), what)
+        return agent_call(self.time_left(), what, self.catch_exit)
 
     @property
     def steps_done(self) -> int:
@@ -201,13 +238,13 @@ class Episode:
 def run_episode(env: DriveEnv, agent: Agent, scenario: Scenario, seed: int, video_path: Path | None = None, *,
                 on_step: OnStep | None = None, max_steps: int | None = None, trace: EpisodeTrace | None = None,
                 step_timeout_s: float | None = None, episode_timeout_s: float | None = None,
-                ) -> tuple[EpisodeOutcome, pd.DataFrame]:
+                catch_exit: bool = False) -> tuple[EpisodeOutcome, pd.DataFrame]:
     """One closed-loop episode. Exceptions propagate; pass a `trace` to keep what was driven before one.
     `max_steps` cuts the episode short (the outcome is then the env's state at the cut). The agent's
     reset() and each act() get at most `step_timeout_s`, and never more than what is left of
-    `episode_timeout_s` (AgentTimeout)."""
+    `episode_timeout_s` (AgentTimeout); with `catch_exit`, its os._exit raises AgentExit (exits_raise)."""
     episode = Episode(env, agent, scenario, seed, video_path, on_step=on_step, max_steps=max_steps, trace=trace,
-                      step_timeout_s=step_timeout_s, episode_timeout_s=episode_timeout_s)
+                      step_timeout_s=step_timeout_s, episode_timeout_s=episode_timeout_s, catch_exit=catch_exit)
     episode.start()
     try:
         while not episode.step(*episode.act()):
@@ -256,7 +293,8 @@ def run_episode_with_retries(envs: dict, agent, scenario: Scenario, seed: int, *
                              video: Path | None = None, record: bool = False, retries: int = 2,
                              make_env: MakeEnv = default_make_env, backend_options: dict | None = None,
                              backoff_s: float = 2.0, step_timeout_s: float | None = STEP_TIMEOUT_S,
-                             episode_timeout_s: float | None = EPISODE_TIMEOUT_S) -> tuple[dict, pd.DataFrame]:
+                             episode_timeout_s: float | None = EPISODE_TIMEOUT_S,
+                             catch_exit: bool = False) -> tuple[dict, pd.DataFrame]:
     """One episode, as a run drives it: the env for `scenario` from `envs` (created on first use); a
     simulator failure closes the env, backs off and retries (up to `retries` times), after which the
     episode is an infrastructure failure; any other exception (the agent's code, a bad action,
@@ -272,7 +310,8 @@ def run_episode_with_retries(envs: dict, agent, scenario: Scenario, seed: int, *
                 trace.phase = "env create"
                 envs[scenario.name] = make_env(scenario, record, **(backend_options or {}))
             outcome, _ = run_episode(envs[scenario.name], agent, scenario, seed, video, trace=trace,
-                                     step_timeout_s=step_timeout_s, episode_timeout_s=episode_timeout_s)
+                                     step_timeout_s=step_timeout_s, episode_timeout_s=episode_timeout_s,
+                                     catch_exit=catch_exit)
             error = None
             break
         except SimulatorError as exc:
@@ -383,10 +422,12 @@ class Lockstep:
 
     def __init__(self, agents: list[Agent], batch: int, *, record: bool = False, retries: int = 2,
                  make_env: MakeEnv = default_make_env, backend_options: dict | None = None, backoff_s: float = 2.0,
-                 step_timeout_s: float | None = STEP_TIMEOUT_S, episode_timeout_s: float | None = EPISODE_TIMEOUT_S):
+                 step_timeout_s: float | None = STEP_TIMEOUT_S, episode_timeout_s: float | None = EPISODE_TIMEOUT_S,
+                 catch_exit: bool = False):
         if batch < 1:
             raise ValueError(f"--batch must be at least 1, got {batch}")
         self.agents, self.batch, self.record, self.retries = list(agents), batch, record, retries
+        self.catch_exit = catch_exit  # exits_raise around the agents' calls (in the run's own process)
         self.make_env, self.backend_options, self.backoff_s = make_env, backend_options or {}, backoff_s
         self.timeouts = {"step_timeout_s": step_timeout_s, "episode_timeout_s": episode_timeout_s}
         self.free_envs: dict[str, list[DriveEnv]] = {}
@@ -476,7 +517,7 @@ class Lockstep:
                     run.trace.phase = "env create"
                     run.env = self.make_env(scenario, self.record, **self.backend_options)
             run.episode = Episode(run.env, run.agent, scenario, run.job.seed, run.video, trace=run.trace,
-                                  **self.timeouts)
+                                  catch_exit=self.catch_exit, **self.timeouts)
             run.episode.start()
             reset_batch = getattr(run.agent, "reset_batch", None)
             if batched(run.agent) and callable(reset_batch):
@@ -567,7 +608,7 @@ class Lockstep:
         what = f"{agent.name}.act_batch() of {len(ready)} episodes"
         wall, cpu = time.perf_counter(), time.process_time()
         try:
-            with time_limit(min(limits) if limits else None, what):
+            with agent_call(min(limits) if limits else None, what, self.catch_exit):
                 if callable(getattr(agent, "reset_batch", None)):
                     answers = agent.act_batch(observations, slots=[run.slot for run in ready])
                 else:
@@ -611,7 +652,8 @@ def _first_line(exc: BaseException) -> str:
 class InProcessExecutor:
     """Episodes in this process. batch=1 (the default): one env per scenario (created on first use), episodes
     one after another (run_episode_with_retries). batch=K: K episodes side by side in lockstep (`Lockstep`),
-    a free episode slot refilled from the queue as soon as an episode ends."""
+    a free episode slot refilled from the queue as soon as an episode ends. The agents run in this process, so
+    their os._exit raises (exits_raise) and fails their episode, as their sys.exit does."""
 
     def __init__(self, agents: list[Agent], *, record: bool = False, retries: int = 2,
                  make_env: MakeEnv = default_make_env, backend_options: dict | None = None, backoff_s: float = 2.0,
@@ -638,14 +680,14 @@ class InProcessExecutor:
                 self.envs, agent, job.scenario, job.seed, run_id=run_dir.path.name,
                 video=run_dir.video_path(agent.name, job.scenario.name, job.seed) if self.record else None,
                 record=self.record, retries=self.retries, make_env=self.make_env,
-                backend_options=self.backend_options, backoff_s=self.backoff_s, **self.timeouts)
+                backend_options=self.backend_options, backoff_s=self.backoff_s, catch_exit=True, **self.timeouts)
             yield job, row, steps
 
     def _run_lockstep(self, jobs, run_dir):
         if self.lockstep is None:
             self.lockstep = Lockstep(self.agents, self.batch, record=self.record, retries=self.retries,
                                      make_env=self.make_env, backend_options=self.backend_options,
-                                     backoff_s=self.backoff_s, **self.timeouts)
+                                     backoff_s=self.backoff_s, catch_exit=True, **self.timeouts)
         lock, todo = self.lockstep, deque(jobs)
         while todo or lock.busy():
             while todo and lock.room() > 0:
@@ -698,8 +740,10 @@ class _progress:
     PLAIN_EVERY_S = 30.0
 
     def __init__(self, enabled: bool, total: int):
+        from prunedrive.harness.progress import Ticker
+
         self.enabled, self.total, self.scores = enabled, total, []
-        self.started = self.last_line = time.monotonic()
+        self.ticker = Ticker("episodes", total, "scored", every_s=self.PLAIN_EVERY_S)
         self.bar = None
 
     def __enter__(self):
@@ -725,13 +769,7 @@ class _progress:
         if self.bar is not None:
             self.bar.update(self.task, advance=1, score=f"mean DS {np.mean(self.scores):.1f}")
         elif self.enabled:
-            now = time.monotonic()
-            if now - self.last_line >= self.PLAIN_EVERY_S or len(self.scores) == self.total:
-                self.last_line = now
-                done, elapsed = len(self.scores), now - self.started
-                eta = elapsed / done * (self.total - done)
-                print(f"episodes {done}/{self.total}, elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min, "
-                      f"mean DS {np.mean(self.scores):.1f}", flush=True)
+            self.ticker.update(len(self.scores), f"mean DS {np.mean(self.scores):.1f}")
 
     def __exit__(self, *exc):
         if self.bar is not None:

@@ -14,13 +14,19 @@ prompt ending in "Answer:" is tokenized with the tokenizer's own special tokens 
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 from prunedrive.models import scene_text
+from prunedrive.models.pruning.surgery import load_structured, recorded_structure
 
 DRIVING_LLM_MODEL_TYPE = "prunedrive-driving-llm"  # what models/driving_llm.py writes into its config.json
 CONFIG_NAME = "config.json"
@@ -79,9 +85,56 @@ def is_hf_causal_lm_dir(directory: str | Path) -> bool:
     return True
 
 
+def _plain_file_inside(root: Path, file: Path, listed_in: str | None = None) -> Path:
+    """`file` when it is a regular file inside `root` (a symlink may point within `root` only), else an error
+    naming it: a device, a FIFO or a link out of the directory must never be read (/dev/zero never ends)."""
+    try:
+        info = os.lstat(file)
+        if stat.S_ISLNK(info.st_mode):
+            target = file.resolve()
+            if not target.is_relative_to(root.resolve()):
+                raise NotACausalLM(f"{file} is a symlink to {target}, outside the model directory {str(root)!r}; "
+                                   "copy the file into the directory (e.g. huggingface-cli download --local-dir)")
+            info = os.stat(file)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotACausalLM(f"{file} is missing" + (f" (listed in {listed_in})" if listed_in else "")) from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
+                else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "a socket")
+        raise NotACausalLM(f"{file} is {kind}, not a regular file: weights are read from plain files only")
+    return file
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard file names model.safetensors.index.json's weight_map lists (sorted, unique): plain names in
+    the directory, never a path that leaves it."""
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise NotACausalLM(f"{index} is not a safetensors index ({exc!r})") from None
+    for name in shards:
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise NotACausalLM(f"{index}: weight_map names {name!r}, not a file name in the model directory")
+    return shards
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The safetensors files a loader reads from a model directory, the one place that says which:
+    model.safetensors when it is there (transformers and models.driving_llm read it first), else the shards
+    that model.safetensors.index.json's weight_map names. Each is checked to be a regular file inside the
+    directory; other *.safetensors files in it are never read."""
+    path = Path(directory).expanduser()
+    single, index = (path / name for name in SAFETENSORS_NAMES)
+    if os.path.lexists(single):
+        return [_plain_file_inside(path, single)]
+    if os.path.lexists(index):
+        _plain_file_inside(path, index)
+        return [_plain_file_inside(path, path / name, listed_in=index.name) for name in _shard_names(index)]
+    raise NotACausalLM(f"{single} is missing (no weights in {str(path)!r})")
+
+
 def _check_weights(path: Path) -> Path:
-    found = [path / n for n in SAFETENSORS_NAMES if (path / n).is_file()]
-    if not found:
+    if not any(os.path.lexists(path / n) for n in SAFETENSORS_NAMES):
         pickles = [n for n in PICKLE_NAMES if (path / n).is_file()]
         if pickles:
             raise NotACausalLM(f"{path / pickles[0]}: only safetensors weights are loaded (a pickle can run code); "
@@ -89,23 +142,14 @@ def _check_weights(path: Path) -> Path:
         raise NotACausalLM(f"{path / SAFETENSORS_NAMES[0]} is missing (no weights in {str(path)!r}); {HOW}")
     from safetensors import safe_open
 
-    if found[0].name.endswith(".index.json"):
-        try:
-            shards = sorted(set(json.loads(found[0].read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise NotACausalLM(f"{found[0]} is not a safetensors index ({exc!r})") from None
-        files = [path / s for s in shards]
-    else:
-        files = found[:1]
+    files = weight_files(path)
     for file in files:
-        if not file.is_file():
-            raise NotACausalLM(f"{file} is missing (listed in {found[0].name})")
         try:
             with safe_open(str(file), framework="pt") as handle:
                 handle.keys()
         except Exception as exc:  # safetensors raises its own error types for a bad header
             raise NotACausalLM(f"{file} is not a readable safetensors file ({exc})") from None
-    return found[0]
+    return next(path / n for n in SAFETENSORS_NAMES if os.path.lexists(path / n))
 
 
 def load_config(directory: str | Path, trust_remote_code: bool = False):
@@ -159,9 +203,12 @@ def load_causal_lm(directory: str | Path, trust_remote_code: bool = False, dtype
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per agent would clutter a run's output
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, local_files_only=True,
-                                                     use_safetensors=True, trust_remote_code=trust_remote_code,
-                                                     dtype=_dtype(dtype))
+        if recorded_structure(config) is not None:  # structurally pruned, per-block widths: no stock config has them
+            model = load_structured(path, dtype=_dtype(dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), config=config, local_files_only=True,
+                                                         use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                         dtype=_dtype(dtype))
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise NotACausalLM(f"{path / SAFETENSORS_NAMES[0]} does not load into {type(config).__name__}: {exc}") from None
     finally:
@@ -169,6 +216,148 @@ def load_causal_lm(directory: str | Path, trust_remote_code: bool = False, dtype
             hf_logging.enable_progress_bar()
     model.eval()
     return model, tokenizer
+
+
+# -- can it drive? (checked once, when an agent is built) -------------------------------------------
+MAX_PROMPT_CHARS = 64 * 1024          # a rendered prompt longer than this is a broken template, not a scene
+TEMPLATE_SECONDS = 5.0                # rendering one prompt may take this long (measured after the imports)
+TEMPLATE_MEMORY_BYTES = 256 << 20     # ... and allocate this much beyond what the renderer process holds
+_RENDER_START_S = 120.0               # the renderer's start (python + transformers' template module) on a busy box
+# Run as `python -P -c`: transformers renders the template in its own jinja2 sandbox, under an address-space
+# limit and an alarm, in a process of its own, so `{{ 'x' * 2000000000 }}` is a MemoryError there, not 4 GB here.
+_RENDER_CHILD = r"""
+import json, resource, signal, sys
+request = json.load(sys.stdin)
+from transformers.utils.chat_template_utils import render_jinja_template
+
+late = []
+
+def too_slow(*_):
+    late.append(True)  # jinja2 may turn the exception into another one while it rewrites the traceback
+    raise TimeoutError
+
+try:  # Linux: the address space held now, plus the allowance
+    with open("/proc/self/statm") as statm:
+        held = int(statm.read().split()[0]) * resource.getpagesize()
+except OSError:  # elsewhere only the time limit applies
+    held = None
+if held is not None:
+    limit = held + request["memory_bytes"]
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+signal.signal(signal.SIGALRM, too_slow)
+signal.setitimer(signal.ITIMER_REAL, request["seconds"])
+try:
+    rendered, _ = render_jinja_template(conversations=[request["messages"]], chat_template=request["template"],
+                                        add_generation_prompt=True, **request["kwargs"])
+    answer = {"chars": len(rendered[0]), "blank": not rendered[0].strip()}
+except MemoryError:
+    answer = {"error": f"rendering needs more than {request['memory_bytes'] >> 20} MiB"}
+except BaseException as exc:
+    answer = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    if late:
+        answer = {"error": f"rendering took more than {request['seconds']:g} s"}
+signal.setitimer(signal.ITIMER_REAL, 0)
+sys.stdout.write(json.dumps(answer))
+"""
+
+
+def chat_template_file(directory: Path) -> Path:
+    """Where the directory's chat template is written (for messages): chat_template.jinja (transformers >= 4.5x)
+    or chat_template.json when present, else tokenizer_config.json's `chat_template`."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (directory / name).is_file():
+            return directory / name
+    return directory / "tokenizer_config.json"
+
+
+@functools.lru_cache(maxsize=16)
+def _bounded_render(template: str, kwargs_json: str, messages_json: str) -> tuple[int, bool]:
+    """(characters, blank) of the template rendered on the messages in a limited child process (see
+    _RENDER_CHILD); a template that raises, runs out of memory or time is a ValueError with the reason.
+    Cached: a model's pruned variants share one template."""
+    request = {"template": template, "kwargs": json.loads(kwargs_json), "messages": json.loads(messages_json),
+               "seconds": TEMPLATE_SECONDS, "memory_bytes": TEMPLATE_MEMORY_BYTES}
+    try:
+        child = subprocess.run([sys.executable, "-P", "-c", _RENDER_CHILD], input=json.dumps(request),
+                               capture_output=True, text=True, timeout=_RENDER_START_S + TEMPLATE_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"rendering did not finish within {_RENDER_START_S + TEMPLATE_SECONDS:g} s") from None
+    try:
+        answer = json.loads(child.stdout)
+    except ValueError:
+        last = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+        raise ValueError(f"the renderer process failed ({last})") from None
+    if "error" in answer:
+        raise ValueError(answer["error"])
+    return int(answer["chars"]), bool(answer["blank"])
+
+
+def _check_chat_template(path: Path, tokenizer, messages: list[dict[str, str]]) -> None:
+    """The tokenizer's chat template renders the probe messages: no error, not blank, at most MAX_PROMPT_CHARS
+    characters, within TEMPLATE_SECONDS and TEMPLATE_MEMORY_BYTES."""
+    source = chat_template_file(path)
+    try:
+        template = tokenizer.get_chat_template()
+    except (ValueError, TypeError) as exc:
+        raise NotACausalLM(f"{source}: no usable chat template ({exc})") from None
+    kwargs = json.dumps(dict(getattr(tokenizer, "special_tokens_map", {}) or {}), default=str)
+    try:
+        chars, blank = _bounded_render(template, kwargs, json.dumps(messages))
+    except ValueError as exc:
+        raise NotACausalLM(f"{source}: the chat template cannot render a scene prompt: {exc}") from None
+    if blank:
+        raise NotACausalLM(f"{source}: the chat template renders a scene prompt as empty text")
+    if chars > MAX_PROMPT_CHARS:
+        raise NotACausalLM(f"{source}: the chat template renders a scene prompt as {chars} characters, more than "
+                           f"{MAX_PROMPT_CHARS} (the scene itself is about 2000)")
+
+
+def max_positions(config) -> tuple[int | None, str]:
+    """(the model's positions, the config field that says so), or (None, "") when the config sets none."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, name
+    return None, ""
+
+
+def check_drivable(directory: str | Path, tokenizer, config, max_new_tokens: int,
+                   chat_template: bool | None = None) -> int:
+    """Whether the model can answer a scene at all, checked once before it drives: the prompt of the busiest
+    scene (scene_text.probe_observation) renders (a chat template: see _check_chat_template), tokenizes to at
+    least one token, and with max_new_tokens fits the model's positions. Returns the probe prompt's token count;
+    an error names the file at fault (chat template, tokenizer or config.json)."""
+    path, _ = check_directory(directory)
+    probe = scene_text.probe_observation()
+    chat = chat_template is not False and uses_chat_template(tokenizer)
+    if chat:
+        _check_chat_template(path, tokenizer, scene_text.action_messages(probe))
+    source = chat_template_file(path) if chat else path / "tokenizer_config.json"
+    try:
+        ids = prompt_ids(tokenizer, probe, chat_template)
+    except Exception as exc:  # noqa: BLE001 -- a template or tokenizer can raise anything
+        raise NotACausalLM(f"{source}: the scene prompt cannot be built ({type(exc).__name__}: {exc})") from None
+    if not ids:
+        raise NotACausalLM(f"{source}: the scene prompt tokenizes to no tokens")
+    positions, field = max_positions(config)
+    if positions is not None and len(ids) + max_new_tokens > positions:
+        raise NotACausalLM(f"{path / CONFIG_NAME}: the longest scene prompt has {len(ids)} tokens, plus "
+                           f"max_new_tokens={max_new_tokens} = {len(ids) + max_new_tokens}, more than the model's "
+                           f"{positions} positions ({field}); lower max_new_tokens (--agent-arg max_new_tokens=N) "
+                           "or use a model with a longer context")
+    return len(ids)
+
+
+def check_causal_lm_dir(directory: str | Path, max_new_tokens: int, trust_remote_code: bool = False,
+                        chat_template: bool | None = None) -> None:
+    """Everything load_causal_lm and check_drivable check, without loading the weights (their headers are
+    read): for checking a run's model directories before anything drives."""
+    config = load_config(directory, trust_remote_code)
+    path, _ = check_directory(directory)
+    _check_weights(path)
+    check_drivable(path, load_tokenizer(path, trust_remote_code), config, max_new_tokens, chat_template)
 
 
 # -- prompts ---------------------------------------------------------------------------------------

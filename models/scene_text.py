@@ -35,8 +35,8 @@ import math
 
 import numpy as np
 
-from prunedrive.harness.observation import (EGO_FEATURES, PEDESTRIAN_RANGE_M, ROUTE_SPACING_M, TRAFFIC_LIGHT_STATES,
-                                            VEHICLE_RANGE_M)
+from prunedrive.harness.observation import (EGO_FEATURES, OBS_SHAPES, PEDESTRIAN_RANGE_M, ROUTE_SPACING_M,
+                                            TRAFFIC_LIGHT_STATES, VEHICLE_RANGE_M)
 from prunedrive.models import text
 
 SCENE_TEXT_VERSION = 1
@@ -152,6 +152,28 @@ def scene_text(observation: dict[str, np.ndarray], max_vehicles: int = MAX_LISTE
 def action_prompt(observation: dict[str, np.ndarray]) -> str:
     """Scene, question and the answer cue: the plain-text prompt (no chat template); the answer follows it."""
     return f"{scene_text(observation)}\n{ACTION_QUESTION}\n{ANSWER_PREFIX}"
+
+
+def probe_observation() -> dict[str, np.ndarray]:
+    """The busiest scene the format writes, for checking a model before it drives (models.hf_causal.
+    check_drivable): every listed vehicle and pedestrian, a traffic light, the whole route, and negative
+    multi-digit numbers everywhere, so its prompt is as long as a real one gets (give or take a digit)."""
+    obs = {key: np.zeros(shape, np.float32) for key, shape in OBS_SHAPES.items()}
+    ego = {"speed_mps": 33.3, "accel_mps2": -8.8, "heading_error_rad": -0.58, "lane_offset_m": -1.23, "throttle": 1.0,
+           "brake": 1.0, "steer": -1.0, "speed_limit_mps": 33.3, "route_remaining_m": 9999.9}
+    obs["ego"][:] = [ego[name] for name in EGO_FEATURES]
+    along = ROUTE_SPACING_M * np.arange(1, len(obs["route_mask"]) + 1)
+    obs["route"][:] = np.stack([along, -0.02 * along ** 2], axis=1)  # bends left: "bends N deg left over ..."
+    obs["route_mask"][:] = 1
+    for i in range(len(obs["vehicles_mask"])):
+        obs["vehicles"][i] = [-60.1 - i, -12.3, -33.3, -4.4, 0.0, 12.3, 2.6]
+    obs["vehicles_mask"][:] = 1
+    for i in range(len(obs["pedestrians_mask"])):
+        obs["pedestrians"][i] = [-40.1 - i, -12.3, -2.2, -1.1]
+    obs["pedestrians_mask"][:] = 1
+    obs["traffic_light"][:] = [TRAFFIC_LIGHT_STATES.index("yellow"), 99.9]
+    obs["traffic_light_mask"][:] = 1
+    return obs
 
 
 def action_messages(observation: dict[str, np.ndarray]) -> list[dict[str, str]]:

@@ -41,6 +41,14 @@ KIND_BACKEND = {
     "intersection": "highway",
     "carla_route": "carla",
 }
+# The `options` keys each built-in backend accepts: a suite is checked against them when it loads, so a mistyped
+# or unsupported option is an error, not silently ignored. The backends read their options from here
+# (harness/backends/). A plug-in backend (not listed) checks its own options.
+BACKEND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "highway": (),
+    "carla": ("route_file", "route_id", "host", "port", "tm_port", "timeout_s", "load_timeout_s", "fixed_delta_s",
+              "background_vehicles", "background_walkers", "ego_blueprint", "camera_size", "no_rendering"),
+}
 
 
 MAX_SUITE_BYTES = 1_000_000
@@ -225,8 +233,20 @@ def _scenario(item: dict[str, Any], where: str) -> Scenario:
     options = item.get("options", {})
     if not isinstance(options, dict):
         raise ScenarioError(f"{where}: field 'options' must be a mapping")
+    _check_options(options, backend_of_kind(item["kind"]), where)
     values["options"] = options
     return Scenario(**values)
+
+
+def _check_options(options: dict, backend: str, where: str) -> None:
+    allowed = BACKEND_OPTIONS.get(backend)
+    if allowed is None:  # a plug-in backend: it checks its own
+        return
+    for key in options:
+        if key not in allowed:
+            accepted = ", ".join(allowed) if allowed else "none (it takes no options)"
+            raise ScenarioError(f"{where}: unknown option {key!r} in field 'options' for the {backend} backend; "
+                                f"allowed: {accepted}")
 
 
 def _number(value: Any, key: str, where: str) -> float | int:

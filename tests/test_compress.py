@@ -147,6 +147,7 @@ def test_dg2pf_reaches_the_target(tiny_model, tmp_path):
     assert record["hyperparameters"]["val_batches"] == 24
     saved = json.loads((tmp_path / "d" / "sparsity.json").read_text())
     assert saved["hyperparameters"] == record["hyperparameters"] and saved["history"]
+    assert not (tmp_path / "d" / "dg2pf-checkpoint").exists(), "the finished model keeps no training checkpoint"
 
 
 def test_dg2pf_targets_each_part(tiny_model, tmp_path):

@@ -102,7 +102,8 @@ def test_the_consumers_show_the_same_numbers_under_the_tables_names(tmp_path):
     rng = np.random.default_rng(0)
     eps = episodes(2, (1, 2))
     run = make_run(tmp_path / "run", "llm-x", {e: float(rng.uniform(40, 90)) for e in eps}, wall_ms=3.0,
-                   collisions={eps[0]: 1}, compute={"effective_flops": 2e9, "executed_flops": 4e9, "params": 1e6, "nonzero_params": 5e5})
+                   collisions={eps[0]: 1}, compute={"effective_flops": 2e9, "executed_flops": 4e9, "params": 1e6, "nonzero_params": 5e5,
+                            "parse_failed": 0.0})
     table = RunDir(run).episodes()
     row = summarize(table, ["agent"]).iloc[0]
     logged = summary_metrics(row)
@@ -112,6 +113,7 @@ def test_the_consumers_show_the_same_numbers_under_the_tables_names(tmp_path):
     assert dict(columns)["driving_score"] == "driving score"
     assert report_row["collisions_per_km"] == f"{row.collisions_per_km:.2f}"
     assert report_row["effective_gflops"] == "2" and report_row["nonzero_params"] == "500.00k"
+    assert report_row["parse_failure_rate"] == "0.00" and row.parse_failure_rate == 0.0
     bench = comparison_table(table, {}, {}).iloc[0]
     assert bench["driving_score"] == row.driving_score_mean and bench["step_ms_p50"] == row.agent_wall_ms_p50
     assert bench["effective_gflops"] == pytest.approx(2.0)

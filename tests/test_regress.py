@@ -24,7 +24,7 @@ def make_run(path: Path, agent: str, scores, *, suite: str = "synth", collisions
     scores: {(scenario, seed): driving score}; with no infraction the driving score is the route
     completion. collisions: {(scenario, seed): n} vehicle collisions (the score is then RC x 0.6^n).
     wall_ms: per-step agent time (a number, or {(scenario, seed): ms}). compute: extra per-step fields
-    (effective_flops, executed_flops, params, nonzero_params). video_keys: episodes that get a videos/<key>.webm file."""
+    (effective_flops, executed_flops, params, nonzero_params, parse_failed). video_keys: episodes that get a videos/<key>.webm file."""
     run = RunDir(path)
     if not run.manifest_path.exists():
         run.create({"suite": suite, "agents": [agent], "model": None, **(config or {})}, [])
@@ -37,7 +37,7 @@ def make_run(path: Path, agent: str, scores, *, suite: str = "synth", collisions
         steps = pd.DataFrame({"agent_wall_s": np.full(10, ms / 1000), "agent_cpu_s": np.full(10, ms / 1000),
                               "sim_wall_s": np.full(10, 0.002)})
         for name in ("tokens_in", "tokens_out", "dense_flops", "effective_flops", "executed_flops", "params", "nonzero_params",
-                     "peak_mem_bytes"):
+                     "peak_mem_bytes", "parse_failed"):
             steps[name] = (compute or {}).get(name, np.nan)
         kind = KINDS[zlib.crc32(scenario.encode()) % len(KINDS)] if scenario not in KINDS else scenario
         row = episode_row(outcome, steps, run_id=path.name, agent=agent,

@@ -64,6 +64,8 @@ from prunedrive.scenarios.loader import Scenario
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+# The keys are scenarios.loader.BACKEND_OPTIONS["carla"] (a suite's options are checked against those when it
+# loads; tests/test_import_limits.py checks the two agree).
 DEFAULT_OPTIONS: dict[str, Any] = {
     "route_file": None,            # Leaderboard route XML: absolute, or relative to the repo (or cwd)
     "route_id": None,              # the <route id=...> to drive

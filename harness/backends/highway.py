@@ -28,7 +28,7 @@ from prunedrive.harness.backends.base import BackendState
 from prunedrive.harness.backends.highway_fast import FastRoad, speed_up
 from prunedrive.harness.events import Event, EventKind, StepEvents
 from prunedrive.harness.observation import EgoState, WorldObjects
-from prunedrive.scenarios.loader import Scenario
+from prunedrive.scenarios.loader import BACKEND_OPTIONS, Scenario, ScenarioError
 
 SIMULATION_HZ = 15
 MAX_ACCEL = 4.0      # m/s^2 at full throttle
@@ -323,6 +323,11 @@ class HighwayBackend:
     """Backend protocol on highway-env."""
 
     def __init__(self, scenario: Scenario, render: bool = False):
+        # A suite is checked when it loads; this catches a Scenario built in code.
+        unknown = sorted(map(str, set(scenario.options) - set(BACKEND_OPTIONS["highway"])))
+        if unknown:
+            raise ScenarioError(f"scenario {scenario.name!r}: unknown option(s) {', '.join(unknown)} for the highway "
+                                "backend; it takes no options")
         if render:
             _quiet_offscreen_sdl()
         self.scenario = scenario

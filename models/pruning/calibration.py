@@ -53,12 +53,54 @@ def capture_block_inputs(lm: nn.Module, calibration: list[dict]) -> tuple[list[t
             for sample in calibration:
                 inputs = {k: v.to(device) for k, v in sample.items() if k in FORWARD_KEYS}
                 with contextlib.suppress(_StopForward):
-                    lm(**inputs, use_cache=False)
+                    _forward_within_context(lm, inputs, sample_length(sample))
     finally:
         handle.remove()
     if not hidden:
         raise ValueError("empty calibration set")
     return hidden, kwargs
+
+
+# Config fields that bound a causal LM's positions, by family (Llama/OPT/most: max_position_embeddings; GPT-2
+# and GPT-J: n_positions; older GPT-2 configs: n_ctx).
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
+def context_length(lm: nn.Module) -> int | None:
+    """How many positions `lm` takes (from its config), or None when its config sets no bound."""
+    config = getattr(lm, "config", None)
+    for field in CONTEXT_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_to_context(samples: list[dict], limit: int | None) -> tuple[list[dict], int]:
+    """(samples cut to their first `limit` positions, how many were cut). A longer sequence would index past
+    the model's position table (learned positions: IndexError) or use positions it was never trained on."""
+    if limit is None:
+        return samples, 0
+    out, cut = [], 0
+    for sample in samples:
+        if sample_length(sample) > limit:
+            sample = {k: v[:, :limit] if k in FORWARD_KEYS else v for k, v in sample.items()}
+            cut += 1
+        out.append(sample)
+    return out, cut
+
+
+def _forward_within_context(lm: nn.Module, inputs: dict, length: int) -> None:
+    """lm(**inputs), with a clear error where a sample runs past a learned position table (GPT-2, OPT: an
+    IndexError naming nothing). Rotary models take any length, so nothing is refused in advance."""
+    try:
+        lm(**inputs, use_cache=False)
+    except IndexError as exc:
+        limit = context_length(lm)
+        if limit is None or length <= limit:
+            raise
+        raise ValueError(f"a calibration sample has {length} positions; {type(lm).__name__} takes {limit} "
+                         "(cut the samples with models.pruning.calibration.fit_to_context)") from exc
 
 
 def _as_keywords(module: nn.Module, args: tuple, kw: dict) -> dict:

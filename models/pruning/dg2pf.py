@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunedrive.harness.progress import live_bars
+from prunedrive.harness.progress import Ticker, live_bars
 from prunedrive.models.pruning.masks import EXCLUDE, find_linears, sparsity_report, unstructured_mask
 
 Forward = Callable[[nn.Module, object], tuple[torch.Tensor, torch.Tensor]]
@@ -327,6 +327,18 @@ def dg2pf_prune(student: nn.Module, teacher: nn.Module | None, train_batches, va
         state["best_val_gradual"] = None
         checkpoint()
 
+    # Plain lines for a log: epochs trained of the most the phases allow (early stopping usually ends sooner).
+    one_shot = fixed_mask is not None or not config.gradual
+    most_epochs = (0 if one_shot else max(config.max_epochs, config.sparsity_epochs)) + config.finetune_max_epochs
+    ticker = Ticker(f"DG2PF to sparsity {config.sparsity:g}", most_epochs, "epochs at most", enabled=progress,
+                    done=len(state["history"]), eta_bound=True)
+
+    def epoch_done():
+        last = state["history"][-1]
+        val_loss = "" if last["val_loss"] is None else f", val loss {last['val_loss']:.3f}"
+        ticker.update(len(state["history"]), f"{last['phase']} epoch {last['epoch']}, sparsity {last['sparsity']:.3f}"
+                      f"{val_loss}")
+
     # Phase 1: distilled gradual pruning with simulated pruning
     while state["phase"] == "gradual":
         state["epoch"] += 1
@@ -347,6 +359,7 @@ def dg2pf_prune(student: nn.Module, teacher: nn.Module | None, train_batches, va
                                      "train_loss": train_loss, "val_loss": None})
         else:
             stop = end_of_epoch(masks_at(fraction), train_loss)
+        epoch_done()
         if stop or epoch >= max(config.max_epochs, config.sparsity_epochs):
             if state["best_student"] is not None:
                 student.load_state_dict(state["best_student"])
@@ -366,12 +379,14 @@ def dg2pf_prune(student: nn.Module, teacher: nn.Module | None, train_batches, va
                 losses.append(finetune_step(student, batch, forward, optimizer, params, masks, config))
                 state["steps"] += 1
             stop = end_of_epoch(masks, _mean(losses))
+            epoch_done()
         if stop:
             student.load_state_dict(state["best_student"])
             _zero(params, masks)  # the final mask, permanently
             state["phase"] = "done"
         checkpoint()
 
+    ticker.finish(f"{len(state['history'])} epochs")
     report = sparsity_report(student, tuple(config.exclude))
     report.update(history=state["history"], best_val_gradual=state["best_val_gradual"],
                   best_val_finetune=state["best_val"], config=asdict(config), train_steps=state["steps"],
