@@ -43,6 +43,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from prunedrive.harness.action import MAX_STEER_RAD
 from prunedrive.harness.observation import (EGO_FEATURES, MAX_PEDESTRIANS, MAX_VEHICLES, OBS_SHAPES, ROUTE_POINTS,
                                  TRAFFIC_LIGHT_STATES, VEHICLE_LENGTH_M)
+from prunedrive.models.pruning.surgery import apply_structure
 from prunedrive.models.text import CORRIDOR_HALF_WIDTH_M
 from prunedrive.models.tokenizer import DrivingTokenizer
 
@@ -241,7 +242,8 @@ class DrivingLLM(nn.Module):
         if llama.vocab_size != len(tokenizer):
             raise ValueError(f"LM vocab {llama.vocab_size} != tokenizer vocab {len(tokenizer)}")
         config.vocab_size = llama.vocab_size
-        self.lm = AutoModelForCausalLM.from_config(llama, attn_implementation="sdpa")
+        # a structurally pruned LM records per-block widths in its config: build the stock LM, then shrink it
+        self.lm = apply_structure(AutoModelForCausalLM.from_config(llama, attn_implementation="sdpa"))
         config.lm = config.lm or self.lm.config.to_dict()
         self.encoder = VectorEncoder(config.enc_dim, config.enc_heads, config.num_latents, config.hidden_size,
                                      config.direct_tokens)
