@@ -13,6 +13,8 @@
                                 #   else beside this file); a directory, or a path ending in .parquet
     policy_hz: 5                # optional: agent decisions per simulated second (the control is held between)
     track: SENSORS              # optional: the Leaderboard track the agent declares (SENSORS or MAP)
+    device: cuda                # optional: where a model agent runs: cpu (default), cuda, cuda:N (models.device)
+    dtype: bfloat16             # optional: its precision: float32 (default), bfloat16, float16 (GPU only)
 
 The agent is privileged, as experts like PDM-Lite are: it reads the hero and the actors around it
 through scenario_runner's CarlaDataProvider, with the same code (harness.backends.carla.WorldReader)
@@ -47,9 +49,10 @@ from prunedrive.harness.events import StepEvents
 from prunedrive.harness.results import atomic_parquet
 from prunedrive.harness.route import RoutePolyline
 from prunedrive.harness.runner import STEP_COLUMNS
+from prunedrive.models.device import DEFAULT_DEVICE, DEFAULT_DTYPE, check_precision, precision_options
 from prunedrive.scenarios.loader import Scenario
 
-CONFIG_KEYS = ("agent", "model", "args", "out", "policy_hz", "track")
+CONFIG_KEYS = ("agent", "model", "args", "out", "policy_hz", "track", "device", "dtype")
 SPEEDOMETER = {"type": "sensor.speedometer", "reading_frequency": 20, "id": "speed"}
 STEP_FILE = "prunedrive_steps_{:03d}.parquet"
 
@@ -165,6 +168,7 @@ class PrunedriveAgent(AutonomousAgent):
         if track not in Track.__members__:
             raise AgentError(f"{path}: track {track!r}; allowed: {', '.join(Track.__members__)}")
         self.track = Track[track]
+        args = {**args, **self._precision(config, args, path)}
         self.agent = make_agent(str(config["agent"]), model, **args)
         self.out = self._out_path(config.get("out"), path)
         self.carla = import_carla()
@@ -172,6 +176,17 @@ class PrunedriveAgent(AutonomousAgent):
         self._rows: list[dict] = []
         self._calls, self._ticks_per_step, self._done = 0, 1, False
         self._control, self._t0, self._returned = BRAKE, None, None
+
+    @staticmethod
+    def _precision(config: dict, args: dict, path: Path) -> dict:
+        """The factory keywords of the config's device/dtype (none for cpu/float32), checked now: a CUDA device
+        this machine lacks is refused before the first route, naming the file."""
+        device, dtype = check_precision(config.get("device", DEFAULT_DEVICE), config.get("dtype", DEFAULT_DTYPE),
+                                        (f"{path}: device", f"{path}: dtype"))
+        both = [key for key in ("device", "dtype") if key in args and key in config]
+        if both:
+            raise AgentError(f"{path}: {both[0]} is given twice (top level and under args); give it once")
+        return precision_options(device, dtype)
 
     @staticmethod
     def _out_path(value, config_path: Path) -> Path:

@@ -23,6 +23,13 @@ Compute per act() (`last_compute()`), counted analytically from the shapes actua
                   2:4 semi-structured (models/sparse_linear.py). Equals dense_flops unless sparse="auto".
 peak_mem_bytes: the process's peak resident set (getrusage ru_maxrss): what the OS saw, simulator and
   Python included; monotonic over the process, so compare it across processes, not within one.
+
+Device and precision (`device`, `dtype`; models.device checks them): the model's weights live on the device in
+the dtype; observations go there as float32 and the encoder casts its O(1) features to the dtype (coordinates are
+turned into features in float32). On a CUDA device each act()/act_batch() also reports `device_time_s` (the
+decode's GPU time, CUDA events, synchronised; a batch's split over its rows like its FLOPs) and
+`device_peak_mem_bytes` (torch.cuda.max_memory_allocated, reset at every reset(): per episode); on the CPU neither
+is reported (the step rows hold NaN) and the runner's wall time is the step's time.
 """
 from __future__ import annotations
 
@@ -35,9 +42,11 @@ import torch
 from torch import nn
 
 from prunedrive.harness.action import BRAKE, Control
-from prunedrive.harness.compute import apportion
+from prunedrive.harness.compute import apportion, split_device_time
 from prunedrive.harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES, OBS_SHAPES
 from prunedrive.models import text
+from prunedrive.models.device import (DeviceClock, check_precision, device_figures, is_cuda, reset_peak_memory,
+                                      torch_dtype)
 from prunedrive.models.driving_llm import DrivingLLM, collate
 from prunedrive.models.pruning.masks import find_linears
 from prunedrive.models.sparse_linear import accelerate, executed_weights
@@ -56,18 +65,20 @@ def parse_or_brake(answer: str) -> tuple[Control, bool]:
 
 class LLMAgent:
     def __init__(self, model: DrivingLLM | str | Path, name: str | None = None, max_new_tokens: int = 24,
-                 full_answer: bool = False, sparse: str = "dense"):
+                 full_answer: bool = False, sparse: str = "dense", device: str = "cpu", dtype: str = "float32"):
         """model: a DrivingLLM or a directory saved by save_pretrained. full_answer=False stops decoding once
         the actions are complete (at "Reason"), saving the reason's tokens. sparse="auto" runs each pruned
         Linear through the execution path measured fastest for this agent's row counts (`self.paths`,
         re-chosen when the non-zeros change); "dense" runs the masked dense weights as they are."""
         if sparse not in ("dense", "auto"):
             raise ValueError(f"sparse must be 'dense' or 'auto', got {sparse!r}")
+        self.device, self.dtype = check_precision(device, dtype, ("device", "dtype"))
         self.sparse = sparse
         self.paths: dict[str, str] = {}
         self.path_report: dict = {}
         self._pruned_fingerprint: tuple | None = None
         self.model = model if isinstance(model, DrivingLLM) else DrivingLLM.from_pretrained(model)
+        self.model.to(device=self.device, dtype=torch_dtype(self.dtype))
         self.model.eval()
         self.name = name or f"llm-{self.model.config.preset}"
         self.max_new_tokens = max_new_tokens
@@ -85,16 +96,23 @@ class LLMAgent:
     # -- Agent protocol ----------------------------------------------------------------------------
     def reset(self, scenario: Scenario) -> None:
         self.refresh_compute()  # weights may have been pruned since the last episode
+        reset_peak_memory(self.device)
 
     def act(self, observation: dict[str, np.ndarray]) -> Control:
-        ids, stats = self.model.generate(collate([observation]), self.prompt, self.max_new_tokens, self.stop_text)
+        with DeviceClock(self.device) as clock:
+            ids, stats = self.model.generate(self._inputs([observation]), self.prompt, self.max_new_tokens,
+                                             self.stop_text)
         self.last_text = self.model.tokenizer.decode(ids[0])
         control, failed = parse_or_brake(self.last_text)
         self.steps += 1
         self.parse_failures += failed
         self._last = {**self._compute(stats["tokens_in"], stats["decode_steps"], len(ids[0])),
-                      "parse_failed": float(failed)}
+                      "parse_failed": float(failed), **device_figures(self.device, clock.seconds)}
         return control
+
+    def _inputs(self, observations: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        """The collated float32 observations on the model's device."""
+        return {k: v.to(self.device) for k, v in collate(observations).items()}
 
     def last_compute(self) -> dict[str, float]:
         return dict(self._last)
@@ -103,6 +121,7 @@ class LLMAgent:
     def configure_batch(self, capacity: int) -> None:
         """Pad every act_batch to `capacity` rows (see act_batch)."""
         self.batch_rows = int(capacity)
+        self._pruned_fingerprint = None  # sparse="auto": the row counts changed; the next reset() measures again
 
     def act_batch(self, observations: list[dict[str, np.ndarray]]) -> list[Control]:
         """One control per observation, decoded together: one generate() over the collated batch (one shared
@@ -122,7 +141,8 @@ class LLMAgent:
             self._last_batch = []
             return []
         rows = list(observations) + [observations[0]] * max(0, (self.batch_rows or n) - n)
-        ids, stats = self.model.generate(collate(rows), self.prompt, self.max_new_tokens, self.stop_text)
+        with DeviceClock(self.device) as clock:
+            ids, stats = self.model.generate(self._inputs(rows), self.prompt, self.max_new_tokens, self.stop_text)
         tokens_in, batch_steps = stats["tokens_in"], stats["decode_steps"]
         controls, own, texts = [], [], []
         for row in ids[:n]:
@@ -137,6 +157,10 @@ class LLMAgent:
         # Every row of the call (padding included) processed tokens_in + batch_steps tokens.
         per_row = self._compute(tokens_in, batch_steps, 0)
         apportion(own, {field: value * len(rows) for field, value in per_row.items()})
+        if is_cuda(self.device):  # the call's device time over its rows, like its FLOPs
+            for report in own:
+                report.update(device_figures(self.device, clock.seconds))
+            split_device_time(own, clock.seconds)
         self.last_texts = texts  # each row's answer (last_text: the last row's)
         self._last_batch = own
         self._last = dict(own[-1])
@@ -177,7 +201,7 @@ class LLMAgent:
                  for n, lin in _linear_weights(self.model.encoder).items()]
         try:
             with torch.no_grad():
-                self.model.encoder(collate([{k: np.zeros(s, np.float32) for k, s in OBS_SHAPES.items()}]))
+                self.model.encoder(self._inputs([{k: np.zeros(s, np.float32) for k, s in OBS_SHAPES.items()}]))
         finally:
             for h in hooks:
                 h.remove()
@@ -191,9 +215,11 @@ class LLMAgent:
         if fingerprint == self._pruned_fingerprint:
             return
         prefill = self.model.prefix_tokens + len(self.model.prompt_ids(self.prompt))
-        # Decoder layers: one prefill of all LM input rows, then one row per fed-back token.
-        decode = {prefill: 1.0, 1: float(max(self.max_new_tokens - 1, 1))}
-        encoder = {f"encoder.{n}": {max(r, 1): 1.0} for n, r in self._encoder_rows.items()}
+        # Decoder layers: one prefill of all LM input rows, then one row per fed-back token, for each of the
+        # K rows act_batch decodes together (configure_batch): the paths are chosen at the agent's own rows.
+        k = self.batch_rows or 1
+        decode = {k * prefill: 1.0, k: float(max(self.max_new_tokens - 1, 1))}
+        encoder = {f"encoder.{n}": {max(r, 1) * k: 1.0} for n, r in self._encoder_rows.items()}
         self.path_report = accelerate(self.model, decode, layer_rows=encoder)
         self.paths = {n: c.path for n, c in self.path_report.items()}
         self._pruned_fingerprint = fingerprint
@@ -216,6 +242,15 @@ class LLMAgent:
                 "peak_mem_bytes": float(peak)}
 
 
-def make_llm_agent(model: str | Path, **options) -> LLMAgent:
-    """The registry's `llm`: named after the model directory, so a dense model and its pruned variants stay apart."""
-    return LLMAgent(model, name=f"llm-{Path(model).name}", **options)
+def make_llm_agent(model: str | Path, device: str = "cpu", dtype: str = "float32", **options) -> LLMAgent:
+    """The registry's `llm`: named after the model directory, so a dense model and its pruned variants stay apart.
+    device and dtype are named here so that --device/--dtype reach it (app.drive.with_precision)."""
+    return LLMAgent(model, name=f"llm-{Path(model).name}", device=device, dtype=dtype, **options)
+
+
+def check_llm_model(model: str | Path, device: str = "cpu", dtype: str = "float32", **_other_options) -> None:
+    """Before a run drives (AgentSpec.check, in the planning process): the device exists and takes the dtype."""
+    check_precision(device, dtype, ("device", "dtype"))
+
+
+make_llm_agent.check_model = check_llm_model

@@ -27,6 +27,10 @@ any architecture:
                   assumed (a sliding window shorter than the context is not discounted). Same in all three.
   Embeddings, norms, activations, softmax, rotary and biases are not counted.
 peak_mem_bytes: the process's peak resident set (getrusage), as agents/llm.py.
+device, dtype: the model and its inputs on `device` (cpu, cuda, cuda:N), weights in `dtype` (float32, bfloat16,
+float16, or "auto": the checkpoint's own), checked by models.device (float16 on the CPU is refused). On a CUDA
+device each decision also reports device_time_s (CUDA events, synchronised) and device_peak_mem_bytes (reset per
+episode), as agents/llm.py.
 """
 from __future__ import annotations
 
@@ -40,7 +44,9 @@ import torch
 
 from prunedrive.agents.llm import parse_or_brake
 from prunedrive.harness.action import Control
-from prunedrive.harness.compute import apportion
+from prunedrive.harness.compute import apportion, split_device_time
+from prunedrive.models.device import (DeviceClock, check_device, check_precision, device_figures, is_cuda,
+                                      reset_peak_memory)
 from prunedrive.models import text
 from prunedrive.models.hf_causal import (check_causal_lm_dir, check_drivable, load_causal_lm, max_positions,
                                          prompt_ids, uses_chat_template)
@@ -66,14 +72,18 @@ def attention_width(config) -> tuple[int, int]:
 
 class TextLLMAgent:
     def __init__(self, model_dir: str | Path, name: str | None = None, max_new_tokens: int = 48,
-                 trust_remote_code: bool = False, dtype: str = "float32",
+                 trust_remote_code: bool = False, dtype: str = "float32", device: str = "cpu",
                  stop_strings: tuple[str, ...] | list[str] | str | None = DEFAULT_STOP_STRINGS,
                  stop_when_parsed: bool = True, chat_template: bool | None = None):
         """model_dir: a local HF causal LM directory (models.hf_causal.load_causal_lm checks it). chat_template:
         None = use the tokenizer's when it has one, False = always the plain prompt."""
         self.model_dir = str(model_dir)
         self.max_new_tokens = _max_new_tokens(max_new_tokens)
+        self.device = check_device(device, "device")
+        if dtype != "auto":
+            check_precision(self.device, dtype, ("device", "dtype"))
         self.model, self.tokenizer = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, dtype=dtype)
+        self.model.to(self.device)
         check_drivable(model_dir, self.tokenizer, self.model.config, self.max_new_tokens, chat_template)
         self.name = name or f"text-llm-{Path(model_dir).name}"
         self.stop_strings = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings or ())
@@ -126,14 +136,16 @@ class TextLLMAgent:
     # -- Agent protocol ----------------------------------------------------------------------------
     def reset(self, scenario: Scenario) -> None:
         self.refresh_compute()  # weights may have been pruned since the last episode
+        reset_peak_memory(self.device)
 
     def act(self, observation: dict[str, np.ndarray]) -> Control:
         ids = self._prompt(observation)
-        generated, decode_steps = self._counted_decode([ids])
+        with DeviceClock(self.device) as clock:
+            generated, decode_steps = self._counted_decode([ids])
         self.last_rows = dict(self._rows)  # rows through each linear in this act (name -> rows)
         control, failed = self._control(generated[0])
         self._last = {**self._compute(len(ids), decode_steps, len(generated[0]), self._rows),
-                      "parse_failed": float(failed)}
+                      "parse_failed": float(failed), **device_figures(self.device, clock.seconds)}
         return control
 
     def last_compute(self) -> dict[str, float]:
@@ -173,7 +185,8 @@ class TextLLMAgent:
                 self._last_batch.append(self.last_compute())
             return controls
         prompts = [self._prompt(o) for o in observations]
-        generated, decode_steps = self._counted_decode(prompts)
+        with DeviceClock(self.device) as clock:
+            generated, decode_steps = self._counted_decode(prompts)
         width = max(len(p) for p in prompts)
         controls, own, texts = [], [], []
         for ids, answer in zip(prompts, generated):
@@ -184,6 +197,10 @@ class TextLLMAgent:
                             self._prefill_rows.get(name, 0) // n) + len(answer) - 1 for name in self._rows}
             own.append({**self._compute(len(ids), len(answer) - 1, len(answer), alone), "parse_failed": float(failed)})
         apportion(own, self._compute(width, decode_steps, 0, self._rows, rows=n))
+        if is_cuda(self.device):  # the call's device time over its rows, like its FLOPs
+            for report in own:
+                report.update(device_figures(self.device, clock.seconds))
+            split_device_time(own, clock.seconds)
         self.last_rows = dict(self._rows)
         self.last_texts = texts  # each row's answer (last_text: the last row's)
         self._last_batch = own
@@ -301,16 +318,21 @@ def _max_new_tokens(value) -> int:
     return count
 
 
-def make_text_llm_agent(model: str | Path, **options) -> TextLLMAgent:
+def make_text_llm_agent(model: str | Path, device: str = "cpu", dtype: str = "float32", **options) -> TextLLMAgent:
     """The registry's `text-llm`: named after the model directory, so a dense model and its pruned variants stay
-    apart."""
-    return TextLLMAgent(model, **options)
+    apart. device and dtype are named here so that --device/--dtype reach it (app.drive.with_precision)."""
+    return TextLLMAgent(model, device=device, dtype=dtype, **options)
 
 
 def check_text_llm_model(model: str | Path, max_new_tokens: int = 48, trust_remote_code: bool = False,
-                         chat_template: bool | None = None, **_other_options) -> None:
+                         chat_template: bool | None = None, device: str = "cpu", dtype: str = "float32",
+                         **_other_options) -> None:
     """What building the agent checks about its model directory, without loading the weights: AgentSpec.check
     calls it in the process that plans the run, before any episode (Ray workers build their agents later)."""
+    if dtype == "auto":
+        check_device(device, "device")
+    else:
+        check_precision(device, dtype, ("device", "dtype"))
     check_causal_lm_dir(model, _max_new_tokens(max_new_tokens), trust_remote_code=trust_remote_code,
                         chat_template=chat_template)
 

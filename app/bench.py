@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from prunedrive.harness.latency import parse_latency, run_id_suffix
 from prunedrive.harness.metrics import BENCH, in_view
 from prunedrive.harness.regress import MIN_PAIRS_FOR_VERDICT
 
 
-def prune_variants(dense_dir: Path, variants: dict[str, dict], progress: bool, say=None) -> dict[str, tuple]:
+def prune_variants(dense_dir: Path, variants: dict[str, dict], progress: bool, say=None,
+                   device: str = "cpu") -> dict[str, tuple]:
     """{agent name: (method, sparsity, model dir)} for `variants` ({agent name: prune_model_dir keyword
     arguments, `method` and `sparsity` included}), pruning only what is not there yet. A pruned model is
     cached under a hash of its full recipe and of the dense weights, so changed settings or a retrained
@@ -29,6 +31,8 @@ def prune_variants(dense_dir: Path, variants: dict[str, dict], progress: bool, s
     models = {DENSE: ("dense", 0.0, dense_dir)}
     for i, (name, options) in enumerate(variants.items(), 1):
         options = dict(options)
+        if device != "cpu":  # pruned on that device, in float32 (DG2PF trains in float32); in the recipe's key
+            options["device"] = device
         method, sparsity = options.pop("method"), options.pop("sparsity")
         key = content_hash({"recipe": recipe(method, sparsity, **options), "dense": dense_hash})[:10]
         out = dense_dir / "pruned" / f"{method}-{sparsity:g}-{key}"
@@ -40,10 +44,11 @@ def prune_variants(dense_dir: Path, variants: dict[str, dict], progress: bool, s
     return models
 
 
-def pruned_models(dense_dir: Path, methods, sparsities, progress: bool, say=None) -> dict[str, tuple]:
+def pruned_models(dense_dir: Path, methods, sparsities, progress: bool, say=None,
+                  device: str = "cpu") -> dict[str, tuple]:
     """The bench's variants: every method at every sparsity, default settings."""
     return prune_variants(dense_dir, {f"llm-{m}-{s:g}": {"method": m, "sparsity": s} for m in methods
-                                      for s in sparsities}, progress, say)
+                                      for s in sparsities}, progress, say, device)
 
 
 # The open-loop errors `evaluate_open_loop` reports: {bench column: (its key there, terminal header)}.
@@ -95,8 +100,31 @@ def comparison_table(episodes: pd.DataFrame, models: dict, open_loop: dict) -> p
             **{CSV_NAMES.get(m.key, m.key): m.value(row) for m in DRIVING},
             **{column: errors.get(key, np.nan) for column, (key, _) in OPEN_LOOP_COLUMNS.items()},
             **{CSV_NAMES.get(m.key, m.key): m.value(row) for m in COMPUTE},
+            "params": _stored_params(episodes, agent),
         })
-    return pd.DataFrame(rows)
+    return with_step_ratio(pd.DataFrame(rows))
+
+
+def _stored_params(episodes: pd.DataFrame, agent: str) -> float:
+    """Parameters the agent's model stores (zeros included; a structured variant stores fewer), NaN without a model."""
+    if "params" not in episodes:
+        return np.nan
+    values = pd.to_numeric(episodes.loc[episodes["agent"] == agent, "params"], errors="coerce").dropna()
+    return float(values.max()) if len(values) else np.nan
+
+
+def with_step_ratio(table: pd.DataFrame) -> pd.DataFrame:
+    """`step_ratio`: each model's measured per-step time (p50) over the dense model's, from this same run (same
+    machine, same load, the same episodes): what pruning bought in time, where FLOPs only say what it could.
+    NaN without a dense row or a time; agents without a model get NaN too (their step is not a model's)."""
+    table = table.copy()
+    dense = table.loc[table["agent"] == DENSE, "step_ms_p50"] if "step_ms_p50" in table else pd.Series(dtype=float)
+    reference = float(dense.iloc[0]) if len(dense) else np.nan
+    sizes = table["nonzero_params"] if "nonzero_params" in table else pd.Series(np.nan, index=table.index)
+    has_model = np.isfinite(pd.to_numeric(sizes, errors="coerce").astype(float))
+    ratio = table["step_ms_p50"] / reference if np.isfinite(reference) and reference > 0 else np.nan
+    table["step_ratio"] = np.where(has_model, ratio, np.nan)
+    return table
 
 
 # Short headers so the tables fit 100 columns; bench.csv keeps the full column names.
@@ -135,16 +163,21 @@ def print_comparison(table: pd.DataFrame, load_note: str = "", console=None) -> 
                         _cell(r.collisions_per_km), _cell(r.success_rate, "{:.0f}"),
                         _cell(getattr(r, "parse_failure_rate", np.nan)))
     console.print(driving)
-    cost = Table(title="Cost and open loop", **style)
-    for header in ("agent", "sparsity", "non-zero", "eff\nGFLOP", "exec\nGFLOP", "ms/\nstep", "lon\nerr", "lat\nerr",
-                   "veh\nerr", "parse"):
+    # One space of padding, not two: twelve columns of numbers fit 100 characters with structured names.
+    cost = Table(title="Cost and open loop", **style, padding=(0, 0, 0, 1))
+    for header in ("agent", "spar-\nsity", "params", "non-\nzero", "eff\nGFLOP", "exec\nGFLOP", "ms/\nstep", "x\ndense",
+                   "lon\nerr", "lat\nerr", "veh\nerr", "parse"):
         cost.add_column(header, justify="left" if header == "agent" else "right", no_wrap=True)
     for r in table.itertuples():
-        cost.add_row(r.agent, _cell(r.sparsity, "{:.2f}"), _cell(r.nonzero_params, "params"),
+        cost.add_row(r.agent, _cell(r.sparsity, "{:.2f}"), _cell(getattr(r, "params", np.nan), "params"),
+                     _cell(r.nonzero_params, "params"),
                      _cell(r.effective_gflops, "{:.3f}"), _cell(getattr(r, "executed_gflops", np.nan), "{:.3f}"),
-                     _cell(r.step_ms_p50, "{:.1f}"), _cell(r.lon_error, "{:.3f}"), _cell(r.lat_error, "{:.3f}"),
+                     _cell(r.step_ms_p50, "{:.1f}"), _cell(getattr(r, "step_ratio", np.nan), "{:.2f}"),
+                     _cell(r.lon_error, "{:.3f}"), _cell(r.lat_error, "{:.3f}"),
                      _cell(r.vehicle_count_error), _cell(r.parse_rate))
     console.print(cost)
+    if "execution" in table:  # app.bench_variants.with_checkpoints: what each model's checkpoint costs to store
+        print_checkpoints(table, console)
     n_min = int(table["n"].min()) if len(table) else 0
     legend = [
         "DS: driving score (0-100), mean ± standard error over n episodes. ΔDS: mean paired difference to dense "
@@ -152,7 +185,10 @@ def print_comparison(table: pd.DataFrame, load_note: str = "", console=None) -> 
         "succ: % of episodes finished without infraction. parse fail: share of the model's closed-loop answers that "
         "did not parse (it braked instead; – for agents without a model).",
         f"GFLOP per agent step: eff counts non-zero weights, exec what the kernels multiply (deterministic); "
-        "ms/step is wall time (p50), which depends on the machine and its load.",
+        "ms/step is wall time (p50), which depends on the machine and its load; x dense is it over the dense "
+        "model's in this run (unstructured zeros run on dense kernels: about 1.00, no speed-up; structured "
+        "variants store fewer params). sparsity: share of weights zeroed, or of width (width, owl-width) or of "
+        "blocks (depth) removed.",
         OPEN_LOOP_LEGEND + ".",
     ]
     if n_min < MIN_PAIRS_FOR_VERDICT:
@@ -164,18 +200,46 @@ def print_comparison(table: pd.DataFrame, load_note: str = "", console=None) -> 
         console.print(line, style="dim", overflow="fold")
 
 
+def print_checkpoints(table: pd.DataFrame, console) -> None:
+    """The checkpoint table (fits 100 columns): bytes on disk, ratio to dense, parameters stored, non-zeros,
+    compression scheme and how it runs here."""
+    from rich import box
+    from rich.table import Table
+
+    checkpoints = Table(title="Checkpoints", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                        title_justify="left")
+    for header in ("agent", "MB on\ndisk", "x dense\nbytes", "params\nstored", "non-\nzero", "scheme", "execution"):
+        checkpoints.add_column(header, justify="left" if header in ("agent", "scheme", "execution") else "right",
+                               no_wrap=True)
+    for r in table.itertuples():
+        if not isinstance(r.execution, str) or not r.execution:
+            continue  # no model (the expert)
+        checkpoints.add_row(r.agent, _cell(r.bytes_on_disk / 1e6, "{:.2f}"), _cell(r.ratio_to_dense, "{:.3f}"),
+                            _cell(r.parameters_stored, "params"), _cell(r.nonzero_params, "params"), r.scheme,
+                            r.execution)
+    console.print(checkpoints)
+    console.print("MB on disk: the weight files (safetensors) only; x dense bytes: over llm-dense's; params stored: "
+                  "the dense shapes of the stored weights (zeros included); non-zero: measured while driving; "
+                  "execution: \"decompressed: no kernel\" = the compressed weights are decompressed to float at "
+                  "load and run on dense kernels (no sparse or integer kernel; FLOPs and ms/step above).",
+                  style="dim", overflow="fold")
+
+
 OPEN_LOOP_SAMPLES = 200  # held-out expert samples per model; `prunedrive eval-open` defaults to 400
 
 
-# Seconds with `small` on an idle 2-core machine (the README's timing paragraph): training the default model
-# (expert data, training, DAgger), pruning one variant by method (DG2PF trains; OWL measured, Wanda and magnitude
-# do less than OWL, SparseGPT more), one closed-loop step (simulator + agent, batch 1) by agent kind, and the
-# open-loop eval of one model (200 samples). Steps and open loop were measured at load 3 on 2 cores and scaled to
-# idle by cores / load (harness.progress.estimate scales them back with the load it finds).
+# Seconds with `small` on a 2-core machine at load 1.4 (nearly idle), with the CLI's OMP_WAIT_POLICY=PASSIVE, from
+# one `prunedrive bench --sparsities 0.7` (its phase lines and episodes.parquet): training the default model (expert
+# data, training, DAgger; 422 s idle, README), pruning one variant by method (DG2PF trains: 80 s at 0.7; SparseGPT
+# is not in the default bench, a guess), one closed-loop step (simulator + agent, batch 1: 7 ms expert, 40 ms LLM)
+# and the open-loop eval of one model (200 samples: 2 s). harness.progress.estimate scales them with the load.
 IDLE_TRAIN_SECONDS = {"small": 422.0}
-IDLE_PRUNE_SECONDS = {"magnitude": 1.0, "wanda": 3.0, "owl": 3.0, "sparsegpt": 10.0, "dg2pf": 120.0}
-IDLE_STEP_SECONDS = {"expert": 0.005, "llm": 0.18}
-IDLE_OPEN_LOOP_SECONDS = 38.0
+IDLE_PRUNE_SECONDS = {"magnitude": 1.0, "wanda": 2.0, "owl": 3.0, "sparsegpt": 10.0, "dg2pf": 80.0,
+                      # structured, at 0.5: OWL's 3 s scaled by their time relative to OWL's, timed one after the
+                      # other in one process at load 6 (owl 33 s, width 7 s, owl-width 28 s, depth 26 s)
+                      "width": 1.0, "owl-width": 3.0, "depth": 3.0}
+IDLE_STEP_SECONDS = {"expert": 0.007, "llm": 0.04}
+IDLE_OPEN_LOOP_SECONDS = 2.0
 
 
 def prune_estimate(method: str, options: dict) -> str:
@@ -239,6 +303,25 @@ def load_note(loads: list[float]) -> str:
             "unreliable. Compare the GFLOP columns, or time models with benchmarks/agent_step.py on an idle machine.")
 
 
+def print_latency(episodes: pd.DataFrame, latency: str | None, budget_ms: float | None, run_path: Path) -> None:
+    """Under a latency model: what the DS above was driven under, and per agent its decision latency, deadline
+    misses and (`--budget`) whether it meets the per-decision budget; also written to latency.csv."""
+    from prunedrive.harness.latency import budget_table
+
+    table = budget_table(episodes, budget_ms)
+    if table is None:
+        return
+    model = parse_latency(latency)
+    print(f"\ndriven under --latency {model.spec} ({model.label}): DS and its deltas above are under real time")
+    table.to_csv(run_path / "latency.csv", index=False)
+    header = f"{'agent':<22} {'decisions':>9} {'ms mean':>8} {'ms p95':>8} {'miss %':>7} {'ctrl Hz':>7}"
+    print(header + (f" {'<= ' + format(budget_ms, 'g') + ' ms':>10}" if budget_ms is not None else ""))
+    for row in table.itertuples():
+        line = (f"{row.agent:<22} {row.decisions:>9.1f} {row.latency_ms_mean:>8.0f} {row.latency_ms_p95:>8.0f} "
+                f"{100 * row.deadline_miss_share:>7.0f} {row.control_hz:>7.2f}")
+        print(line + (f" {'meets' if row.meets_budget else 'misses':>10}" if budget_ms is not None else ""))
+
+
 def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_id: str | None,
               progress: bool = True, **options) -> int:
     """The main job (see _bench); phase lines all along and, when the output goes to a log, a line at least every
@@ -249,9 +332,20 @@ def run_bench(suite_name: str, preset: str, methods, sparsities, out: Path, run_
 
 def _bench(say: Phases, suite_name: str, preset: str, methods, sparsities, out: Path, run_id: str | None,
            progress: bool = True, with_expert: bool = True, workers: int | None = None,
-           mlflow: str | None = None, batch: int = 1, model: str | Path | None = None) -> int:
+           mlflow: str | None = None, batch: int = 1, model: str | Path | None = None,
+           variants: dict[str, str] | None = None, latency: str | None = None, budget_ms: float | None = None,
+           device: str = "cpu",
+           dtype: str = "float32") -> int:
     """The main job; returns the exit code (app.drive.exit_code). `model`: the user's dense model directory (our
-    driving LLM, or any local Hugging Face causal LM, driven by the `text-llm` agent) instead of the zoo's."""
+    driving LLM, or any local Hugging Face causal LM, driven by the `text-llm` agent) instead of the zoo's.
+    `variants`: {name: directory} of the user's own variants of it (app.bench_variants), checked before anything
+    is pruned or driven and driven beside the ones pruned here (`methods` empty: only them). `device`/`dtype`
+    (models.device): pruning runs on the device in float32 (DG2PF trains in float32 only); driving and the
+    open-loop errors on the device in the dtype."""
+    import functools
+
+    from prunedrive.models.device import torch_dtype
+    from prunedrive.app.bench_variants import check_variants, checkpoint_records, with_checkpoints
     from prunedrive.agents.registry import AgentSpec
     from prunedrive.app.compress import training_data_dir
     from prunedrive.app.drive import drive, exit_code
@@ -265,6 +359,9 @@ def _bench(say: Phases, suite_name: str, preset: str, methods, sparsities, out: 
     from prunedrive.scenarios.loader import load_suite
 
     suite = load_suite(suite_name)
+    parse_latency(latency)  # a bad --latency or profile is refused before anything is pruned or driven
+    if budget_ms is not None and (latency or "none") == "none":
+        raise ValueError("--budget needs a latency model: --latency fixed:MS, profile:FILE or measured")
     zoo_dir = default_model_dir(preset)
     if model is not None:
         dense_dir = Path(model)
@@ -276,23 +373,33 @@ def _bench(say: Phases, suite_name: str, preset: str, methods, sparsities, out: 
             f"{estimate(IDLE_TRAIN_SECONDS.get(preset, IDLE_TRAIN_SECONDS['small']))}): expert data, training, DAgger")
     dense_dir = dense_dir if model is not None else ensure_default_model(preset, progress=progress, say=say)
     text_format = is_hf_causal_lm_dir(dense_dir)  # a plain causal LM: the text-native agent drives it
-    say(f"pruning: {len(methods)} methods x {len(sparsities)} sparsities = {len(methods) * len(sparsities)} "
-        f"variants (cached under {dense_dir / 'pruned'})")
-    models = pruned_models(dense_dir, methods, sparsities, progress, say)
+    ours = {DENSE, "expert", *(f"llm-{m}-{s:g}" for m in methods for s in sparsities)}
+    yours = check_variants(variants or {}, dense_dir, ours)
+    if yours:
+        say(f"your variants: {', '.join(f'{name} ({path})' for name, (_, _, path) in yours.items())}")
+    if methods:
+        say(f"pruning: {len(methods)} methods x {len(sparsities)} sparsities = {len(methods) * len(sparsities)} "
+            f"variants (cached under {dense_dir / 'pruned'})")
+    models = {**pruned_models(dense_dir, methods, sparsities, progress, say, device), **yours}
+    checkpoints = checkpoint_records(models)
     specs = ([AgentSpec("expert")] if with_expert else []) + [
         AgentSpec("text-llm" if text_format else "llm", str(path), label=name) for name, (_, _, path) in models.items()]
     # Per agent: its model, method and target sparsity (of the LM), which `prunedrive report` plots.
     config = {"model": str(dense_dir), "methods": list(methods), "sparsities": list(sparsities),
               "models": {name: str(path) for name, (_, _, path) in models.items()},
               "method": {name: method for name, (method, _, _) in models.items()},
-              "sparsity": {name: sparsity for name, (_, sparsity, _) in models.items()}}
+              "sparsity": {name: sparsity if np.isfinite(sparsity) else None  # unknown for a user's variant
+                           for name, (_, sparsity, _) in models.items()},
+              "checkpoints": checkpoints}
     n_episodes = len(specs) * len(suite.episodes())
     say(f"driving {n_episodes} episodes: {len(specs)} agents x {len(suite.episodes())} scenario-seeds of suite "
         f"{suite.name}" + (f" on {workers} Ray workers" if workers else "") + f" ({driving_estimate(specs, suite)})")
     loads = [os.getloadavg()[0]]
     run_dir, episodes = drive(suite, specs, out, run_id=run_id,
-                              default_run_id=f"bench-{suite.name}-{preset if model is None else dense_dir.name}",
-                              workers=workers, progress=progress, config=config, batch=batch)
+                              default_run_id=f"bench-{suite.name}-{preset if model is None else dense_dir.name}"
+                              + run_id_suffix(latency),
+                              workers=workers, progress=progress, config=config, batch=batch, latency=latency,
+                              device=device, dtype=dtype)
     loads.append(os.getloadavg()[0])
 
     data_dir = training_data_dir(dense_dir)
@@ -300,7 +407,8 @@ def _bench(say: Phases, suite_name: str, preset: str, methods, sparsities, out: 
         say(f"open loop: {len(models)} models on {OPEN_LOOP_SAMPLES} held-out expert samples each "
             f"({estimate(IDLE_OPEN_LOOP_SECONDS * len(models))})")
         split = load_split(data_dir, "val")
-        load = TextModel if text_format else DrivingLLM.from_pretrained
+        load = (functools.partial(TextModel, device=device, dtype=dtype) if text_format else
+                lambda path: DrivingLLM.from_pretrained(path).to(device=device, dtype=torch_dtype(dtype)))
         open_loop = {name: evaluate_open_loop(load(path), split, OPEN_LOOP_SAMPLES) for name, (_, _, path) in
                      models.items()}
     else:
@@ -308,9 +416,10 @@ def _bench(say: Phases, suite_name: str, preset: str, methods, sparsities, out: 
             "--data DATA` evaluates a model on a split you give)")
         open_loop = {}
     (run_dir.path / "open_loop.json").write_text(json.dumps(open_loop, indent=2, default=float))
-    table = comparison_table(episodes, models, open_loop)
+    table = with_checkpoints(comparison_table(episodes, models, open_loop), checkpoints)
     table.to_csv(run_dir.path / "bench.csv", index=False)
     print_comparison(table, load_note(loads))
+    print_latency(episodes, latency, budget_ms, run_dir.path)
     if mlflow is not None:  # `--mlflow [URI]`: "" is the default store beside the run
         from prunedrive.app.mlflow_log import log_run
 

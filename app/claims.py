@@ -10,6 +10,9 @@
     (d) DG2PF keeps accuracy at high sparsity (non-inferior to dense within a margin), and its gain is not
         just more training: vs a one-shot method given the same fine-tuning budget, vs DG2PF's own training
         at ~0 sparsity, and vs its ablations (no distillation, no gradual ramp).
+    (e) with `--methods width owl-width depth`: what a real speed-up costs in driving. Each structured method at
+        matched parameter counts against Wanda (same share of the LM's prunable parameters removed, or of its
+        blocks for depth) and against dense (non-inferiority).
 
 Every variant is a recipe of `prunedrive.app.compress.prune_model_dir`, pruned once and cached like the
 bench's. All variants and the dense model drive the same suite into one run directory (resumable), and
@@ -33,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from prunedrive.app.bench import DENSE, Phases, prune_variants
+from prunedrive.harness.latency import parse_latency, run_id_suffix
 from prunedrive.harness.regress import MIN_PAIRS_FOR_VERDICT
 
 NON_INFERIORITY_MARGIN = 5.0  # DS points a "keeps accuracy" claim may lose
@@ -44,7 +48,7 @@ PER_WEIGHTS = 0.1  # sensitivity is the DS drop per this share of weights remove
 
 @dataclass(frozen=True)
 class Comparison:
-    claim: str            # "a".."d"
+    claim: str            # "a".."d"; "e" with structured methods
     text: str             # what is compared, for people
     candidate: str        # agent names in the run
     baseline: str
@@ -52,8 +56,10 @@ class Comparison:
     #                            model's weights removed exceeds B's (a superiority test on that difference)
 
 
-def plan(sparsities=FULL_SPARSITIES, lambdas=LAMBDAS, quick: bool = False) -> tuple[dict[str, dict], list[Comparison]]:
-    """The variants ({agent name: prune_model_dir kwargs}) and the comparisons of the four claims."""
+def plan(sparsities=FULL_SPARSITIES, lambdas=LAMBDAS, quick: bool = False,
+         structured=()) -> tuple[dict[str, dict], list[Comparison]]:
+    """The variants ({agent name: prune_model_dir kwargs}) and the comparisons of the four claims, and with
+    `structured` methods (width, owl-width, depth) the driving price of each real speed-up (`structured_claims`)."""
     variants: dict[str, dict] = {}
     comparisons: list[Comparison] = []
 
@@ -102,7 +108,27 @@ def plan(sparsities=FULL_SPARSITIES, lambdas=LAMBDAS, quick: bool = False) -> tu
     for ablation, option in (("nodistill", {"distill": False}), ("noramp", {"gradual": False})):
         other = add(f"dg2pf-{s:g}-{ablation}", method="dg2pf", sparsity=s, **option)
         comparisons.append(Comparison("d", f"DG2PF vs its ablation {ablation} at {s:.0%}", f"llm-dg2pf-{s:g}", other))
+    comparisons.extend(structured_claims(add, structured, sparsities))
     return variants, comparisons
+
+
+STRUCTURED_MAX = 0.7  # structured variants above this share removed are left out: a fifth of a model cannot drive
+
+
+def structured_claims(add, methods, sparsities) -> list[Comparison]:
+    """(e) at matched parameter counts: a structured method at s removes s of the LM's prunable parameters (width,
+    owl-width) or of its blocks (depth), Wanda at s zeroes s of them. Each structured variant against Wanda at
+    the same s (what the real speed-up costs in driving against masks that buy none) and against dense
+    (non-inferiority); `add` registers a variant as plan() does."""
+    comparisons = []
+    for method in methods:
+        for s in [s for s in sparsities if s <= STRUCTURED_MAX] or [min(sparsities)]:
+            variant, wanda = add(f"{method}-{s:g}", method=method, sparsity=s), add(f"wanda-{s:g}", method="wanda",
+                                                                                  sparsity=s)
+            comparisons.append(Comparison("e", f"{method} vs Wanda at {s:.0%} (matched parameters)", variant, wanda))
+            comparisons.append(Comparison("e", f"{method} at {s:.0%} vs dense (keeps accuracy)", variant, DENSE,
+                                          "non-inferiority"))
+    return comparisons
 
 
 def judge(comparison: Comparison, low: float, high: float, n: int = MIN_PAIRS_FOR_VERDICT) -> str:
@@ -171,8 +197,20 @@ def claims_table(episodes: pd.DataFrame, comparisons: list[Comparison], n_boot: 
                      "ci_half_width": (high - low) / 2, "coll_per_km_diff": rate.get(c.candidate, np.nan) -
                      rate.get(c.baseline, np.nan),
                      "margin": NON_INFERIORITY_MARGIN if c.kind == "non-inferiority" else np.nan,
-                     "verdict": judge(c, low, high, int(r["n_pairs"]) if r is not None else 0)})
+                     "verdict": judge(c, low, high, int(r["n_pairs"]) if r is not None else 0),
+                     "step_ratio": step_ratio(pair, c.candidate, c.baseline)})
     return pd.DataFrame(rows)
+
+
+def step_ratio(episodes: pd.DataFrame, candidate: str, baseline: str) -> float:
+    """The candidate's measured per-step agent time over the baseline's, in this run (median over episodes of each
+    episode's p50): what the candidate's pruning bought in time (claim e: structured against masks). NaN without
+    times."""
+    if "agent_wall_s_p50" not in episodes:
+        return np.nan
+    times = pd.to_numeric(episodes["agent_wall_s_p50"], errors="coerce").groupby(episodes["agent"]).median()
+    mine, theirs = times.get(candidate, np.nan), times.get(baseline, np.nan)
+    return float(mine / theirs) if np.isfinite(mine) and np.isfinite(theirs) and theirs > 0 else np.nan
 
 
 def sensitivity_agents(variants: dict[str, dict]) -> list[tuple[str, str, float]]:
@@ -232,17 +270,20 @@ def print_claims(table: pd.DataFrame, console=None) -> None:
     console = console or _console()
     out = Table(title="The seeds' claims, closed loop (paired by scenario and seed)", box=box.SIMPLE_HEAD,
                 pad_edge=False, title_justify="left")
-    for header in ("claim", "comparison", "n", "ΔDS [95% CI]", "Δcoll/km", "verdict"):
-        out.add_column(header, justify="right" if header in ("n", "ΔDS [95% CI]", "Δcoll/km") else "left")
+    for header in ("claim", "comparison", "n", "ΔDS [95% CI]", "Δcoll/km", "step ×", "verdict"):
+        out.add_column(header, justify="right" if header in ("n", "ΔDS [95% CI]", "Δcoll/km", "step ×") else "left")
     for r in table.itertuples():
         diff = "–" if not np.isfinite(r.ds_diff) else f"{r.ds_diff:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]"
         coll = "–" if not np.isfinite(r.coll_per_km_diff) else f"{r.coll_per_km_diff:+.2f}"
-        out.add_row(r.claim, r.comparison, str(r.n), diff, coll, r.verdict)
+        ratio = getattr(r, "step_ratio", np.nan)
+        out.add_row(r.claim, r.comparison, str(r.n), diff, coll, "–" if not np.isfinite(ratio) else f"{ratio:.2f}",
+                    r.verdict)
     console.print(out)
     widths = table.loc[table["kind"] != "per-weight", "ci_half_width"].dropna()
     if len(widths):
         console.print(f"CI half-width reached: median {widths.median():.1f} DS points (a 5-point difference is "
-                      f"resolvable where it is below 5). Non-inferiority margin: {NON_INFERIORITY_MARGIN:g} DS.",
+                      f"resolvable where it is below 5). Non-inferiority margin: {NON_INFERIORITY_MARGIN:g} DS. "
+                      "step ×: the candidate's measured step time over the baseline's in this run.",
                       style="dim")
 
 
@@ -273,7 +314,10 @@ def print_sensitivity(table: pd.DataFrame, console=None) -> None:
 
 
 def run_claims(suite_name: str, preset: str, out: Path, run_id: str | None = None, workers: int | None = None,
-               quick: bool = False, progress: bool = True, model: str | None = None, batch: int = 1) -> int:
+               quick: bool = False, progress: bool = True, model: str | None = None, batch: int = 1,
+               latency: str | None = None, device: str = "cpu", dtype: str = "float32", structured=()) -> int:
+    """The four claims (module docstring). device/dtype (models.device): pruning on the device in float32 (DG2PF
+    trains in float32 only), driving on the device in the dtype."""
     from prunedrive.agents.registry import AgentSpec
     from prunedrive.app.drive import drive, exit_code
     from prunedrive.app.train import ensure_default_model
@@ -281,11 +325,12 @@ def run_claims(suite_name: str, preset: str, out: Path, run_id: str | None = Non
 
     say = Phases()
     suite = load_suite(suite_name)
+    parse_latency(latency)  # a bad --latency or profile is refused before anything is trained, pruned or driven
     dense_dir = Path(model) if model else ensure_default_model(preset, progress=progress)
     variants, comparisons = plan(QUICK_SPARSITIES if quick else FULL_SPARSITIES, LAMBDAS[:1] if quick else LAMBDAS,
-                                 quick)
+                                 quick, structured)
     say(f"claims: {len(variants)} pruned variants of {dense_dir}, {len(comparisons)} paired comparisons")
-    models = prune_variants(dense_dir, variants, progress, say)
+    models = prune_variants(dense_dir, variants, progress, say, device)
     specs = [AgentSpec("llm", str(path), label=name) for name, (_, _, path) in models.items()]
     say(f"driving {len(specs) * len(suite.episodes())} episodes ({len(specs)} models x {len(suite.episodes())} "
         f"scenario-seeds of {suite.name})")
@@ -294,8 +339,10 @@ def run_claims(suite_name: str, preset: str, out: Path, run_id: str | None = Non
               "method": {name: method for name, (method, _, _) in models.items()},
               "sparsity": {name: sparsity for name, (_, sparsity, _) in models.items()}}
     run_dir, episodes = drive(suite, specs, out, run_id=run_id,
-                              default_run_id=f"claims-{suite.name}-{dense_dir.name}" + ("-quick" if quick else ""),
-                              workers=workers, progress=progress, config=config, batch=batch)
+                              default_run_id=f"claims-{suite.name}-{dense_dir.name}" + ("-quick" if quick else "")
+                              + run_id_suffix(latency),
+                              workers=workers, progress=progress, config=config, batch=batch, latency=latency,
+                              device=device, dtype=dtype)
     shares = model_sparsities(models)
     table = claims_table(episodes, comparisons, model_sparsity=shares)
     table.to_csv(run_dir.path / "claims.csv", index=False)

@@ -13,6 +13,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+# Before torch loads OpenMP: its threads spin while they wait, which on a 2-core machine doing anything else costs
+# several times their work (a `small` training step: 2.3 s spinning, 0.49 s passive, at load 5). Same arithmetic.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from prunedrive.agents.registry import AgentError, AgentSpec, agent_names, parse_agent_args
 from prunedrive.app.drive import EXIT_BAD_INPUT, EXIT_INFRASTRUCTURE, drive, exit_code, find_run
 from prunedrive.harness.backends.base import SimulatorError
@@ -56,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_mlflow(args)
     _check_seeds(args.seeds)
     _check_model(args.model)
+    _check_precision(args)
     # A resume takes what is not given from the run's manifest; what is given must match it (drive checks).
     recorded = find_run(args.resume, args.out).manifest()["config"] if args.resume else {}
     seeds = args.seeds or recorded.get("seeds")
@@ -71,9 +76,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         retries=args.retries, backend_options=_backend_options(args, suite), carla_servers=args.carla_servers,
         ray_address=args.ray_address, progress=not args.quiet, retry_failed=args.retry_failed,
         step_timeout_s=args.step_timeout, episode_timeout_s=args.episode_timeout,
-        batch=args.batch or recorded.get("batch") or 1,
-        config={"model": specs[0].model if specs else None, "seeds": seeds})
-    print_tables(episodes)
+        batch=args.batch or recorded.get("batch") or 1, latency=args.latency or recorded.get("latency"),
+        device=args.device, dtype=args.dtype, config={"model": specs[0].model if specs else None, "seeds": seeds})
+    print_tables(episodes, latency_label=run_dir.manifest()["config"].get("latency_label"))
     print(f"results: {run_dir.path.resolve()}")
     if args.mlflow is not None:
         from prunedrive.app.mlflow_log import log_run
@@ -82,14 +87,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return exit_code(episodes, run_dir)
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from prunedrive.app.profile import profile_model
+
+    path = Path(args.out) / "profiles" / f"{Path(args.model).resolve().name}.yaml"
+    fitted = profile_model(args.model, path, steps=args.steps, repeat=args.repeat)
+    print(f"{fitted['source']}\noverhead {fitted['overhead_ms']:.2f} ms + {fitted['prefill_ms_per_token']:.4f} ms per "
+          f"prompt token + {fitted['decode_ms_per_token']:.3f} ms per generated token\nprofile: {path.resolve()} "
+          f"(use: --latency profile:{path})")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from prunedrive.harness.summary import print_tables
 
-    episodes = find_run(args.run, args.out).episodes()
+    run_dir = find_run(args.run, args.out)
+    episodes = run_dir.episodes()
     if episodes.empty:
         print(f"error: {args.run} has no finished episodes", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print_tables(episodes)
+    print_tables(episodes, latency_label=(run_dir.manifest().get("config") or {}).get("latency_label"))
     return 0
 
 
@@ -115,7 +132,9 @@ def cmd_eval_open(args: argparse.Namespace) -> int:
     from prunedrive.app.eval_open import cmd_eval_open as evaluate
 
     _check_model(args.model)
-    evaluate(args.model, split_dir=args.data, max_samples=args.max_samples, with_random=not args.no_random)
+    _check_precision(args)
+    evaluate(args.model, split_dir=args.data, max_samples=args.max_samples, with_random=not args.no_random,
+             device=args.device, dtype=args.dtype)
     return 0
 
 
@@ -123,17 +142,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from prunedrive.app.compress import prune_model_dir
 
     _check_model(args.model)
+    _check_precision(args)
     # Only what the user gave, so the recipe (and the bench's cache key) of a default prune stays the same.
     given = {"encoder_sparsity": args.encoder_sparsity, "M": args.owl_m, "lam": args.owl_lambda,
              "finetune": {"finetune_max_epochs": args.finetune_epochs} if args.finetune_epochs else args.finetune or None,
-             "distill": False if args.dg2pf_no_distill else None, "gradual": False if args.dg2pf_no_ramp else None}
+             "distill": False if args.dg2pf_no_distill else None, "gradual": False if args.dg2pf_no_ramp else None,
+             "save_dense": True if args.save_dense else None}
     options = {k: v for k, v in given.items() if v is not None}
     record = prune_model_dir(args.model, args.method, args.sparsity, args.model_out, pattern=args.pattern,
                              scope=args.scope, calibration=args.calibration, n_calibration=args.calibration_samples,
                              data_dir=args.data, seed=args.seed, overwrite=args.overwrite,
-                             trust_remote_code=args.trust_remote_code, **options)
+                             trust_remote_code=args.trust_remote_code, device=args.device, dtype=args.dtype,
+                             offload=args.offload, **options)
     print(f"{args.method}: global sparsity {record['global']:.3f} (language model {record['lm_global']:.3f}) "
           f"-> {args.model_out}")
+    saved = record.get("checkpoint") or {}
+    if saved:
+        print(f"weights: {saved['bytes_on_disk']:,} bytes on disk, {saved['ratio_to_dense']:.3f}x the dense layout "
+              f"({saved['layout']}: {saved['compressed_format']})")
     if record.get("layer_sparsities"):
         print("per-block sparsities: " + ", ".join(f"{s:.3f}" for s in record["layer_sparsities"]))
     return 0
@@ -144,17 +170,56 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     _check_mlflow(args)
     _check_model(args.model)
-    return run_bench(args.suite, args.preset, args.methods, args.sparsities, Path(args.out), args.run_id,
-                     progress=not args.quiet, workers=args.workers, mlflow=args.mlflow, batch=args.batch or 1,
-                     model=args.model)
+    _check_precision(args)
+    return run_bench(args.suite, args.preset, _bench_methods(args.methods, args.variant), args.sparsities,
+                     Path(args.out), args.run_id, progress=not args.quiet, workers=args.workers, mlflow=args.mlflow,
+                     batch=args.batch or 1, model=args.model, variants=_bench_variants(args.variant),
+                     latency=args.latency, budget_ms=args.budget, device=args.device, dtype=args.dtype)
+
+
+BENCH_METHODS = ["owl", "dg2pf", "wanda", "magnitude"]
+
+
+def _bench_methods(methods: list[str] | None, variants: list[str] | None) -> list[str]:
+    """--methods as given; "none", or no --methods beside --variant: only the dense model and the user's variants."""
+    if methods is None:
+        return [] if variants else list(BENCH_METHODS)
+    if "none" in methods:
+        if len(methods) > 1:
+            raise ValueError(f"--methods none cannot be combined with methods ({' '.join(methods)})")
+        return []
+    return methods
+
+
+def _bench_variants(variants: list[str] | None) -> dict[str, str]:
+    """--variant NAME=DIR ...: {name: directory}, each name once (app.bench_variants.parse_variant)."""
+    from prunedrive.app.bench_variants import parse_variant
+
+    out: dict[str, str] = {}
+    for text in variants or []:
+        name, directory = parse_variant(text)
+        if name.lower() in {n.lower() for n in out}:
+            raise ValueError(f"--variant {text}: the name {name!r} is given twice (names ignore case)")
+        out[name] = directory
+    return out
 
 
 def cmd_claims(args: argparse.Namespace) -> int:
     from prunedrive.app.claims import run_claims
 
     _check_model(args.model)
+    _check_precision(args)
     return run_claims(args.suite, args.preset, Path(args.out), args.run_id, workers=args.workers, quick=args.quick,
-                      progress=not args.quiet, model=args.model, batch=args.batch or 1)
+                      progress=not args.quiet, model=args.model, batch=args.batch or 1, latency=args.latency,
+                      device=args.device, dtype=args.dtype, structured=tuple(args.methods))
+
+
+def _check_precision(args: argparse.Namespace) -> None:
+    """--device/--dtype before anything runs (models.device): a CUDA device this machine lacks, or float16 on the
+    CPU, is a message and exit 2. A `run` without them takes its resumed run's own (app.drive.run_precision)."""
+    from prunedrive.models.device import DEFAULT_DEVICE, DEFAULT_DTYPE, check_precision
+
+    check_precision(args.device or DEFAULT_DEVICE, args.dtype or DEFAULT_DTYPE)
 
 
 def _check_model(model: str | None) -> None:
@@ -306,6 +371,37 @@ def _add_batch_option(parser: argparse.ArgumentParser, resumable: bool = False) 
                              "deterministic")
 
 
+def _add_latency_option(parser: argparse.ArgumentParser, resumable: bool = False) -> None:
+    from prunedrive.harness.latency import LATENCY_FORMS
+
+    parser.add_argument("--latency", metavar="MODEL",
+                        help=f"latency in the loop (harness.latency): {LATENCY_FORMS}. Default none: the world "
+                             "waits for the agent, as every closed-loop benchmark does. Part of the run's identity"
+                             + ("; a resume defaults to the run's own" if resumable else ""))
+
+
+def _device(value: str) -> str:
+    """argparse type: the spelling of --device (models.device.parse_device); whether it exists is checked later."""
+    from prunedrive.models.device import parse_device
+
+    try:
+        return parse_device(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from None
+
+
+def _add_precision_options(parser: argparse.ArgumentParser, resumable: bool = False) -> None:
+    from prunedrive.models.device import DTYPES
+
+    parser.add_argument("--device", type=_device, default=None if resumable else "cpu",
+                        help="where models run: cpu, cuda or cuda:N (default cpu"
+                             + ("; a resume: the run's own" if resumable else "")
+                             + "); refused where that device is absent")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None if resumable else "float32",
+                        help="the models' precision (default float32" + ("; a resume: the run's own" if resumable else "")
+                             + "); float16 only on a GPU (refused on the CPU: its half matmuls are slow or missing)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunedrive", description=__doc__.split("\n\n")[0])
     from importlib.metadata import version
@@ -335,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=_at_least(1, MAX_WORKERS),
                      help=f"run episodes on this many Ray actors (1..{MAX_WORKERS})")
     _add_batch_option(run, resumable=True)
+    _add_latency_option(run, resumable=True)
     run.add_argument("--carla-servers", nargs="+", metavar="HOST:PORT",
                      help="one CARLA server per worker (with --workers); worker i always uses server i")
     run.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray for the run)")
@@ -346,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="S", help=f"wall limit of one episode ({EPISODE_TIMEOUT_S:g} s). {_TIMEOUT_RANGE}")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_mlflow_option(run)
+    _add_precision_options(run, resumable=True)
     run.set_defaults(func=cmd_run)
 
     train = sub.add_parser("train", help="train the driving LLM on expert data (CPU)")
@@ -373,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="dataset directory with val.parquet; default the model's training data")
     evaluate.add_argument("--max-samples", type=_at_least(1), default=400, help="held-out samples to score (400)")
     evaluate.add_argument("--no-random", action="store_true", help="skip the random-weights contrast")
+    _add_precision_options(evaluate)
     evaluate.set_defaults(func=cmd_eval_open)
 
     prune = sub.add_parser("prune", help="prune a model directory into a new one (+ sparsity.json)")
@@ -383,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--model-out", required=True, metavar="DIR",
                        help="where the pruned model goes (new or empty; see --overwrite)")
     prune.add_argument("--overwrite", action="store_true", help="replace the model in a non-empty --model-out")
+    prune.add_argument("--save-dense", action="store_true",
+                       help="write the zeros densely in model.safetensors instead of the compressed-tensors sparse "
+                            "formats unstructured and N:M pruning write by default (structured methods: always dense)")
     prune.add_argument("--scope", default="lm", choices=("lm", "encoder", "all"),
                        help="what to prune: the language model (default), the vector encoder, or both (encoder first)")
     prune.add_argument("--encoder-sparsity", type=float, help="the encoder's own target with --scope encoder/all")
@@ -392,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--owl-m", type=float, help="OWL's outlier threshold M (x the block's mean score; default 5)")
     prune.add_argument("--owl-lambda", type=float, help="OWL's sparsity spread lambda (default 0.08; 0 = uniform)")
     prune.add_argument("--finetune", action="store_true",
-                       help="one-shot methods: then fine-tune under the mask with DG2PF's budget (an equal-budget control)")
+                       help="one-shot methods: then fine-tune under the mask with DG2PF's budget (an equal-budget "
+                            "control); structured ones (width, owl-width, depth): recovery training distilled from "
+                            "the dense model, same budget")
     prune.add_argument("--finetune-epochs", type=_at_least(1), help="with --finetune: its epoch cap")
     prune.add_argument("--dg2pf-no-distill", action="store_true", help="DG2PF ablation: no self-distillation")
     prune.add_argument("--dg2pf-no-ramp", action="store_true",
@@ -402,26 +506,42 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--calibration-samples", type=_at_least(1), default=64, help="calibration samples (64)")
     prune.add_argument("--data", help="dataset directory; default the one the model was trained on")
     prune.add_argument("--seed", type=int, default=0, help="calibration sampling seed (0)")
+    _add_precision_options(prune)
+    prune.add_argument("--offload", default="auto", choices=("auto", "always", "never"),
+                       help="a model larger than the device's free memory stays on the CPU and its decoder blocks "
+                            "visit the device one at a time with the cached calibration inputs: auto (default: "
+                            "only when it does not fit), always, never")
     prune.set_defaults(func=cmd_prune)
 
     bench = sub.add_parser("bench", help="the main job: dense vs OWL/DG2PF/Wanda/magnitude, closed- and open-loop")
     bench.add_argument("--suite", default="smoke", help="smoke (default) or standard, or a path")
     bench.add_argument("--preset", default="small", help="the zoo model to train or reuse (small)")
     bench.add_argument("--model", help="your dense model directory instead (ours, or any local HF causal LM)")
-    bench.add_argument("--methods", nargs="+", default=["owl", "dg2pf", "wanda", "magnitude"],
-                       choices=list(pruning_methods()),
-                       help="pruning methods (owl dg2pf wanda magnitude)")
+    bench.add_argument("--methods", nargs="+", choices=[*pruning_methods(), "none"],
+                       help="pruning methods (default owl dg2pf wanda magnitude); none: prune nothing, only the "
+                            "dense model and your --variant models (also the default when --variant is given "
+                            "without --methods)")
+    bench.add_argument("--variant", action="append", metavar="NAME=DIR",
+                       help="your own variant of the dense model (repeatable): a model directory (prunedrive's, or "
+                            "a compressed-tensors checkpoint, e.g. llm-compressor's) driven beside the others as "
+                            "agent NAME; checked before anything runs (config.json, safetensors weights, a supported "
+                            "compression scheme, the dense model's architecture)")
     bench.add_argument("--sparsities", nargs="+", type=_finite(0, 1, low_open=True, high_open=True),
-                       default=[0.5, 0.7, 0.85],
-                       help="target sparsities (0.5 0.7 0.85: at 0.85 the methods part)")
+                       default=[0.7, 0.85],
+                       help="target sparsities (default 0.7 0.85, where the methods part; add 0.5 for the sweep "
+                            "`prunedrive claims` runs: a first bench stays within 10 minutes on 2 cores)")
     bench.add_argument("--out", type=_out_dir, default="results",
                        help="where run directories go (a directory, made when missing); default results/")
     bench.add_argument("--run-id", help="default bench-<suite>-<preset>; an existing one is resumed")
     bench.add_argument("--workers", type=_at_least(1, MAX_WORKERS),
                        help=f"drive the episodes on this many Ray actors (1..{MAX_WORKERS})")
     _add_batch_option(bench)
+    _add_latency_option(bench)
+    bench.add_argument("--budget", type=_finite(0.0, low_open=True), metavar="MS",
+                       help="with --latency: mark which agents' decisions (p95, worst episode) fit MS milliseconds")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_mlflow_option(bench)
+    _add_precision_options(bench)
     bench.set_defaults(func=cmd_bench)
 
     claims = sub.add_parser("claims", help="the seed papers' four claims, closed loop, with paired CIs and verdicts")
@@ -435,8 +555,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"drive the episodes on this many Ray actors (1..{MAX_WORKERS})")
     claims.add_argument("--quick", action="store_true",
                         help="one sparsity (0.7), one lambda, no SparseGPT: a smoke test of the experiment, not an answer")
+    structured = [name for name, spec in pruning_methods().items() if spec.structured]
+    claims.add_argument("--methods", nargs="+", default=[], choices=structured, metavar="METHOD",
+                        help=f"structured methods ({' '.join(structured)}) to add as claim (e): each against Wanda at "
+                             "matched parameter counts and against dense, at the sparsities up to 0.7")
     _add_batch_option(claims)
+    _add_latency_option(claims)
     claims.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_precision_options(claims)
     claims.set_defaults(func=cmd_claims)
 
     report = sub.add_parser("report", help="HTML + Markdown report comparing runs (tables, plots, videos)")
@@ -487,6 +613,16 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("run", help="run id or directory")
     summary.add_argument("--out", default="results", help="where run ids are looked up; default results/")
     summary.set_defaults(func=cmd_summary)
+
+    profile = sub.add_parser("profile", help="fit a latency profile (--latency profile:FILE) to this machine's "
+                                             "measured step times of a model")
+    profile.add_argument("--model", required=True, help="the model directory to measure")
+    profile.add_argument("--steps", type=_at_least(4, 10_000), default=24, help="observations measured (default 24)")
+    profile.add_argument("--repeat", type=_at_least(1, 100), default=3,
+                         help="timings per observation, the median kept (default 3)")
+    profile.add_argument("--out", type=_out_dir, default="results",
+                         help="results root; the profile goes to <out>/profiles/<model>.yaml")
+    profile.set_defaults(func=cmd_profile)
     return parser
 
 

@@ -1,6 +1,7 @@
 """Prune a trained DrivingLLM directory with one method and write a normal model directory.
 
-The output loads with `DrivingLLM.from_pretrained` (zeros stored in model.safetensors) and carries
+The output loads with `DrivingLLM.from_pretrained` (unstructured and N:M: sparse weights in compressed-tensors'
+sparse-bitmask / 2:4 format, models.compressed_save; `save_dense`: zeros stored in model.safetensors) and carries
 `sparsity.json`: global, per-part (encoder, LM) and per-layer sparsity, method, hyper-parameters, calibration
 source, and what each method measured (OWL's outlier ratios, the layers an N:M pattern left dense, DG2PF's
 training history).
@@ -17,8 +18,22 @@ sample count and per-sample token counts), "random" (uniform token ids, the same
 The encoder sees observations whatever the LM's source: expert rows for "driving" and "generic" (there is no
 generic observation), random well-formed observations (models.data.synthetic_split) for "random".
 
+Device and precision (`device`, `dtype`, `offload`; models.device checks them): the encoder's and the LM's
+pruning (calibration statistics, OWL/Wanda/SparseGPT, structured scores) and DG2PF's training run on `device`.
+The LM moves there whole when it fits the device's free memory (offload "auto"), else the model stays on the CPU
+and the sequential block replay moves one decoder block at a time to the device with its cached calibration
+inputs (models.pruning.calibration.block_offload; "always" forces it, "never" refuses it). `dtype` bfloat16 or
+float16: the one-shot pruning runs on weights and calibration inputs in that dtype (statistics in float32), and
+the pruned model is saved in the checkpoint's own dtype (float32 for ours): its weights carry the dtype's
+rounding where a method updates them (SparseGPT). DG2PF and --finetune train in float32 only (mixed precision is
+not wired: pure half-precision weights lose small updates), so another dtype is refused for them. sparsity.json
+records device, dtype, whether the blocks were offloaded and the device's peak memory during pruning
+(`device_peak_mem_bytes`, torch.cuda.max_memory_allocated; null on the CPU).
+
 `finetune` gives a one-shot method the pruned fine-tuning DG2PF ends with (fixed mask, task loss, early
-stopping) with DG2PF's whole epoch budget, so that DG2PF's effect can be told apart from more training.
+stopping) with DG2PF's whole epoch budget, so that DG2PF's effect can be told apart from more training. A
+structured method (width, owl-width, depth) gets the same budget as recovery training distilled from the dense
+model (`recovery_config`: DG2PF at sparsity 0 on the smaller model, distillation on the logits).
 """
 from __future__ import annotations
 
@@ -35,14 +50,16 @@ from pathlib import Path
 
 import torch
 
+from prunedrive.app.placement import Placement
 from prunedrive.harness import locks
 from prunedrive.harness.results import content_hash
 from prunedrive.models.data import lm_calibration_lengths, lm_calibration_samples, load_split, synthetic_split
+from prunedrive.models.device import DEFAULT_DEVICE, DEFAULT_DTYPE, is_cuda
 from prunedrive.models.driving_llm import DrivingLLM
 from prunedrive.models.hf_causal import is_hf_causal_lm_dir
 from prunedrive.models.pruning import (generic_corpus, prose_calibration, prune, pruning_method,
                                        random_token_calibration, sparsity_report)
-from prunedrive.models.pruning.calibration import context_length, fit_to_context, sample_length
+from prunedrive.models.pruning.calibration import context_length, fit_to_context, sample_length, to_device
 from prunedrive.models.pruning.dg2pf import DG2PFConfig, dg2pf_prune, next_token
 from prunedrive.models.pruning.encoder import ENCODER_METHODS, prune_encoder
 from prunedrive.models.pruning.masks import find_linears
@@ -59,17 +76,18 @@ CALIBRATIONS = ("driving", "generic", "random")
 DG2PF_DEFAULTS = {"sparsity_epochs": 5, "lr": 3e-4, "max_epochs": 10, "finetune_max_epochs": 4, "patience": 2,
                   "batch_size": 16, "train_batches": 24, "val_batches": 24}
 # Keyword arguments of prune_model_dir that are not the method's own.
-COMPRESS_OPTIONS = ("encoder_sparsity", "finetune")
+COMPRESS_OPTIONS = ("encoder_sparsity", "finetune", "save_dense", "device", "dtype", "offload")
 # <dense>/pruned/<recipe>: the cache of pruned variants the bench and claims share. The one place inside the
 # input model's directory an output may go: nothing a prune reads lives there.
 PRUNED_CACHE = "pruned"
 
 
 def training_data_dir(model_dir: Path) -> Path:
-    """The expert data a model was trained on (recorded by training), else <model_dir>/data."""
+    """The expert data a model was trained on (recorded by training; a relative path is the model's own, as in the
+    shipped model), else <model_dir>/data."""
     summary = model_dir / "train_summary.json"
     if summary.is_file():
-        return Path(json.loads(summary.read_text())["data_dir"])
+        return model_dir / json.loads(summary.read_text())["data_dir"]  # an absolute path stays itself
     return model_dir / "data"
 
 
@@ -153,6 +171,17 @@ def finetune_config(scope: str, finetune) -> DG2PFConfig:
     return DG2PFConfig(**{**asdict(config), "finetune_max_epochs": budget, "gradual": False, "targets": None})
 
 
+def recovery_config(scope: str, finetune) -> DG2PFConfig:
+    """Recovery training for a structured method (`finetune` True, or a dict of DG2PFConfig fields): DG2PF at
+    sparsity 0 on the smaller model, distilled from the dense model (a teacher of another shape: the loss is on the
+    logits, and the vocabulary is the same), phase 1 with DG2PF's distillation loss, then its task-loss phase 2.
+    Its epoch cap, max_epochs + finetune_max_epochs, is `finetune_config`'s budget, so structured and unstructured
+    variants are compared at equal training."""
+    overrides = {k: v for k, v in (dict(finetune) if isinstance(finetune, dict) else {}).items()
+                 if k not in ("sparsity", "gradual", "distill", "targets")}
+    return dg2pf_config(0.0, scope, **overrides)
+
+
 def _driving_batches(model: DrivingLLM, data_dir: Path, config: DG2PFConfig, seed: int):
     """(train: epoch -> batches, fresh rows and questions every epoch; val: a fixed list)."""
     from prunedrive.app.train import Batches
@@ -169,12 +198,19 @@ def _driving_batches(model: DrivingLLM, data_dir: Path, config: DG2PFConfig, see
 
 
 def _dg2pf(model: DrivingLLM, model_dir: Path, data_dir: Path, config: DG2PFConfig, seed: int, out_dir: Path,
-           progress: bool, fixed_mask: dict | None = None) -> dict:
+           progress: bool, fixed_mask: dict | None = None, placement: Placement | None = None) -> dict:
+    """DG2PF (or, with fixed_mask, its pruned fine-tuning) on the placement's device: student and teacher there,
+    each batch moved there as it is used; the model back on the CPU after."""
+    placement = placement or Placement()
+    device = torch.device(placement.device)
     needs_teacher = config.distill and config.gradual and fixed_mask is None
-    teacher = DrivingLLM.from_pretrained(model_dir) if needs_teacher else None
+    teacher = DrivingLLM.from_pretrained(model_dir).to(device) if needs_teacher else None
     train, val = _driving_batches(model, data_dir, config, seed)
-    report = dg2pf_prune(model, teacher, train, val, forward=lambda m, b: next_token(*m(b)), config=config,
-                         checkpoint_dir=str(out_dir / "dg2pf-checkpoint"), progress=progress, fixed_mask=fixed_mask)
+    with placement.running(model, whole=True):
+        report = dg2pf_prune(model, teacher, train, val, forward=placement.forward_on_device(
+                                 lambda m, b: next_token(*m(b))), config=config,
+                             checkpoint_dir=str(out_dir / "dg2pf-checkpoint"), progress=progress,
+                             fixed_mask=to_device(fixed_mask, device))
     report["hyperparameters"] = json.loads(json.dumps(asdict(config)))  # as sparsity.json holds it (lists)
     report["data"] = (f"driving data's train split, {config.train_batches} batches of {config.batch_size} drawn "
                       f"fresh every epoch; validation: {len(val)} batches of the val split")
@@ -190,7 +226,7 @@ def recipe(method: str, sparsity: float | None, pattern: str | None = None, scop
     out = {"format": RECIPE_FORMAT, "method": method, "sparsity": sparsity, "pattern": pattern, "scope": scope,
            "calibration": None if not spec.calibrated else calibration,
            "n_calibration": None if not spec.calibrated else n_calibration, "seed": seed,
-           "hyperparameters": options}
+           "hyperparameters": options, "layout": output_layout(spec, compress.get("save_dense", False))}
     if spec.calibrated and calibration != "driving":
         out["calibration_format"] = CALIBRATION_FORMAT
     if scope != "lm":
@@ -201,8 +237,39 @@ def recipe(method: str, sparsity: float | None, pattern: str | None = None, scop
         out["dg2pf_format"] = DG2PF_FORMAT
         out["dg2pf"] = asdict(dg2pf_config(sparsity, scope, compress.get("encoder_sparsity"), **dict(options)))
     if compress.get("finetune"):
-        out["finetune"] = asdict(finetune_config(scope, compress["finetune"]))
+        tune = recovery_config if spec.structured else finetune_config
+        out["finetune"] = asdict(tune(scope, compress["finetune"]))
+    # Another device or dtype computes in other arithmetic (a CUDA index or offloading does not): only where not
+    # cpu/float32, so the recipes (and cache keys) of CPU float32 prunes stay what they were.
+    device, dtype = compress.get("device", DEFAULT_DEVICE), compress.get("dtype", DEFAULT_DTYPE)
+    if (device, dtype) != (DEFAULT_DEVICE, DEFAULT_DTYPE):
+        out["precision"] = {"device": "cuda" if is_cuda(device) else device, "dtype": dtype}
     return json.loads(json.dumps(out, default=str))
+
+
+def output_layout(spec, save_dense: bool) -> str:
+    """The layout a prune writes, in the recipe so that a cached model of the other layout is never reused:
+    "compressed" (compressed-tensors sparse formats, models.compressed_save) for unstructured and N:M methods,
+    "dense" (zeros stored) with save_dense and for structured methods, whose smaller dense model is already small."""
+    return "dense" if save_dense or spec.structured else "compressed"
+
+
+def save_pruned(model, out_dir: Path, layout: str) -> dict:
+    """Write the pruned model in `layout`; what sparsity.json records of it: models.checkpoints.checkpoint_record
+    (bytes on disk, parameters stored, scheme, execution), the layout, the dense layout's bytes and the ratio to
+    them (1.0 for the dense layout) and the compressed format."""
+    from prunedrive.models.checkpoints import checkpoint_record
+    from prunedrive.models.compressed_save import save_compressed
+
+    if layout == "dense":
+        model.save_pretrained(out_dir)
+        record = checkpoint_record(out_dir)
+        return {**record, "layout": layout, "dense_bytes": record["bytes_on_disk"], "ratio_to_dense": 1.0,
+                "compressed_format": "dense"}
+    summary = save_compressed(model, out_dir)
+    return {**checkpoint_record(out_dir), "layout": layout, "dense_bytes": summary.dense_bytes,
+            "ratio_to_dense": summary.ratio_to_dense, "compressed_format": summary.format,
+            "compressed_modules": summary.compressed_modules}
 
 
 def _relation(out: Path, source: Path) -> str | None:
@@ -313,7 +380,8 @@ def prune_model_dir(model_dir: str | Path, method: str, sparsity: float | None, 
                     n_calibration: int = 64, data_dir: str | Path | None = None, seed: int = 0,
                     progress: bool = True, overwrite: bool = False, trust_remote_code: bool = False,
                     encoder_sparsity: float | None = None, finetune: bool | dict | None = None,
-                    reuse: bool = False, **method_kwargs) -> dict:
+                    reuse: bool = False, save_dense: bool = False, device: str = DEFAULT_DEVICE,
+                    dtype: str = DEFAULT_DTYPE, offload: str = "auto", **method_kwargs) -> dict:
     """Prune `model_dir` into `out_dir`; returns what sparsity.json holds. The model is written to a
     hidden sibling directory of its own and renamed when complete, so `out_dir` holds a whole model or none.
     `model_dir` is a DrivingLLM directory, or any local Hugging Face causal LM directory (config.json whose
@@ -326,12 +394,18 @@ def prune_model_dir(model_dir: str | Path, method: str, sparsity: float | None, 
 
     scope: "lm" | "encoder" | "all"; calibration: "driving" | "generic" | "random" (one-shot methods);
     encoder_sparsity: the encoder's own target (scope encoder/all; default `sparsity`); finetune: True or a dict
-    of DG2PFConfig fields, pruned fine-tuning after a one-shot method (`finetune_config`). method_kwargs go to
+    of DG2PFConfig fields, pruned fine-tuning after a one-shot method (`finetune_config`); save_dense: write the
+    zeros densely instead of the compressed layout (`output_layout`; sparsity.json records bytes on disk and the
+    ratio to the dense layout either way); device, dtype, offload: where and in what precision it computes (see
+    the module docstring; app.placement). method_kwargs go to
     the method: owl M, lam, base; sparsegpt blocksize, percdamp; dg2pf any DG2PFConfig field (distill=False,
     gradual=False for the ablations, patience, ...) or config=DG2PFConfig(...)."""
     spec = pruning_method(method)
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; allowed: {', '.join(SCOPES)}")
+    placement = Placement.checked(device, dtype, offload)
+    if spec.trains or finetune:
+        placement.refuse_training("dg2pf" if spec.trains else "--finetune")
     if spec.calibrated and calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration source {calibration!r}; allowed: {', '.join(CALIBRATIONS)}")
     model_dir = Path(model_dir)
@@ -350,7 +424,9 @@ def prune_model_dir(model_dir: str | Path, method: str, sparsity: float | None, 
                                                               "the data directory (--data)": data_dir})
     settings = {"method": method, "sparsity": sparsity, "pattern": pattern, "scope": scope, "calibration": calibration,
                 "n_calibration": n_calibration, "seed": seed, "encoder_sparsity": encoder_sparsity,
-                "finetune": finetune, "options": method_kwargs}
+                "finetune": finetune, "options": method_kwargs, "layout": output_layout(spec, save_dense)}
+    if (placement.device, placement.dtype) != (DEFAULT_DEVICE, DEFAULT_DTYPE):
+        settings["precision"] = [placement.device, placement.dtype]
     with _output_lock(final_dir, wait=reuse):
         if reuse and (final_dir / "sparsity.json").is_file():  # finished by the prune we waited for
             return json.loads((final_dir / "sparsity.json").read_text())
@@ -359,11 +435,12 @@ def prune_model_dir(model_dir: str | Path, method: str, sparsity: float | None, 
         try:
             if hf:
                 record = _prune_hf_dir(model_dir, method, sparsity, partial, pattern, scope, calibration,
-                                       n_calibration, data_dir, seed, progress, trust_remote_code, **method_kwargs)
+                                       n_calibration, data_dir, seed, progress, trust_remote_code,
+                                       layout=settings["layout"], placement=placement, **method_kwargs)
             else:
                 record = _prune_driving_dir(model_dir, method, sparsity, partial, pattern, scope, calibration,
                                             n_calibration, data_dir, seed, progress, encoder_sparsity, finetune,
-                                            **method_kwargs)
+                                            layout=settings["layout"], placement=placement, **method_kwargs)
         except BaseException:
             if not (partial / "dg2pf-checkpoint").is_dir():  # a DG2PF run resumes from it; nothing else can
                 shutil.rmtree(partial, ignore_errors=True)
@@ -384,24 +461,24 @@ def _check_driving_options(spec, sparsity: float | None, scope: str, pattern: st
         raise ValueError(f"scope {scope!r}: the encoder can be pruned by {', '.join(ENCODER_METHODS)}, not {spec.name}")
     if spec.trains and finetune:
         raise ValueError("dg2pf ends with pruned fine-tuning already; finetune is for one-shot methods")
-    if spec.structured and finetune:
-        raise ValueError(f"{spec.name} is structured: recovery fine-tuning (finetune) is not wired for it yet")
     if spec.trains and (sparsity is None or pattern):
         raise ValueError("dg2pf takes --sparsity (unstructured, gradual magnitude); N:M patterns are not part of it")
 
 
 def _prune_driving_dir(model_dir: Path, method: str, sparsity: float | None, out_dir: Path, pattern, scope: str,
                        calibration: str, n_calibration: int, data_dir: Path, seed: int, progress: bool,
-                       encoder_sparsity: float | None, finetune, **method_kwargs) -> dict:
+                       encoder_sparsity: float | None, finetune, layout: str = "dense",
+                       placement: Placement | None = None, **method_kwargs) -> dict:
     """A DrivingLLM directory pruned into `out_dir` (the caller's partial directory): the model, sparsity.json."""
     spec = pruning_method(method)
+    placement = placement or Placement()
     torch.manual_seed(seed)
-    model = DrivingLLM.from_pretrained(model_dir)
+    model = DrivingLLM.from_pretrained(model_dir).to(placement.torch_dtype)  # calibration inputs in the dtype too
     started = time.time()
     extra: dict = {}
     if spec.trains:
         config = dg2pf_config(sparsity, scope, encoder_sparsity, **method_kwargs)
-        report = _dg2pf(model, model_dir, data_dir, config, seed, out_dir, progress)
+        report = _dg2pf(model, model_dir, data_dir, config, seed, out_dir, progress, placement=placement)
         calibration_source = f"none ({report.pop('data')})"
         extra = {k: report[k] for k in ("history", "best_val_gradual", "val_before_finetune", "best_val_finetune",
                                         "train_steps", "epochs", "parts")}
@@ -416,7 +493,9 @@ def _prune_driving_dir(model_dir: Path, method: str, sparsity: float | None, out
                 sources.append(f"encoder: {enc_source}")
             enc_kwargs = {k: v for k, v in method_kwargs.items()
                           if k in ("M", "lam", "base", "blocksize", "percdamp")}
-            extra["encoder"] = prune_encoder(model.encoder, batch, method, enc_target, pattern, **enc_kwargs)
+            with placement.running(model.encoder, whole=True):
+                batch = to_device(batch, torch.device(placement.device))
+                extra["encoder"] = prune_encoder(model.encoder, batch, method, enc_target, pattern, **enc_kwargs)
         if scope in ("lm", "all"):
             if spec.calibrated:  # captured after the encoder is pruned: the inputs the pruned LM will get
                 samples, detail = calibration_with_source(model, calibration, n_calibration, data_dir, seed)
@@ -424,7 +503,7 @@ def _prune_driving_dir(model_dir: Path, method: str, sparsity: float | None, out
                 sources.insert(0, detail["description"])
             else:
                 samples = None
-            with torch.no_grad():
+            with torch.no_grad(), placement.running(model.lm):
                 report = prune(model.lm, method, sparsity, pattern, samples, **method_kwargs)
             if spec.structured:  # a smaller LM: DrivingLLM rebuilds it from config.lm (models.pruning.surgery)
                 model.config.lm = model.lm.config.to_dict()
@@ -435,12 +514,16 @@ def _prune_driving_dir(model_dir: Path, method: str, sparsity: float | None, out
                 extra[f"lm_{key}" if key == "nm_skipped" else key] = report[key]
         if method == "owl":
             extra["owl"] = report.get("owl") or extra.get("encoder", {}).get("owl")
-        if finetune:
+        if finetune and spec.structured:
+            extra["finetune"] = _recover(model, model_dir, data_dir, scope, finetune, seed, out_dir, progress,
+                                         placement)
+        elif finetune:
             pruned = _part_sparsity(model)
             config = finetune_config(scope, finetune)
             params = find_linears(model, config.exclude)
             mask = {n: lin.weight.detach() == 0 for n, lin in params.items()}
-            ft = _dg2pf(model, model_dir, data_dir, config, seed, out_dir, progress, fixed_mask=mask)
+            ft = _dg2pf(model, model_dir, data_dir, config, seed, out_dir, progress, fixed_mask=mask,
+                        placement=placement)
             extra["finetune"] = {"config": ft["hyperparameters"], "data": ft["data"], "history": ft["history"],
                                  "val_before": ft["val_before_finetune"], "best_val": ft["best_val_finetune"],
                                  "train_steps": ft["train_steps"], "epochs": ft["epochs"],
@@ -458,11 +541,23 @@ def _prune_driving_dir(model_dir: Path, method: str, sparsity: float | None, out
         "hyperparameters": report.get("hyperparameters") or {k: v for k, v in method_kwargs.items()},
         "encoder_sparsity": encoder_sparsity,
         "base_model": str(model_dir), "seconds": round(time.time() - started, 1),
-        "parameters": model.num_parameters(), **extra,
+        "parameters": model.num_parameters(), **extra, **placement.record(),
     }
-    model.save_pretrained(out_dir)
+    model.to(torch.float32)  # ours are float32 checkpoints: a bfloat16 prune's weights saved as float32 (exactly)
+    record["checkpoint"] = save_pruned(model, out_dir, layout)
     (out_dir / "sparsity.json").write_text(json.dumps(record, indent=2, default=_json_default))
     return record
+
+
+def _recover(model: DrivingLLM, model_dir: Path, data_dir: Path, scope: str, finetune, seed: int, out_dir: Path,
+             progress: bool, placement: Placement) -> dict:
+    """A structurally pruned model's recovery training (`recovery_config`): the dense model in `model_dir` teaches."""
+    config = recovery_config(scope, finetune)
+    ft = _dg2pf(model, model_dir, data_dir, config, seed, out_dir, progress, placement=placement)
+    return {"config": ft["hyperparameters"], "data": ft["data"], "history": ft["history"],
+            "distilled_from": str(model_dir), "best_val_distilled": ft["best_val_gradual"],
+            "val_before": ft["val_before_finetune"], "best_val": ft["best_val_finetune"],
+            "train_steps": ft["train_steps"], "epochs": ft["epochs"]}
 
 
 def _structure_fields(report: dict) -> dict:
@@ -557,17 +652,20 @@ def _check_hf_options(spec, sparsity: float | None, pattern: str | None, scope: 
 
 def _prune_hf_dir(model_dir: Path, method: str, sparsity: float | None, out_dir: Path, pattern, scope: str,
                   calibration: str, n_calibration: int, data_dir, seed: int, progress: bool,
-                  trust_remote_code: bool, **method_kwargs) -> dict:
+                  trust_remote_code: bool, layout: str = "dense", placement: Placement | None = None,
+                  **method_kwargs) -> dict:
     """A local HF causal LM directory: prune its decoder blocks' linears (Linear and GPT-2 Conv1D; output head
-    and embeddings stay dense) with a one-shot method, save with save_pretrained (safetensors, loads with
-    AutoModelForCausalLM.from_pretrained), the tokenizer next to it, plus sparsity.json, into `out_dir` (the
+    and embeddings stay dense) with a one-shot method, save it (`save_pruned`: compressed-tensors sparse formats,
+    loaded by models.hf_causal.load_causal_lm, or with `save_dense` the plain layout AutoModelForCausalLM.from_pretrained
+    loads), the tokenizer next to it, plus sparsity.json, into `out_dir` (the
     caller's partial directory). Calibration and DG2PF sequences are cut to the model's context."""
     from prunedrive.models.hf_causal import load_causal_lm
     from prunedrive.models.pruning.masks import decoder_layers
 
     spec = pruning_method(method)
+    placement = placement or Placement()
     torch.manual_seed(seed)
-    model, tokenizer = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, dtype="float32")
+    model, tokenizer = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, dtype=placement.dtype)
     raw = json.loads((model_dir / "config.json").read_text())
     saved_dtype = raw.get("dtype") or raw.get("torch_dtype")
     started = time.time()
@@ -575,14 +673,14 @@ def _prune_hf_dir(model_dir: Path, method: str, sparsity: float | None, out_dir:
     limit = context_length(model)
     if spec.trains:
         report = _dg2pf_hf(model, tokenizer, sparsity, data, n_calibration, seed, out_dir, progress, method_kwargs,
-                           limit)
+                           limit, placement=placement)
         calibration_source, truncated = report.pop("data"), report.pop("truncated")
         model.eval()
     else:
         samples, calibration_source, truncated = (
             hf_calibration(tokenizer, calibration, n_calibration, data, seed, limit) if spec.calibrated
             else (None, "none", 0))
-        with torch.no_grad():
+        with torch.no_grad(), placement.running(model):
             report = prune(model, method, sparsity, pattern, samples, **method_kwargs)
     blocks = decoder_layers(model)
     lm = sparsity_report(model)
@@ -598,6 +696,7 @@ def _prune_hf_dir(model_dir: Path, method: str, sparsity: float | None, out_dir:
                        "decoder_blocks": sum(p.numel() for p in blocks.parameters())},
         "format": "hf-causal-lm", "model_type": raw.get("model_type"),
         **{k: report[k] for k in ("outlier_ratios", "owl", "history", "train_steps", "epochs") if report.get(k)},
+        **placement.record(),
     }
     if report.get("nm_skipped") is not None:
         record["lm_nm_skipped"] = report["nm_skipped"]
@@ -606,7 +705,9 @@ def _prune_hf_dir(model_dir: Path, method: str, sparsity: float | None, out_dir:
     if isinstance(saved_dtype, str) and saved_dtype != "float32" and isinstance(getattr(torch, saved_dtype, None),
                                                                              torch.dtype):
         model.to(getattr(torch, saved_dtype))  # back to the checkpoint's dtype; zeros stay zeros
-    model.save_pretrained(out_dir)
+    else:
+        model.to(torch.float32)  # a float32 checkpoint pruned in another --dtype is saved as float32 again
+    record["checkpoint"] = save_pruned(model, out_dir, layout)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "sparsity.json").write_text(json.dumps(record, indent=2, default=float))
     return record
@@ -661,7 +762,8 @@ def scene_text_batches(tokenizer, split, batch_size: int, n_batches: int, seed: 
 
 
 def _dg2pf_hf(model, tokenizer, sparsity: float, data_dir: Path | None, n_samples: int, seed: int, out_dir: Path,
-              progress: bool, overrides: dict, max_length: int | None = None) -> dict:
+              progress: bool, overrides: dict, max_length: int | None = None,
+              placement: Placement | None = None) -> dict:
     """DG2PF on a plain causal LM: distilled from a frozen copy of itself on scene-text prompts + expert answers
     (`n_samples` training sequences in batches of 4, a quarter as many for validation, each within `max_length`
     tokens); every Linear/Conv1D but the output head is pruned (global |W|). `overrides` set DG2PFConfig fields
@@ -680,9 +782,11 @@ def _dg2pf_hf(model, tokenizer, sparsity: float, data_dir: Path | None, n_sample
     settings = {"sparsity_epochs": 5, "max_epochs": 10, "finetune_max_epochs": 4, "patience": 2, **overrides,
                 "sparsity": sparsity}
     config = DG2PFConfig(**settings)
-    teacher = copy.deepcopy(model)
-    report = dg2pf_prune(model, teacher, train, val, forward=causal_lm_forward, config=config,
-                         checkpoint_dir=str(out_dir / "dg2pf-checkpoint"), progress=progress)
+    placement = placement or Placement()
+    teacher = copy.deepcopy(model).to(placement.device)
+    with placement.running(model, whole=True):
+        report = dg2pf_prune(model, teacher, train, val, forward=placement.forward_on_device(causal_lm_forward),
+                             config=config, checkpoint_dir=str(out_dir / "dg2pf-checkpoint"), progress=progress)
     report["hyperparameters"] = dict(config.__dict__)
     cut_text = f"; {train_cut + val_cut} cut to the model's {max_length} positions" if train_cut + val_cut else ""
     report["data"] = (f"none (trained on {sum(len(b['input_ids']) for b in train)} scene-text sequences from "

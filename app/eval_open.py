@@ -26,9 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prunedrive.app.compress import training_data_dir
 from prunedrive.harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES
 from prunedrive.models import text
 from prunedrive.models.data import Split, load_split
+from prunedrive.models.device import check_precision, torch_dtype
 from prunedrive.models.driving_llm import DrivingLLM, DrivingLLMConfig
 
 
@@ -43,6 +45,7 @@ class TextModel:
 
         self.model_dir = Path(model_dir)
         self.agent = TextLLMAgent(model_dir, **agent_options)
+        self.precision = {k: agent_options[k] for k in ("device", "dtype") if k in agent_options}
 
     def eval(self) -> "TextModel":
         self.agent.model.eval()
@@ -56,9 +59,10 @@ class TextModel:
         """The same architecture, tokenizer and decoding with freshly initialised weights (the contrast row)."""
         from transformers import AutoModelForCausalLM
 
-        other = TextModel(self.model_dir, name=f"{self.agent.name}-random", max_new_tokens=self.agent.max_new_tokens)
+        other = TextModel(self.model_dir, name=f"{self.agent.name}-random", max_new_tokens=self.agent.max_new_tokens,
+                          **self.precision)
         torch.manual_seed(seed)
-        fresh = AutoModelForCausalLM.from_config(other.agent.model.config)
+        fresh = AutoModelForCausalLM.from_config(other.agent.model.config).to(other.agent.model.dtype)
         other.agent.model.load_state_dict(fresh.state_dict())
         other.agent.refresh_compute()
         return other
@@ -156,19 +160,22 @@ def random_model_like(model: DrivingLLM, seed: int = 0) -> DrivingLLM:
 
 
 def cmd_eval_open(model_dir: str | Path | None = None, split_dir: str | Path | None = None,
-                  max_samples: int | None = 400, with_random: bool = True) -> dict:
+                  max_samples: int | None = 400, with_random: bool = True, device: str = "cpu",
+                  dtype: str = "float32") -> dict:
     """CLI entry (`prunedrive eval-open`): open-loop metrics of a trained model (default: the zoo's small model,
     trained if missing) and of a random model of the same size on the held-out split (default: the model's
-    own val split). Prints a table, writes <model_dir>/eval_open.json, returns {"trained": ..., "random": ...}."""
+    own val split). Prints a table, writes <model_dir>/eval_open.json, returns {"trained": ..., "random": ...}.
+    device/dtype (models.device): where and in what precision both models answer."""
     from prunedrive.app.train import ensure_default_model
     from prunedrive.models.hf_causal import is_hf_causal_lm_dir
 
     model_dir = Path(model_dir) if model_dir else ensure_default_model("small")
     text_format = is_hf_causal_lm_dir(model_dir)  # `train --format text`, or any local causal LM
-    model = TextModel(model_dir) if text_format else DrivingLLM.from_pretrained(model_dir)
+    device, dtype = check_precision(device, dtype)
+    model = (TextModel(model_dir, device=device, dtype=dtype) if text_format
+             else DrivingLLM.from_pretrained(model_dir).to(device=device, dtype=torch_dtype(dtype)))
     if split_dir is None:
-        summary = model_dir / "train_summary.json"
-        split_dir = Path(json.loads(summary.read_text())["data_dir"]) if summary.is_file() else model_dir / "data"
+        split_dir = training_data_dir(model_dir)
         if not (Path(split_dir) / "val.parquet").is_file():
             from prunedrive.app.dataset import build_dataset
             from prunedrive.models.presets import get_preset
@@ -176,7 +183,8 @@ def cmd_eval_open(model_dir: str | Path | None = None, split_dir: str | Path | N
     split = load_split(split_dir, "val")
     results = {"trained": evaluate_open_loop(model, split, max_samples)}
     if with_random:
-        random = model.randomized() if text_format else random_model_like(model)
+        random = (model.randomized() if text_format
+                  else random_model_like(model).to(device=device, dtype=torch_dtype(dtype)))
         results["random"] = evaluate_open_loop(random, split, max_samples)
     _print(results)
     (model_dir / "eval_open.json").write_text(json.dumps(results, indent=2))

@@ -19,7 +19,10 @@ class StepCompute:
     executed_flops: float = float("nan")   # counting the weights the installed kernels multiply (dense path: all)
     params: float = float("nan")
     nonzero_params: float = float("nan")
-    peak_mem_bytes: float = float("nan")
+    peak_mem_bytes: float = float("nan")   # the process's peak RSS (simulator and Python included)
+    # On a CUDA device (NaN on the CPU): what the agent measured there itself, beside the runner's wall time.
+    device_time_s: float = float("nan")          # the call's GPU time, CUDA events, synchronised (models.device)
+    device_peak_mem_bytes: float = float("nan")  # torch.cuda.max_memory_allocated, reset per episode
     # 1 when the model's answer did not parse and the agent fell back to its safe action, else 0.
     parse_failed: float = float("nan")
 
@@ -27,7 +30,7 @@ class StepCompute:
 COMPUTE_FIELDS = tuple(f.name for f in fields(StepCompute))
 # Per-episode aggregates written to the episodes table.
 AGGREGATED_FIELDS = ("agent_wall_s", "agent_cpu_s", "sim_wall_s", "tokens_in", "tokens_out",
-                     "dense_flops", "effective_flops", "executed_flops")
+                     "dense_flops", "effective_flops", "executed_flops", "device_time_s")
 
 
 def aggregate(columns: dict[str, np.ndarray]) -> dict[str, float]:
@@ -41,7 +44,7 @@ def aggregate(columns: dict[str, np.ndarray]) -> dict[str, float]:
             continue
         out[f"{name}_mean"] = float(values.mean())
         out[f"{name}_p50"], out[f"{name}_p95"] = (float(v) for v in np.percentile(values, [50, 95]))
-    for name in ("params", "nonzero_params", "peak_mem_bytes"):
+    for name in ("params", "nonzero_params", "peak_mem_bytes", "device_peak_mem_bytes"):
         values = np.asarray(columns[name], np.float64)
         values = values[np.isfinite(values)]
         out[name] = float(values.max()) if len(values) else float("nan")
@@ -69,3 +72,12 @@ def apportion(rows: list[dict[str, float]], totals: dict[str, float]) -> None:
         shares = weight / weight.sum() if weight.sum() > 0 else np.full(len(rows), 1.0 / len(rows))
         for report, share in zip(rows, shares):
             report[field] = float(totals[field] * share)
+
+
+def split_device_time(rows: list[dict[str, float]], seconds: float) -> None:
+    """A batched call's device time (NaN: none measured) over its rows, as `apportion` split its FLOPs: in
+    proportion to each row's dense_flops, equal shares where those are all zero."""
+    weight = np.array([report.get("dense_flops", 0.0) for report in rows], np.float64)
+    shares = weight / weight.sum() if weight.sum() > 0 else np.full(len(rows), 1.0 / max(len(rows), 1))
+    for report, share in zip(rows, shares):
+        report["device_time_s"] = float(seconds * share)

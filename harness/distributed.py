@@ -96,7 +96,7 @@ class RayExecutor:
                  record: bool = False, retries: int = 2, backend_options: dict | None = None,
                  carla_servers: list[str] | None = None, backoff_s: float = 2.0,
                  step_timeout_s: float | None = STEP_TIMEOUT_S, episode_timeout_s: float | None = EPISODE_TIMEOUT_S,
-                 batch: int = 1):
+                 batch: int = 1, latency=None):
         if workers < 1:
             raise ValueError(f"--workers must be at least 1, got {workers}")
         if batch < 1:
@@ -110,7 +110,8 @@ class RayExecutor:
                              f"{', '.join(carla_servers)}")
         self.factories, self.workers, self.ray_address = list(factories), workers, ray_address
         self.record, self.retries, self.backend_options, self.backoff_s = record, retries, backend_options, backoff_s
-        self.timeouts = {"step_timeout_s": step_timeout_s, "episode_timeout_s": episode_timeout_s}
+        # Every episode's options: time limits and the latency model (harness.latency; None: synchronous).
+        self.timeouts = {"step_timeout_s": step_timeout_s, "episode_timeout_s": episode_timeout_s, "latency": latency}
         # The worker enforces the episode's limit itself; this one catches a worker that cannot (hung in C code).
         self.episode_timeout_s = (episode_timeout_s or EPISODE_TIMEOUT_S) + WORKER_GRACE_S
         self.actors: list = []

@@ -87,9 +87,27 @@ class DriveEnv(gym.Env):
         if self.criteria is None or self._done:
             raise RuntimeError("call reset() before step(), and again after an episode ends")
         control, _ = checked_control(action, agent="env.step", step=self._step + 1)
+        return self._advance(lambda: self.backend.step(control))
+
+    @property
+    def ticks_per_step(self) -> int | None:
+        """Simulator ticks per env step, for a backend that steps per tick (`step_ticks`); else None."""
+        return getattr(self.backend, "ticks_per_step", None) if hasattr(self.backend, "step_ticks") else None
+
+    def step_ticks(self, controls: list):
+        """One env step with a control per simulator tick (harness.latency: controls that take effect between
+        policy steps); otherwise exactly `step`. Controls are checked (harness.action) by the caller."""
+        if self.criteria is None or self._done:
+            raise RuntimeError("call reset() before step_ticks(), and again after an episode ends")
+        if self.ticks_per_step is None:
+            raise ValueError(f"the {self.scenario.backend} backend does not step per simulator tick; latency "
+                             "models (--latency other than none) need one that does (highway)")
+        return self._advance(lambda: self.backend.step_ticks(list(controls)))
+
+    def _advance(self, backend_step):
         previous = self.criteria.route_completion
         started = time.perf_counter()
-        state, step_events = self.backend.step(control)
+        state, step_events = backend_step()
         sim_wall_s = time.perf_counter() - started
         self._step += 1
         self._state = state

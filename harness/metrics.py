@@ -31,6 +31,7 @@ INFRACTIONS = [k.value for k in EventKind if k not in (EventKind.MIN_SPEED, Even
 
 # What the terminal and report tables show; a metric in none of them is still summarized and logged.
 OVERALL, PER_SCENARIO, REPORT, BENCH = "overall", "per_scenario", "report", "bench"
+LATENCY = "latency"  # the latency table: runs under a latency model only (harness.latency; its columns absent else)
 # Regression gate: "gate" checks and gates; "opt-in" is reported and gates only when given a margin
 # (wall time depends on the machine and its load).
 GATE, OPT_IN = "gate", "opt-in"
@@ -177,6 +178,22 @@ METRICS: tuple[Metric, ...] = (
     Metric("parse_failure_rate", "parse_failure_rate", "parse failures (share of model decisions)", "parse fail",
            "share", Aggregate("ratio", ("parse_failures", "model_decisions")), higher_is_better=False,
            views=frozenset({OVERALL, REPORT, BENCH})),
+    # Latency in the loop (harness.latency): absent from runs at --latency none, and then left out.
+    Metric("decisions", "decisions", "decisions per episode", "decisions", "decisions",
+           Aggregate("mean", ("decisions",)), fmt="{:.1f}", views=frozenset({LATENCY})),
+    Metric("decision_latency_ms_mean", "decision_latency_ms", "decision latency (ms, mean)", "latency ms", "ms",
+           Aggregate("mean", ("decision_latency_ms_mean",)), fmt="{:.0f}", higher_is_better=False, cost=True,
+           views=frozenset({LATENCY})),
+    Metric("decision_latency_ms_p95", "decision_latency_ms_p95", "decision latency (ms, p95; mean over episodes)",
+           "latency ms p95", "ms", Aggregate("mean", ("decision_latency_ms_p95",)), fmt="{:.0f}",
+           higher_is_better=False, cost=True, views=frozenset({LATENCY})),
+    Metric("control_hz", "control_hz", "effective control rate (Hz)", "control Hz", "Hz",
+           Aggregate("mean", ("control_hz",)), fmt="{:.2f}", higher_is_better=True, views=frozenset({LATENCY})),
+    Metric("deadline_miss_share", "deadline_miss_share", "deadline misses (share of decisions slower than the "
+           "policy period)", "deadline miss", "share", Aggregate("mean", ("deadline_miss_share",)),
+           higher_is_better=False, views=frozenset({LATENCY})),
+    Metric("stale_share", "stale_share", "share of simulated time on a stale control", "stale share", "share",
+           Aggregate("mean", ("stale_share",)), higher_is_better=False, views=frozenset({LATENCY})),
 )
 
 

@@ -265,6 +265,21 @@ def check_same_suite(base_manifest: dict, cand_manifest: dict, baseline_dir: Pat
                                 f"{candidate_dir} ran {cand_suite!r}; compare runs of the same suite")
 
 
+def check_same_latency(base_manifest: dict, cand_manifest: dict, baseline_dir: Path, candidate_dir: Path) -> None:
+    """Refuse runs driven under different latency models (`identity.latency`, harness.latency; absent: none):
+    a late control changes what the car does, so their episodes are not the same episodes."""
+    base, cand = _latency(base_manifest), _latency(cand_manifest)
+    if base != cand:
+        raise RegressInputError(
+            f"different latency settings: baseline {baseline_dir} ran --latency {base}, candidate {candidate_dir} "
+            f"ran --latency {cand}; compare runs driven under the same latency model")
+
+
+def _latency(manifest: dict) -> str:
+    identity = manifest.get("identity")
+    return (identity.get("latency") if isinstance(identity, dict) else None) or "none"
+
+
 def _suite_name(manifest: dict):
     config = manifest.get("config")
     return config.get("suite") if isinstance(config, dict) else None
@@ -302,6 +317,7 @@ def regress(baseline_dir: str | Path, candidate_dir: str | Path, max_drop: float
     base_manifest, base = load_run(baseline_dir)
     cand_manifest, cand = load_run(candidate_dir)
     check_same_suite(base_manifest, cand_manifest, baseline_dir, candidate_dir)
+    check_same_latency(base_manifest, cand_manifest, baseline_dir, candidate_dir)
     return compare(base, cand, max_drop=max_drop, alpha=alpha, n_boot=n_boot, seed=seed, agent=agent,
                    baseline_agent=baseline_agent, candidate_agent=candidate_agent,
                    max_collision_increase=max_collision_increase, max_slowdown=max_slowdown,

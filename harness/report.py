@@ -18,7 +18,7 @@ The question it answers: how much does pruning cost at each sparsity, per method
   "–" marks what does not apply.
 - Plots (matplotlib, Agg, no display), one colour per pruning method on the whole page (dense black,
   reference agents grey): the DS difference to dense vs sparsity per method (95% CI error bars), cost vs
-  DS (effective GFLOPs per step vs mean DS ± SE), infractions per km (a heatmap agents x infraction kinds,
+  DS (effective GFLOPs per step vs mean DS ± SE, and the measured step time vs DS), infractions per km (a heatmap agents x infraction kinds,
   values in the cells), DS per scenario kind.
 - Open-loop errors, when a run has `open_loop.json` (written by `prunedrive bench`), with units.
 - The seeds' claims, when a run has `claims.csv` (written by `prunedrive claims`): its table, a forest plot
@@ -96,7 +96,8 @@ class Plot:
 
 
 # What the report knows about the agent itself (manifest config or model directory): (column id, header).
-AGENT_COLUMNS = [("method", "method"), ("sparsity", "sparsity %")]
+AGENT_COLUMNS = [("method", "method"), ("sparsity", "sparsity %"), ("disk_mb", "MB on disk"),
+                 ("disk_ratio", "× dense bytes"), ("scheme", "scheme / execution")]
 # The paired difference of the driving score to the dense baseline (harness.regress.compare_to_baseline).
 DIFF_COLUMNS = [("ds_diff", "ΔDS vs dense"), ("ds_ci", "95% CI"), ("verdict", "verdict")]
 
@@ -123,6 +124,7 @@ def load_series(run_dirs: list[str | Path]) -> list[Series]:
             label = agent if agent_runs[agent] == 1 else f"{agent} [{path.name}]"  # same agent in several runs
             s = Series(label, agent, path.name, path, group.reset_index(drop=True), summary)
             s.sparsity, s.method = _sparsity(agent, group, config)
+            s.extra["checkpoint"] = _checkpoint(agent, config)
             series.append(s)
     return sorted(series, key=_order)
 
@@ -149,9 +151,27 @@ def _sparsity(agent: str, episodes: pd.DataFrame, config: dict) -> tuple[float |
             data = json.loads(record.read_text())
             value = data.get("global", data.get("target_sparsity"))
             return (float(value) if value is not None else None), (data.get("method") or method)
-        if model_dir.is_dir():
-            return 0.0, method or DENSE
+        if model_dir.is_dir():  # no record: the dense model, unless the manifest names another method
+            return (0.0 if method in (None, DENSE) else None), method or DENSE
     return None, (str(method) if method is not None else None)
+
+
+def _checkpoint(agent: str, config: dict) -> dict:
+    """What the agent's checkpoint costs on disk: the bench's record in the manifest config (`checkpoints`), else
+    the `checkpoint` entry `prunedrive prune` wrote into the model directory's sparsity.json; {} when neither."""
+    recorded = config.get("checkpoints")
+    if isinstance(recorded, dict) and isinstance(recorded.get(agent), dict):
+        return recorded[agent]
+    models = config.get("models")
+    model = models.get(agent) if isinstance(models, dict) else None
+    record = Path(model) / "sparsity.json" if model else None
+    if record is not None and record.is_file():
+        try:
+            checkpoint = json.loads(record.read_text()).get("checkpoint")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return checkpoint if isinstance(checkpoint, dict) else {}
+    return {}
 
 
 def model_backed(episodes: pd.DataFrame) -> bool:
@@ -382,16 +402,37 @@ def _dodge(x: np.ndarray, log: bool) -> np.ndarray:
     return 10 ** out if log else out
 
 
-def plot_cost(series: list[Series], palette: Palette) -> Plot:
-    name, title = "cost_vs_ds", "Cost vs driving score"
-    m = metric("effective_gflops")
-    points = [s for s in series if np.isfinite(m.value(s.summary)) and not s.reference]
+# The x axes DS is plotted against: {metric key: (plot name, title, axis label, what x is, for the note, why a plot
+# is skipped)}. FLOPs say what pruning could save; the measured step time what it did save (unstructured zeros on
+# dense kernels: nothing).
+COST_AXES = {
+    "effective_gflops": ("cost_vs_ds", "Cost vs driving score", "effective GFLOPs per step (non-zero weights)",
+                         "effective FLOPs per agent step, counted over the non-zero weights (deterministic, unlike "
+                         "wall time)", "skipped: no agent reports effective FLOPs (model-backed agents do)"),
+    "agent_ms_p50": ("step_time_vs_ds", "Measured step time vs driving score",
+                     "measured agent ms per step (p50)",
+                     "the agent's measured wall time per step (median over episodes of each episode's p50), on "
+                     "this run's machine at its load: what pruning actually bought, where FLOPs say what it could",
+                     "skipped: no model-backed agent (only model agents' step times are compared)"),
+}
+
+
+def cost_points(series: list[Series], x_key: str) -> list[tuple[Series, float]]:
+    """The model agents with a finite x (COST_AXES' metric) and that x; reference agents are drawn as lines."""
+    m = metric(x_key)
+    return [(s, float(m.value(s.summary))) for s in series
+            if not s.reference and model_backed(s.episodes) and np.isfinite(m.value(s.summary))]
+
+
+def plot_cost(series: list[Series], palette: Palette, x_key: str = "effective_gflops") -> Plot:
+    name, title, x_label, x_text, skipped = COST_AXES[x_key]
+    points = [s for s, _ in cost_points(series, x_key)]
     references = [s for s in series if s.reference]
     if not points:
-        return Plot(name, title, None, "skipped: no agent reports effective FLOPs (model-backed agents do)")
+        return Plot(name, title, None, skipped)
     figure = _figure(6.6, 4.4 + 0.2 * ((len(points) + len(references) + 2) // 3))
     ax = figure.add_subplot()
-    x = np.array([m.value(s.summary) for s in points])
+    x = np.array([x for _, x in cost_points(series, x_key)])
     log = x.min() > 0 and x.max() / x.min() > 30
     xd = _dodge(x, log)
     markers = _markers(series)
@@ -430,16 +471,15 @@ def plot_cost(series: list[Series], palette: Palette) -> Plot:
         ax.text(0.005, ty, f" {s.label} (no model)", transform=ax.get_yaxis_transform(), ha="left", va="bottom",
                 fontsize=8, color="#555555")
     ax.set_ylim(0, 105)
-    ax.set_xlabel(f"effective GFLOPs per step (non-zero weights){', log scale' if log else ''}")
+    ax.set_xlabel(f"{x_label}{', log scale' if log else ''}")
     ax.set_ylabel("driving score (mean ± SE)")
     ax.grid(alpha=0.3, which="both" if log else "major")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), borderaxespad=0,
               ncol=3 if max(len(s.label) for s in points) <= 22 else 2,
               frameon=False)
     ax.set_title(title + " (top left is best)", fontsize=10)
-    note = ("x: effective FLOPs per agent step, counted over the non-zero weights (deterministic, unlike wall "
-            "time); y: mean driving score ± standard error. Colour: method; marker: sparsity (dense: the star). "
-            "Agents at equal FLOPs are spread sideways a little."
+    note = (f"x: {x_text}; y: mean driving score ± standard error. Colour: method; marker: sparsity (dense: the "
+            "star). Agents at equal x are spread sideways a little."
             + (" Dotted lines: agents without a model (no FLOPs), at their mean score." if references else ""))
     return Plot(name, title, _png(figure), note)
 
@@ -513,6 +553,13 @@ def _agent_cells(s: Series) -> dict[str, str]:
         cells["sparsity"] = f"{100 * s.sparsity:.3g}"
     if s.method is not None:
         cells["method"] = str(s.method)
+    checkpoint = s.extra.get("checkpoint") or {}
+    if isinstance(checkpoint.get("bytes_on_disk"), (int, float)):
+        cells["disk_mb"] = f"{checkpoint['bytes_on_disk'] / 1e6:.2f}"
+    if isinstance(checkpoint.get("ratio_to_dense"), (int, float)) and np.isfinite(checkpoint["ratio_to_dense"]):
+        cells["disk_ratio"] = f"{checkpoint['ratio_to_dense']:.3f}"
+    if checkpoint.get("execution"):
+        cells["scheme"] = f"{checkpoint.get('scheme', '')} / {checkpoint['execution']}"
     return cells
 
 
@@ -815,8 +862,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str | N
     title = title or "prunedrive report: " + ", ".join(dict.fromkeys(s.run for s in series))
     diffs = dense_differences(series)
     palette = Palette(series)
-    plots = [plot_sparsity(series, diffs, palette), plot_cost(series, palette), plot_infractions(series, palette),
-             plot_kinds(series, palette)]
+    plots = [plot_sparsity(series, diffs, palette), plot_cost(series, palette),
+             plot_cost(series, palette, "agent_ms_p50"), plot_infractions(series, palette), plot_kinds(series, palette)]
     claims = load_claims(series)
     claim_plots = [p for c in claims for p in (plot_claims(c), plot_sensitivity(c))]
     for plot in plots + claim_plots:

@@ -39,6 +39,7 @@ from prunedrive.harness.backends.base import SimulatorError
 from prunedrive.harness.compute import COMPUTE_FIELDS, aggregate
 from prunedrive.harness.env import DriveEnv, EpisodeOutcome
 from prunedrive.harness.events import COLLISIONS, EventKind
+from prunedrive.harness.latency import LATENCY_STEP_COLUMNS, LatencyClock, LatencyModel, latency_metrics
 from prunedrive.harness.metrics import INFRACTIONS
 from prunedrive.harness.results import RunDir, episode_key
 from prunedrive.harness.scoring import km_driven, score_episode
@@ -143,8 +144,10 @@ class Episode:
     def __init__(self, env: DriveEnv, agent: Agent, scenario: Scenario, seed: int, video_path: Path | None = None,
                  *, on_step: OnStep | None = None, max_steps: int | None = None, trace: EpisodeTrace | None = None,
                  step_timeout_s: float | None = None, episode_timeout_s: float | None = None,
-                 catch_exit: bool = False):
+                 catch_exit: bool = False, latency: LatencyModel | None = None):
         self.env, self.agent, self.scenario, self.seed, self.video_path = env, agent, scenario, seed, video_path
+        self.latency = latency  # None: the synchronous loop; else harness.latency's semantics (a LatencyClock)
+        self.clock: LatencyClock | None = None
         self.on_step, self.max_steps = on_step, max_steps
         self.trace = trace if trace is not None else EpisodeTrace()
         self.step_timeout_s, self.episode_timeout_s = step_timeout_s, episode_timeout_s
@@ -178,6 +181,13 @@ class Episode:
         self.trace.phase = "env reset"
         self.observation, _ = self.env.reset(seed=self.seed)
         self.trace.env_reset = True
+        if self.latency is not None:
+            if self.env.ticks_per_step is None:
+                raise ValueError(f"--latency {self.latency.spec}: the {self.scenario.backend} backend does not step "
+                                 "per simulator tick; latency models need one that does (highway, carla)")
+            self.clock = LatencyClock(self.latency, float(self.env.backend.dt), int(self.env.ticks_per_step))
+            for name in LATENCY_STEP_COLUMNS:
+                self.trace.columns.setdefault(name, [])
         if self.video_path:
             self.video = VideoWriter(self.video_path, fps=self.env.metadata["render_fps"])
 
@@ -190,15 +200,42 @@ class Episode:
         agent_wall_s, agent_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
         return answer, agent_wall_s, agent_cpu_s, compute_report(self.agent)
 
+    def free(self) -> bool:
+        """Whether the agent reads this step's observation (always, without a latency model)."""
+        return self.clock is None or self.clock.free()
+
+    def next(self) -> bool:
+        """This step, alone: the agent's answer when it is free, else the held control(s); True once ended."""
+        return self.step(*self.act()) if self.free() else self.wait()
+
     def step(self, answer: Any, agent_wall_s: float, agent_cpu_s: float, report: dict, batch_size: int = 1) -> bool:
-        """Apply the agent's answer for this step and record it; True once the episode has ended (`outcome`)."""
-        trace, columns = self.trace, self.trace.columns
+        """Apply the agent's answer for this step and record it; True once the episode has ended (`outcome`).
+        Under a latency model the answer is scheduled (harness.latency) and the step drives what holds."""
+        trace = self.trace
         trace.phase = "action"
         control, clamped = checked_control(answer, agent=self.agent.name, step=self.steps_done + 1)
         trace.clamped_actions += clamped
+        decision = self.clock.decide(control, report, agent_wall_s) if self.clock is not None else None
+        return self._advance(control, decision, agent_wall_s, agent_cpu_s, report, batch_size)
+
+    def wait(self) -> bool:
+        """A step the agent is still busy in (latency models only): the env drives the held control(s)."""
+        return self._advance(None, None, np.nan, np.nan, {}, 0)
+
+    def _advance(self, control, decision, agent_wall_s: float, agent_cpu_s: float, report: dict,
+                 batch_size: int) -> bool:
+        trace, columns = self.trace, self.trace.columns
         trace.phase = "env step"
         previous = self.observation
-        self.observation, _, terminated, truncated, info = self.env.step(control)
+        if self.clock is None:
+            self.observation, _, terminated, truncated, info = self.env.step(control)
+        else:
+            controls, stale_ticks = self.clock.tick_controls()
+            self.observation, _, terminated, truncated, info = self.env.step_ticks(controls)
+            control = controls[-1]  # the step row records the control in effect at its end
+            timing = {"decided": decision is not None, "latency_s": decision.latency_s if decision else np.nan,
+                      "effect_tick": decision.effect_tick if decision else -1, "ticks": len(controls),
+                      "stale_ticks": stale_ticks}
         if self.video:
             criteria = self.env.criteria
             self.video.add(self.env.render(), overlay_lines(
@@ -217,6 +254,9 @@ class Episode:
         for name in _MODEL_FIELDS:
             columns[name].append(report.get(name, np.nan))
         columns["batch_size"].append(batch_size)
+        if self.clock is not None:  # after the video: a row is appended to every column or to none
+            for name, value in timing.items():
+                columns[name].append(value)
         if self.on_step is not None:
             self.on_step(previous, control, info)
         if terminated or truncated:
@@ -238,16 +278,18 @@ class Episode:
 def run_episode(env: DriveEnv, agent: Agent, scenario: Scenario, seed: int, video_path: Path | None = None, *,
                 on_step: OnStep | None = None, max_steps: int | None = None, trace: EpisodeTrace | None = None,
                 step_timeout_s: float | None = None, episode_timeout_s: float | None = None,
-                catch_exit: bool = False) -> tuple[EpisodeOutcome, pd.DataFrame]:
-    """One closed-loop episode. Exceptions propagate; pass a `trace` to keep what was driven before one.
+                catch_exit: bool = False, latency: LatencyModel | None = None) -> tuple[EpisodeOutcome, pd.DataFrame]:
+    """One closed-loop episode (`latency`: harness.latency's model; None: the synchronous loop). Exceptions
+    propagate; pass a `trace` to keep what was driven before one.
     `max_steps` cuts the episode short (the outcome is then the env's state at the cut). The agent's
     reset() and each act() get at most `step_timeout_s`, and never more than what is left of
     `episode_timeout_s` (AgentTimeout); with `catch_exit`, its os._exit raises AgentExit (exits_raise)."""
     episode = Episode(env, agent, scenario, seed, video_path, on_step=on_step, max_steps=max_steps, trace=trace,
-                      step_timeout_s=step_timeout_s, episode_timeout_s=episode_timeout_s, catch_exit=catch_exit)
+                      step_timeout_s=step_timeout_s, episode_timeout_s=episode_timeout_s, catch_exit=catch_exit,
+                      latency=latency)
     episode.start()
     try:
-        while not episode.step(*episode.act()):
+        while not episode.next():
             pass
         return episode.outcome, episode.trace.steps()
     finally:
@@ -286,6 +328,9 @@ def episode_row(outcome: EpisodeOutcome | None, steps: pd.DataFrame, *, run_id: 
     }
     row.update({f"n_{kind}": count for kind, count in score.infractions.items()})
     row.update(aggregate({name: steps[name].to_numpy() if name in steps else np.array([]) for name in COMPUTE_FIELDS}))
+    if "decided" in steps:  # a latency model drove it (harness.latency)
+        row.update(latency_metrics({name: steps[name].to_numpy() for name in LATENCY_STEP_COLUMNS},
+                                   1.0 / scenario.policy_hz, outcome.sim_time_s))
     return row
 
 
@@ -294,7 +339,7 @@ def run_episode_with_retries(envs: dict, agent, scenario: Scenario, seed: int, *
                              make_env: MakeEnv = default_make_env, backend_options: dict | None = None,
                              backoff_s: float = 2.0, step_timeout_s: float | None = STEP_TIMEOUT_S,
                              episode_timeout_s: float | None = EPISODE_TIMEOUT_S,
-                             catch_exit: bool = False) -> tuple[dict, pd.DataFrame]:
+                             catch_exit: bool = False, latency: LatencyModel | None = None) -> tuple[dict, pd.DataFrame]:
     """One episode, as a run drives it: the env for `scenario` from `envs` (created on first use); a
     simulator failure closes the env, backs off and retries (up to `retries` times), after which the
     episode is an infrastructure failure; any other exception (the agent's code, a bad action,
@@ -311,7 +356,7 @@ def run_episode_with_retries(envs: dict, agent, scenario: Scenario, seed: int, *
                 envs[scenario.name] = make_env(scenario, record, **(backend_options or {}))
             outcome, _ = run_episode(envs[scenario.name], agent, scenario, seed, video, trace=trace,
                                      step_timeout_s=step_timeout_s, episode_timeout_s=episode_timeout_s,
-                                     catch_exit=catch_exit)
+                                     catch_exit=catch_exit, latency=latency)
             error = None
             break
         except SimulatorError as exc:
@@ -423,13 +468,14 @@ class Lockstep:
     def __init__(self, agents: list[Agent], batch: int, *, record: bool = False, retries: int = 2,
                  make_env: MakeEnv = default_make_env, backend_options: dict | None = None, backoff_s: float = 2.0,
                  step_timeout_s: float | None = STEP_TIMEOUT_S, episode_timeout_s: float | None = EPISODE_TIMEOUT_S,
-                 catch_exit: bool = False):
+                 catch_exit: bool = False, latency: LatencyModel | None = None):
         if batch < 1:
             raise ValueError(f"--batch must be at least 1, got {batch}")
         self.agents, self.batch, self.record, self.retries = list(agents), batch, record, retries
         self.catch_exit = catch_exit  # exits_raise around the agents' calls (in the run's own process)
         self.make_env, self.backend_options, self.backoff_s = make_env, backend_options or {}, backoff_s
-        self.timeouts = {"step_timeout_s": step_timeout_s, "episode_timeout_s": episode_timeout_s}
+        # Every Episode's options: its time limits and latency model (None: the synchronous loop).
+        self.timeouts = {"step_timeout_s": step_timeout_s, "episode_timeout_s": episode_timeout_s, "latency": latency}
         self.free_envs: dict[str, list[DriveEnv]] = {}
         self.pending: deque[tuple[EpisodeJob, str, Path | None]] = deque()
         self.running: list[_Running] = []
@@ -584,13 +630,20 @@ class Lockstep:
             groups.setdefault(id(run.agent), []).append(run)
         for runs in groups.values():
             if batched(runs[0].agent):
-                self._step_batch(runs[0].agent, runs)
+                # Under a latency model an episode whose agent is still thinking drives its held control; the
+                # others' steps are decided together (each keeps the latency of its own row's compute).
+                for run in runs:
+                    if not run.episode.free():
+                        self._guard(run, run.episode.wait)
+                deciding = [run for run in runs if not run.ended and run.episode.free()]
+                if deciding:
+                    self._step_batch(runs[0].agent, deciding)
             else:
                 for run in runs:
                     self._step_alone(run)
 
     def _step_alone(self, run: _Running) -> None:
-        self._guard(run, lambda: run.episode.step(*run.episode.act()))
+        self._guard(run, run.episode.next)
 
     def _step_batch(self, agent: Agent, runs: list[_Running]) -> None:
         def check(run: _Running) -> bool:
@@ -658,12 +711,13 @@ class InProcessExecutor:
     def __init__(self, agents: list[Agent], *, record: bool = False, retries: int = 2,
                  make_env: MakeEnv = default_make_env, backend_options: dict | None = None, backoff_s: float = 2.0,
                  step_timeout_s: float | None = STEP_TIMEOUT_S, episode_timeout_s: float | None = EPISODE_TIMEOUT_S,
-                 batch: int = 1):
+                 batch: int = 1, latency: LatencyModel | None = None):
         if batch < 1:
             raise ValueError(f"--batch must be at least 1, got {batch}")
         self.agents, self.record, self.retries, self.batch = agents, record, retries, batch
         self.make_env, self.backend_options, self.backoff_s = make_env, backend_options, backoff_s
-        self.timeouts = {"step_timeout_s": step_timeout_s, "episode_timeout_s": episode_timeout_s}
+        # Every episode's options: its time limits and latency model (None: the synchronous loop).
+        self.timeouts = {"step_timeout_s": step_timeout_s, "episode_timeout_s": episode_timeout_s, "latency": latency}
         self.envs: dict[str, DriveEnv] = {}
         self.lockstep: Lockstep | None = None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from prunedrive.harness.metrics import OVERALL, PER_SCENARIO, Metric, in_view, summary_row
+from prunedrive.harness.metrics import LATENCY, OVERALL, PER_SCENARIO, Metric, in_view, summary_row
 
 
 def summarize(episodes: pd.DataFrame, by: list[str]) -> pd.DataFrame:
@@ -17,7 +17,9 @@ def summarize(episodes: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def print_tables(episodes: pd.DataFrame, console=None) -> None:
+def print_tables(episodes: pd.DataFrame, console=None, latency_label: str | None = None) -> None:
+    """The per-scenario and overall tables; for a run under a latency model (`latency_label`: how the manifest
+    names it, e.g. "measured (not reproducible)") also the latency table."""
     from rich.console import Console
     from rich.table import Table
 
@@ -46,6 +48,13 @@ def print_tables(episodes: pd.DataFrame, console=None) -> None:
     for _, row in summarize(episodes, ["agent"]).iterrows():
         overall.add_row(row.agent, *(_cell(m, row) for m in metrics))
     console.print(overall)
+    if "decisions" in episodes:  # driven under a latency model (harness.latency)
+        latency = Table(title=f"Latency in the loop (simulated time; {latency_label or 'latency model'})")
+        for column in ("agent", *(m.short for m in in_view(LATENCY))):
+            latency.add_column(column, justify="left" if column == "agent" else "right")
+        for _, row in summarize(episodes, ["agent"]).iterrows():
+            latency.add_row(row.agent, *(_cell(m, row) for m in in_view(LATENCY)))
+        console.print(latency)
     for _, row in episodes[episodes.status == "failed"].iterrows():
         last_line = row.error.strip().splitlines()[-1] if row.error.strip() else "unknown error"
         console.print(f"[red]failed[/red] {row.agent} {row.scenario} seed={row.seed}: {last_line}")

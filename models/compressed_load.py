@@ -13,7 +13,7 @@ own compressors into the scales' float dtype: there is no integer kernel here, e
 ("decompressed: no kernel"), and quantized activations (the A8 of W8A8) are not emulated. Anything else (an
 FP8/FP4 format, online transforms, a corrupt or incomplete tensor set) is refused with a ValueError naming the
 directory or file, the field and the supported values. Weights are read with safetensors only, from the files
-models.hf_causal.weight_files allows (plain files inside the directory); nothing runs remote code.
+models.weight_files.weight_files allows (plain files inside the directory); nothing runs remote code.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from prunedrive.models import sparse_codec
-from prunedrive.models.hf_causal import weight_files
+from prunedrive.models.weight_files import weight_files
 
 CONFIG_NAME = "config.json"
 CONFIG_KEYS = ("quantization_config", "compression_config")  # the second: compressed-tensors < 0.6 wrote it
@@ -291,6 +291,20 @@ def load_compressed_causal_lm(directory: str | Path, dtype: torch.dtype = torch.
         if hasattr(config, key):
             delattr(config, key)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    load_state_into(model, {k: v.to(dtype) for k, v in loaded.state_dict.items()}, str(path))
+    state = _renamed_for(model, loaded.state_dict)
+    load_state_into(model, {k: v.to(dtype) for k, v in state.items()}, str(path))
     model.eval()
     return model, loaded
+
+
+def _renamed_for(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's names as the model has them: transformers saves some architectures under their original
+    checkpoint names (GPT-NeoX's lm_head as embed_out) and renames them when it loads; the same renamings here
+    (renamings only: a checkpoint needing a converter is refused by load_state_into, naming the key)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return state_dict
+    return {rename_source_key(name, renamings, [])[0]: tensor for name, tensor in state_dict.items()}

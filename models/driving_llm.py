@@ -215,7 +215,9 @@ class VectorEncoder(nn.Module):
         self.proj = nn.Linear(d, out_dim)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        f = featurize(batch)
+        # Geometry in the observation's float32 (metres over hundreds of metres); the features, scaled to O(1),
+        # in the weights' dtype (a bfloat16/float16 model: models.device).
+        f = {k: v.to(self.proj.weight.dtype) for k, v in featurize(batch).items()}
         b = f["ego"].shape[0]
         tokens = torch.cat([self.ego(f["ego"])[:, None], self.route(f["route"])[:, None], self.light(f["light"])[:, None],
                             self.vehicles(f["vehicles"]), self.pedestrians(f["pedestrians"])], 1)
@@ -322,7 +324,7 @@ class DrivingLLM(nn.Module):
                     done[i] = True
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], 1)
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=mask.device)], 1)
             out = self.lm(inputs_embeds=embed(token[:, None]), attention_mask=mask, cache=cache,
                           use_cache=True)
             cache = out.cache
@@ -331,7 +333,8 @@ class DrivingLLM(nn.Module):
 
     def answer(self, observations: list[dict[str, np.ndarray]], prompt: str, max_new_tokens: int = 40,
                stop_text: str | None = None) -> list[str]:
-        ids, _ = self.generate(collate(observations), prompt, max_new_tokens, stop_text)
+        batch = {k: v.to(self.token_weight.device) for k, v in collate(observations).items()}  # the model's device
+        ids, _ = self.generate(batch, prompt, max_new_tokens, stop_text)
         return [self.tokenizer.decode(x) for x in ids]
 
     # -- sizes -----------------------------------------------------------------------------------
@@ -380,22 +383,45 @@ class DrivingLLM(nn.Module):
             tokenizer = DrivingTokenizer.from_file(path / TOKENIZER_NAME)
         except Exception as exc:  # noqa: BLE001 -- the tokenizers library raises its own exception types
             raise ValueError(f"{path / TOKENIZER_NAME}: not a readable tokenizer ({exc})") from None
-        _check_weight_shapes(cls, config, tokenizer, path / WEIGHTS_NAME)
+        from prunedrive.models.compressed_load import is_compressed_checkpoint
+
+        compressed = is_compressed_checkpoint(path)
+        _check_weight_shapes(cls, config, tokenizer, path / WEIGHTS_NAME, compressed)
         model = cls(config, tokenizer)
-        load_model(model, str(path / WEIGHTS_NAME), strict=True)
+        if compressed:  # prunedrive prune's default layout: sparse weights in the compressed-tensors format
+            model.compression = _load_compressed_weights(model, path)
+        else:
+            load_model(model, str(path / WEIGHTS_NAME), strict=True)
         model.eval()
         return model
 
 
-def _check_weight_shapes(cls, config: DrivingLLMConfig, tokenizer: DrivingTokenizer, weights: Path) -> None:
+def _load_compressed_weights(model: nn.Module, path: Path) -> dict:
+    """Decompress a compressed-tensors checkpoint into `model` (bit-identical weights); its record (scheme,
+    execution, bytes on disk and in memory) for cost tables."""
+    from prunedrive.models.compressed_load import load_dense_state_dict, load_state_into
+
+    loaded = load_dense_state_dict(path)
+    load_state_into(model, loaded.state_dict, str(path))
+    return loaded.record()
+
+
+def _check_weight_shapes(cls, config: DrivingLLMConfig, tokenizer: DrivingTokenizer, weights: Path,
+                         compressed: bool = False) -> None:
     """Compare the shapes the config implies (a model built on the meta device: no memory) with the
     safetensors header before anything is allocated: a config that promises a huge model over a small
-    or torn weights file is an error naming the file, not gigabytes of allocation."""
+    or torn weights file is an error naming the file, not gigabytes of allocation. A compressed checkpoint's
+    dense shapes come from its headers and shape tensors (models.compressed_load.stored_dense_shapes)."""
     from safetensors import SafetensorError, safe_open
 
+    from prunedrive.models.compressed_load import stored_dense_shapes
+
     try:
-        with safe_open(str(weights), framework="pt") as handle:
-            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        if compressed:
+            stored = stored_dense_shapes(weights.parent)
+        else:
+            with safe_open(str(weights), framework="pt") as handle:
+                stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{weights}: not a readable safetensors file ({exc})") from None
     try:

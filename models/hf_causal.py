@@ -18,7 +18,6 @@ import functools
 import json
 import os
 import re
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -26,19 +25,17 @@ from pathlib import Path
 import torch
 
 from prunedrive.models import scene_text
+from prunedrive.models.compressed_load import is_compressed_checkpoint, load_compressed_causal_lm
+from prunedrive.models.weight_files import (SAFETENSORS_NAMES, NotACausalLM,  # noqa: F401 -- re-exported
+                                            weight_bytes, weight_files)
 from prunedrive.models.pruning.surgery import load_structured, recorded_structure
 
 DRIVING_LLM_MODEL_TYPE = "prunedrive-driving-llm"  # what models/driving_llm.py writes into its config.json
 CONFIG_NAME = "config.json"
-SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "tf_model.h5", "flax_model.msgpack")
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 HOW = ("a local Hugging Face causal LM directory is needed (config.json, model.safetensors, tokenizer files, "
        "e.g. written by save_pretrained); nothing is downloaded")
-
-
-class NotACausalLM(ValueError):
-    """The directory is not a loadable local causal LM; the message names the file at fault."""
 
 
 def _dtype(dtype) -> torch.dtype | str:
@@ -83,54 +80,6 @@ def is_hf_causal_lm_dir(directory: str | Path) -> bool:
     except (NotACausalLM, FileNotFoundError):
         return False
     return True
-
-
-def _plain_file_inside(root: Path, file: Path, listed_in: str | None = None) -> Path:
-    """`file` when it is a regular file inside `root` (a symlink may point within `root` only), else an error
-    naming it: a device, a FIFO or a link out of the directory must never be read (/dev/zero never ends)."""
-    try:
-        info = os.lstat(file)
-        if stat.S_ISLNK(info.st_mode):
-            target = file.resolve()
-            if not target.is_relative_to(root.resolve()):
-                raise NotACausalLM(f"{file} is a symlink to {target}, outside the model directory {str(root)!r}; "
-                                   "copy the file into the directory (e.g. huggingface-cli download --local-dir)")
-            info = os.stat(file)
-    except (FileNotFoundError, NotADirectoryError):
-        raise NotACausalLM(f"{file} is missing" + (f" (listed in {listed_in})" if listed_in else "")) from None
-    if not stat.S_ISREG(info.st_mode):
-        kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
-                else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "a socket")
-        raise NotACausalLM(f"{file} is {kind}, not a regular file: weights are read from plain files only")
-    return file
-
-
-def _shard_names(index: Path) -> list[str]:
-    """The shard file names model.safetensors.index.json's weight_map lists (sorted, unique): plain names in
-    the directory, never a path that leaves it."""
-    try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise NotACausalLM(f"{index} is not a safetensors index ({exc!r})") from None
-    for name in shards:
-        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
-            raise NotACausalLM(f"{index}: weight_map names {name!r}, not a file name in the model directory")
-    return shards
-
-
-def weight_files(directory: str | Path) -> list[Path]:
-    """The safetensors files a loader reads from a model directory, the one place that says which:
-    model.safetensors when it is there (transformers and models.driving_llm read it first), else the shards
-    that model.safetensors.index.json's weight_map names. Each is checked to be a regular file inside the
-    directory; other *.safetensors files in it are never read."""
-    path = Path(directory).expanduser()
-    single, index = (path / name for name in SAFETENSORS_NAMES)
-    if os.path.lexists(single):
-        return [_plain_file_inside(path, single)]
-    if os.path.lexists(index):
-        _plain_file_inside(path, index)
-        return [_plain_file_inside(path, path / name, listed_in=index.name) for name in _shard_names(index)]
-    raise NotACausalLM(f"{single} is missing (no weights in {str(path)!r})")
 
 
 def _check_weights(path: Path) -> Path:
@@ -203,7 +152,9 @@ def load_causal_lm(directory: str | Path, trust_remote_code: bool = False, dtype
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per agent would clutter a run's output
     try:
-        if recorded_structure(config) is not None:  # structurally pruned, per-block widths: no stock config has them
+        if is_compressed_checkpoint(path):  # transformers' own loader needs the sparse compressors compressed-tensors dropped
+            model = _load_compressed(path, config, dtype)
+        elif recorded_structure(config) is not None:  # structurally pruned, per-block widths: no stock config has them
             model = load_structured(path, dtype=_dtype(dtype))
         else:
             model = AutoModelForCausalLM.from_pretrained(str(path), config=config, local_files_only=True,
@@ -216,6 +167,18 @@ def load_causal_lm(directory: str | Path, trust_remote_code: bool = False, dtype
             hf_logging.enable_progress_bar()
     model.eval()
     return model, tokenizer
+
+
+def _load_compressed(path: Path, config, dtype):
+    """A compressed-tensors checkpoint decompressed on the CPU (models.compressed_load); the model carries the
+    record of what was read (`model.compression`: scheme, execution, bytes on disk and in memory)."""
+    resolved = _dtype(dtype)
+    if resolved == "auto":  # the checkpoint's own float dtype, as from_pretrained reads it
+        resolved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        resolved = _dtype(resolved) if not isinstance(resolved, torch.dtype) else resolved
+    model, loaded = load_compressed_causal_lm(path, dtype=resolved)
+    model.compression = loaded.record()
+    return model
 
 
 # -- can it drive? (checked once, when an agent is built) -------------------------------------------

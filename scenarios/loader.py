@@ -36,6 +36,7 @@ SUITES_DIR = Path(__file__).resolve().parent
 KIND_BACKEND = {
     "highway_cruise": "highway",
     "dense_highway": "highway",
+    "stopped_vehicle": "highway",   # a stopped car ahead in the ego's lane, no other traffic (harness.latency's test)
     "onramp_merge": "highway",
     "roundabout": "highway",
     "intersection": "highway",

@@ -72,3 +72,29 @@ def test_an_agents_own_failures_count_as_zero_and_infrastructure_failures_drop_o
     [row] = compare_to_baseline(pd.DataFrame(rows), "dense").to_dict("records")
     assert row["n_pairs"] == 10  # the two infrastructure failures say nothing about the model
     assert row["diff"] == -16.0  # two crashes of its own code at DS 0 among 10 pairs
+
+
+def test_cost_table_gives_stored_params_and_the_step_time_ratio_to_dense(tmp_path):
+    """x dense is each model's measured p50 step time over the dense model's in the same run; stored parameters
+    tell a structured variant (fewer stored) from an unstructured one (as many stored, fewer non-zero)."""
+    eps = episodes(4, (1, 2, 3))
+    models = {"llm-dense": ("dense", 0.0, None), "llm-wanda-0.5": ("wanda", 0.5, None),
+              "llm-width-0.5": ("width", 0.5, None)}
+    runs = {"llm-dense": (40.0, 2_000_000, 2_000_000), "llm-wanda-0.5": (40.0, 2_000_000, 1_100_000),
+            "llm-width-0.5": (25.0, 1_150_000, 1_150_000), "expert": (2.0, np.nan, np.nan)}
+    for agent, (ms, params, nonzero) in runs.items():
+        make_run(tmp_path / "run", agent, {e: 80.0 for e in eps}, wall_ms=ms,
+                 compute={"params": params, "nonzero_params": nonzero})
+    out = comparison_table(RunDir(tmp_path / "run").episodes(), models, {}).set_index("agent")
+    assert out.loc["llm-dense", "step_ratio"] == 1.0
+    assert out.loc["llm-wanda-0.5", "step_ratio"] == 1.0
+    assert abs(out.loc["llm-width-0.5", "step_ratio"] - 25 / 40) < 1e-9  # the ratio, not the reciprocal
+    assert not np.isfinite(out.loc["expert", "step_ratio"])  # no model: its step is not a model's
+    assert out.loc["llm-width-0.5", "params"] == 1_150_000 and out.loc["llm-wanda-0.5", "params"] == 2_000_000
+    buffer = io.StringIO()
+    print_comparison(out.reset_index(), console=Console(file=buffer, width=100))
+    text = buffer.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 100 and "…" not in text
+    width_row = next(line for line in text.splitlines() if line.startswith("llm-width-0.5") and "M" in line)
+    assert "1.15M" in width_row and "0.62" in width_row  # stored params and x dense, printed
+    assert "x dense is it over the dense model's in this run" in " ".join(text.split())

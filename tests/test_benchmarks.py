@@ -32,9 +32,13 @@ def tiny_arguments(script: str, suite: Path, model: Path, tmp: Path) -> list[str
     }[script]
 
 
-# The line each script prints once its measurement is done: proof that it ran to its table, not only started.
+# The line each script prints once its measurement is done: proof that it ran to its table, not only started
+# (a tuple: every one of them).
 TABLE_MARKERS = {
-    "agent_step": "Amdahl",
+    # issue 28's accounting: stored and non-zero params, K = 1 and 16, the path, what it buys, the targets
+    "agent_step": ("Amdahl", " K params nonzero prunable", "width50  dense    16", "depth25  dense     1",
+                   "dense kernels: no speed-up (zeros multiplied)", "dense kernels, 3 of 4 blocks",
+                   "width50 K=16:", "device: cpu"),
     "closed_loop_llm": "mean driving score",
     "harness_overhead": "(target < 5%)",
     "llm_presets": "ms/step",
@@ -53,4 +57,27 @@ def test_benchmark_script_runs_on_a_tiny_configuration(script, tiny_suite, tiny_
                *tiny_arguments(script, tiny_suite, tiny_model, tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, f"{script}: exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-    assert TABLE_MARKERS[script] in done.stdout, f"{script} printed no table:\n{done.stdout[-2000:]}"
+    markers = TABLE_MARKERS[script]
+    for marker in (markers,) if isinstance(markers, str) else markers:
+        assert marker in done.stdout, f"{script} printed no {marker!r}:\n{done.stdout[-2000:]}"
+    if script == "agent_step":
+        check_agent_step_accounting(tmp_path / "agent_step.csv")
+
+
+def check_agent_step_accounting(csv_path: Path) -> None:
+    """Structured variants store fewer parameters (width 50%: half the LM's prunable ones; depth 25%: a quarter of
+    the blocks), unstructured ones store as many with fewer non-zeros; ratios are to dense at the same K."""
+    import pandas as pd
+
+    rows = pd.read_csv(csv_path).set_index(["variant", "execution", "batch"])
+    dense = rows.loc[("dense", "masked", 16)]
+    width, depth = rows.loc[("width50", "dense", 16)], rows.loc[("depth25", "dense", 1)]
+    assert abs(width.prunable_params / dense.prunable_params - 0.5) < 0.02
+    assert abs(depth.prunable_params / dense.prunable_params - 0.75) < 1e-9  # 3 of the 4 blocks
+    assert width.params < dense.params and depth.params < dense.params
+    u70 = rows.loc[("u70", "masked", 1)]
+    assert u70.params == dense.params and abs(u70.prunable_nonzero / u70.prunable_params - 0.3) < 0.01
+    assert u70.speedup == "no speed-up" and "zeros multiplied" in u70.path
+    assert rows.loc[("dense", "masked", 1), "p50_ms_ratio"] == 1.0 and dense.p50_ms_ratio == 1.0
+    assert dense.paired_ratio == 1.0 and dense.min_ratio == 1.0
+    assert set(rows.index.get_level_values("batch")) == {1, 16}

@@ -23,6 +23,37 @@ def test_the_full_plan_asks_all_four_claims_with_their_controls():
         assert c.candidate in variants and (c.baseline in variants or c.baseline == "llm-dense")
 
 
+def test_structured_methods_add_claim_e_at_matched_parameter_counts():
+    """Claim (e) only when asked; each structured variant against Wanda at the same share removed and against dense;
+    nothing above 0.7 (a model with a tenth of its width left is not a comparison), and claims a-d unchanged."""
+    plain_variants, plain = plan()
+    variants, comparisons = plan(structured=("width", "depth"))
+    assert not [c for c in plain if c.claim == "e"] and [c for c in comparisons if c.claim != "e"] == plain
+    e = [c for c in comparisons if c.claim == "e"]
+    assert {(variants[c.candidate]["method"], variants[c.candidate]["sparsity"]) for c in e} == {
+        ("width", 0.5), ("width", 0.7), ("depth", 0.5), ("depth", 0.7)}
+    for c in e:
+        if c.kind == "non-inferiority":
+            assert c.baseline == "llm-dense"
+        else:
+            assert variants[c.baseline] == {"method": "wanda", "sparsity": variants[c.candidate]["sparsity"]}
+    assert set(variants) - set(plain_variants) == {"llm-width-0.5", "llm-width-0.7", "llm-depth-0.5", "llm-depth-0.7"}
+    quick_variants, _ = plan((0.7,), quick=True, structured=("owl-width",))
+    assert quick_variants["llm-owl-width-0.7"] == {"method": "owl-width", "sparsity": 0.7}
+
+
+def test_claims_cli_takes_structured_methods_only(monkeypatch):
+    from prunedrive.app import cli
+
+    seen = {}
+    monkeypatch.setattr(claims, "run_claims", lambda *args, **kwargs: seen.update(kwargs) or 0)
+    assert cli.main(["claims", "--methods", "width", "depth", "--quiet"]) == 0
+    assert seen["structured"] == ("width", "depth")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["claims", "--methods", "wanda"])  # unstructured: claims a-d have them already
+    assert exit_.value.code == 2
+
+
 @pytest.mark.parametrize("kind, low, high, verdict", [
     ("superiority", 0.5, 9.0, "supported"), ("superiority", -9.0, -0.5, "refuted"),
     ("superiority", -2.0, 3.0, "inconclusive"), ("non-inferiority", -4.0, 2.0, "supported"),
@@ -45,6 +76,18 @@ def test_the_table_pairs_episodes_and_reports_the_ci_half_width():
                          n_boot=2000).to_dict("records")
     assert row["n"] == 30 and row["verdict"] == "supported" and 6 < row["ds_diff"] < 10
     assert 0 < row["ci_half_width"] < 2 and row["coll_per_km_diff"] == 0
+
+
+def test_claim_rows_carry_the_candidates_measured_step_time_over_the_baselines():
+    rows = []
+    for seed in range(12):
+        for agent, ms in (("llm-width-0.5", 30.0 + seed % 3), ("llm-wanda-0.5", 40.0)):
+            rows.append({"agent": agent, "scenario": "s", "seed": seed, "status": "finished", "failure": "",
+                         "driving_score": 70.0 + seed, "collisions": 0, "km_driven": 0.4,
+                         "agent_wall_s_p50": ms / 1000})
+    [row] = claims_table(pd.DataFrame(rows), [Comparison("e", "width vs Wanda", "llm-width-0.5", "llm-wanda-0.5")],
+                         n_boot=500).to_dict("records")
+    assert row["step_ratio"] == pytest.approx(31.0 / 40.0)  # medians, candidate over baseline
 
 
 def scope_episodes(drops: dict[str, float], n: int = 30, noise: float = 1.0, seed: int = 0) -> pd.DataFrame:

@@ -204,7 +204,9 @@ def test_recipes_of_the_default_models_keep_their_keys():
         calibrated = method != "magnitude"
         assert recipe(method, 0.5) == {"format": 1, "method": method, "sparsity": 0.5, "pattern": None, "scope": "lm",
                                        "calibration": "driving" if calibrated else None,
-                                       "n_calibration": 64 if calibrated else None, "seed": 0, "hyperparameters": {}}
+                                       "n_calibration": 64 if calibrated else None, "seed": 0, "hyperparameters": {},
+                                       "layout": "compressed"}  # #26: the layout changed the key once, on purpose
+    assert recipe("owl", 0.5, save_dense=True)["layout"] == "dense" and recipe("width", 0.5)["layout"] == "dense"
     assert recipe("wanda", 0.5, calibration="generic")["calibration_format"] == 2
     assert recipe("wanda", 0.5, scope="all")["encoder_format"] == 2
     assert recipe("dg2pf", 0.5)["dg2pf"]["patience"] == 2

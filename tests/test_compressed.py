@@ -36,12 +36,12 @@ def assert_bit_identical(got: dict, want: dict) -> None:
         assert torch.equal(bits(got[name]), bits(tensor)), name
 
 
-def llama(hidden=128, intermediate=256, layers=2, vocab=128, tie=False, seed=0) -> LlamaForCausalLM:
+def llama(hidden=128, intermediate=256, layers=2, vocab=128, tie=False, seed=0, positions=64) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0, tie_word_embeddings=tie)).eval()
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0, tie_word_embeddings=tie)).eval()
 
 
 def logits(model, state=None) -> torch.Tensor:
@@ -100,15 +100,15 @@ def _observe(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
     return weight.amin().reshape(1), weight.amax().reshape(1)
 
 
-def write_quantized(directory: Path, preset: str):
-    """A tiny Llama quantized and compressed by compressed-tensors; returns (original model state, the
-    fake-quantized weights, the weights the library's own decompress_model gives back)."""
+def write_quantized(directory: Path, preset: str, **llama_kwargs):
+    """A tiny Llama (llama(**llama_kwargs)) quantized and compressed by compressed-tensors; returns (original model
+    state, the fake-quantized weights, the weights the library's own decompress_model gives back)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme, apply_quantization_config,
                                                  fake_quantize, preset_name_to_scheme)
     from compressed_tensors.quantization.utils.helpers import calculate_qparams
 
-    model = llama()
+    model = llama(**llama_kwargs)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     scheme = preset_name_to_scheme(preset, ["Linear"])
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": QuantizationScheme(

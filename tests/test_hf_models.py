@@ -275,12 +275,10 @@ def test_generic_decoder_blocks(checkpoints, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prune_directory_to_exact_sparsity_and_reload(checkpoints, tmp_path, arch):
-    from transformers import AutoModelForCausalLM
-
     for method in ("magnitude", "wanda", "sparsegpt", "owl"):
         out = tmp_path / method
         record = prune_model_dir(checkpoints[arch], method, 0.5, out, n_calibration=4, progress=False)
-        model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, use_safetensors=True)
+        model, _ = load_causal_lm(out)  # written compressed (#26): our loader decompresses it
         sparsity = _decoder_sparsity(model)
         saved = json.loads((out / "sparsity.json").read_text())
         assert saved["method"] == method and saved["format"] == "hf-causal-lm"
@@ -305,8 +303,8 @@ def test_dg2pf_on_a_hf_directory(checkpoints, tmp_path, arch):
 
     out = tmp_path / "dg2pf"
     record = prune_model_dir(checkpoints[arch], "dg2pf", 0.5, out, n_calibration=8, progress=False,
-                             sparsity_epochs=1, max_epochs=1, finetune_max_epochs=1)
-    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, use_safetensors=True)
+                             sparsity_epochs=1, max_epochs=1, finetune_max_epochs=1, save_dense=True)
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, use_safetensors=True)  # --save-dense
     assert _decoder_sparsity(model) == pytest.approx(0.5, abs=1e-6) and record["method"] == "dg2pf"
     assert "scene-text sequences" in record["calibration"]
     with pytest.raises(ValueError, match="unknown settings"):

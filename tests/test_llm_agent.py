@@ -36,7 +36,7 @@ def test_untrained_model_gives_a_control_and_counts_the_fallback(split):
         assert control == BRAKE and agent.parse_failures == 1
     report = compute_report(agent)
     assert set(report) <= set(COMPUTE_FIELDS) and set(report) == set(COMPUTE_FIELDS) - {
-        "agent_wall_s", "agent_cpu_s", "sim_wall_s"}
+        "agent_wall_s", "agent_cpu_s", "sim_wall_s", "device_time_s", "device_peak_mem_bytes"}  # those: CUDA only
     StepCompute(**report)
     assert report["tokens_out"] <= 6 and report["tokens_in"] > agent.model.prefix_tokens
     # Dense up to the zero <pad> row of the tied embedding / lm_head.

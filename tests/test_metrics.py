@@ -87,7 +87,7 @@ def test_the_table_declares_each_name_once_and_only_what_its_consumers_can_read(
     assert len(summary_columns()) == len(set(summary_columns()))
     assert {f"{kind}_per_km" for kind in INFRACTIONS} <= set(summary_columns())
     for m in METRICS:
-        assert m.views <= {metrics.OVERALL, metrics.PER_SCENARIO, REPORT, BENCH}, m.key
+        assert m.views <= {metrics.OVERALL, metrics.PER_SCENARIO, REPORT, BENCH, metrics.LATENCY}, m.key
         assert m.gate in (None, metrics.GATE, metrics.OPT_IN), m.key
         if m.gate:  # regress compares runs on it as it aggregates: it must know how
             assert m.aggregate.how in STATISTICS and m.higher_is_better is not None, m.key
@@ -95,6 +95,11 @@ def test_the_table_declares_each_name_once_and_only_what_its_consumers_can_read(
 
 def test_summarize_columns_are_the_tables(tmp_path):
     table = frame(tmp_path, [{}, {}])
+    # The latency metrics (harness.latency) exist only for runs under a latency model.
+    latency = {column for m in in_view(metrics.LATENCY) for column in m.summary_columns}
+    assert list(summarize(table, ["agent"]).columns) == ["agent", *(c for c in summary_columns() if c not in latency)]
+    for column in latency:
+        table[column] = [0.5, 1.5]
     assert list(summarize(table, ["agent"]).columns) == ["agent", *summary_columns()]
 
 
@@ -107,7 +112,7 @@ def test_the_consumers_show_the_same_numbers_under_the_tables_names(tmp_path):
     table = RunDir(run).episodes()
     row = summarize(table, ["agent"]).iloc[0]
     logged = summary_metrics(row)
-    assert set(logged) == {c for c in summary_columns() if np.isfinite(row[c])}
+    assert set(logged) == {c for c in summary_columns() if c in row and np.isfinite(row[c])}  # latency: absent
     columns, [report_row] = report_table(load_series([run]))
     assert [c for c, _ in columns if c != "agent"] == [m.key for m in in_view(REPORT)]
     assert dict(columns)["driving_score"] == "driving score"

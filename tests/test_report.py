@@ -19,7 +19,7 @@ from prunedrive.harness.results import RunDir
 from test_regress import episodes, make_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PLOTS = ("ds_vs_sparsity", "cost_vs_ds", "infractions", "per_kind")
+PLOTS = ("ds_vs_sparsity", "cost_vs_ds", "step_time_vs_ds", "infractions", "per_kind")
 
 
 class Page(HTMLParser):
@@ -205,6 +205,17 @@ def test_without_models_the_sparsity_plot_and_model_columns_are_left_out(runs, t
     assert "sparsity %" not in text and "effective GFLOPs" not in text and "non-zero params" not in text
     assert "ΔDS vs dense" not in text and "verdict" not in page.rows["expert"]  # no dense: no difference column
     assert "agent_ms_p50" in page.rows["expert"] and "method" not in page.rows["expert"]  # cost: wall time only
+
+
+def test_ds_is_plotted_against_the_measured_step_time_as_well_as_flops(runs):
+    from prunedrive.harness.report import cost_points, load_series
+
+    base, models = runs
+    series = load_series([base, *models])
+    time_x = {s.agent: x for s, x in cost_points(series, "agent_ms_p50")}
+    flops_x = {s.agent: x for s, x in cost_points(series, "effective_gflops")}
+    assert time_x == {"llm-dense": 6.0, "llm-owl50": 4.0, "llm-wanda50": 4.0}  # ms, not FLOPs; no expert point
+    assert flops_x == {"llm-dense": 2.0, "llm-owl50": 1.0, "llm-wanda50": 1.0}
 
 
 def test_open_loop_errors_with_units(runs, tmp_path):

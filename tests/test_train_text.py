@@ -110,15 +110,14 @@ def test_drives_a_smoke_episode(trained):
 
 
 def test_prunes_to_the_exact_sparsity_and_reloads(trained, data_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from prunedrive.agents.text_llm import TextLLMAgent
     from prunedrive.app.compress import prune_model_dir
+    from prunedrive.models.hf_causal import load_causal_lm
     from prunedrive.models.pruning.masks import decoder_layers, find_linears
 
     out = tmp_path / "wanda"
     record = prune_model_dir(trained, "wanda", 0.5, out, n_calibration=4, data_dir=data_dir, progress=False)
-    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, use_safetensors=True)
+    model, _ = load_causal_lm(out)  # written compressed: plain from_pretrained cannot decompress it (README)
     weights = [lin.weight for block in decoder_layers(model) for lin in find_linears(block).values()]
     assert sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights) == 0.5
     assert record["lm_global"] == 0.5 and str(data_dir) in record["calibration"]

@@ -235,6 +235,14 @@ class CarlaBackend:
             raise RuntimeError("call reset() before step()")
         return self._call(self._step, control)
 
+    def step_ticks(self, controls: list[Control]) -> tuple[BackendState, StepEvents]:
+        """One policy step with a control per 20 Hz tick (harness.latency); equal controls are exactly `step`."""
+        if self._ego is None:
+            raise RuntimeError("call reset() before step_ticks()")
+        if len(controls) != self.ticks_per_step:
+            raise ValueError(f"step_ticks needs {self.ticks_per_step} controls (one per tick), got {len(controls)}")
+        return self._call(self._step, controls[0], controls)
+
     def route_polyline(self) -> np.ndarray:
         if self._polyline is None:
             raise RuntimeError("call reset() before route_polyline()")
@@ -425,14 +433,17 @@ class CarlaBackend:
         self._episode_ids, self._sensors, self._controllers, self._ego = [], [], [], None
 
     # -- stepping --------------------------------------------------------------------------------
-    def _step(self, control: Control) -> tuple[BackendState, StepEvents]:
+    def _step(self, control: Control, tick_controls: list[Control] | None = None) -> tuple[BackendState, StepEvents]:
         carla = self.carla
         self._steps += 1
-        self._control = control
-        self._ego.apply_control(carla.VehicleControl(throttle=float(control.throttle), steer=float(control.steer),
-                                                     brake=float(control.brake)))
+        tick_controls = tick_controls or [control] * self.ticks_per_step
         events: list[Event] = []
-        for _ in range(self.ticks_per_step):
+        for i, tick_control in enumerate(tick_controls):
+            if i == 0 or tick_control != tick_controls[i - 1]:  # CARLA holds an applied control until the next
+                self._control = tick_control
+                self._ego.apply_control(carla.VehicleControl(
+                    throttle=float(tick_control.throttle), steer=float(tick_control.steer),
+                    brake=float(tick_control.brake)))
             self._world.tick(self.timeout_s)
             events += self._watch_tick()
         state = self._read_state()

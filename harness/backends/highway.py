@@ -90,6 +90,23 @@ class RoundaboutScenarioEnv(_NoRewards, RoundaboutGenericEnv):
     pass
 
 
+class StoppedVehicleEnv(_NoRewards, HighwayEnv):
+    """A straight highway with one stopped car in the ego's lane, STOPPED_AHEAD_M ahead, and no other traffic:
+    the plainest test of when a driver brakes (harness.latency: a late brake hits it). The stopped car is a
+    plain kinematic vehicle that never acts, so it stays where it is."""
+
+    STOPPED_AHEAD_M = 90.0
+
+    def _create_vehicles(self) -> None:
+        lanes = self.config["lanes_count"]
+        lane = self.road.network.get_lane(("0", "1", lanes // 2))
+        ego = self.action_type.vehicle_class(self.road, lane.position(50.0, 0.0), lane.heading_at(50.0), speed=25.0)
+        self.controlled_vehicles = [ego]
+        self.road.vehicles.append(ego)
+        ahead = 50.0 + self.STOPPED_AHEAD_M
+        self.road.vehicles.append(Vehicle(self.road, lane.position(ahead, 0.0), lane.heading_at(ahead), speed=0.0))
+
+
 class IntersectionIDMVehicle(IDMVehicle):
     """Intersection traffic's own IDM class. highway-env's IntersectionEnv tunes its traffic by assigning
     class attributes (DISTANCE_WANTED, COMFORT_ACC_MAX/MIN) on the configured vehicle class; on the shared
@@ -264,6 +281,7 @@ def _other_vehicle_class(config: dict):
 _ENVS = {
     "highway_cruise": HighwayScenarioEnv,
     "dense_highway": HighwayScenarioEnv,
+    "stopped_vehicle": StoppedVehicleEnv,
     "onramp_merge": RampMergeEnv,
     "roundabout": RoundaboutScenarioEnv,
     "intersection": IntersectionScenarioEnv,
@@ -361,12 +379,43 @@ class HighwayBackend:
         return self._route
 
     def step(self, control: Control) -> tuple[BackendState, StepEvents]:
+        self.env.step(self._action(control, self.dt))
+        return self._stepped(control)
+
+    def step_ticks(self, controls: list[Control]) -> tuple[BackendState, StepEvents]:
+        """One policy step with a control per simulation tick (harness.latency: a late control takes effect
+        between policy steps). The same frames highway-env's `_simulate` runs, the ego's action set at the first
+        tick and again at each tick where the control changes; equal controls throughout are exactly `step`."""
+        if len(controls) != self.ticks_per_step:
+            raise ValueError(f"step_ticks needs {self.ticks_per_step} controls (one per tick), got {len(controls)}")
+        if all(control == controls[0] for control in controls):
+            return self.step(controls[0])
+        env = self.env.unwrapped
+        tick_s = 1.0 / SIMULATION_HZ
+        env.time += 1 / env.config["policy_frequency"]
+        for i, control in enumerate(controls):
+            if i == 0 or control != controls[i - 1]:
+                env.action_type.act(self._action(control, (len(controls) - i) * tick_s))
+            env.road.act()
+            env.road.step(tick_s)
+            env.steps += 1
+        return self._stepped(controls[-1])
+
+    @property
+    def ticks_per_step(self) -> int:
+        return SIMULATION_HZ // int(self.scenario.policy_hz)
+
+    def _action(self, control: Control, held_s: float) -> np.ndarray:
+        """highway-env's ContinuousAction for `control`, held for `held_s` seconds."""
         ego = self.ego
         accel = MAX_ACCEL * control.throttle - MAX_DECEL * control.brake
         if ego.speed > 0.1:
             accel -= ROLLING_DECEL
-        accel = max(accel, -ego.speed / self.dt)  # brakes stop the car; they never reverse it
-        self.env.step(np.array([accel / _ACCEL_SCALE, control.steer], np.float32))
+        accel = max(accel, -ego.speed / held_s)  # brakes stop the car; they never reverse it
+        return np.array([accel / _ACCEL_SCALE, control.steer], np.float32)
+
+    def _stepped(self, control: Control) -> tuple[BackendState, StepEvents]:
+        ego = self.ego
         self._time += self.dt
         self._control = control
         speed = ego.speed
@@ -436,7 +485,7 @@ class HighwayBackend:
         ego = self.ego
         network = self.env.unwrapped.road.network
         kind = self.scenario.kind
-        if kind in ("highway_cruise", "dense_highway"):
+        if kind in ("highway_cruise", "dense_highway", "stopped_vehicle"):
             lane = ego.lane
             s0 = lane.local_coordinates(ego.position)[0]
             return np.array([lane.position(s, 0.0) for s in np.arange(s0, s0 + self.scenario.route_length_m, 5.0)])

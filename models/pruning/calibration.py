@@ -1,5 +1,11 @@
 """Calibration data and the block-by-block machinery shared by Wanda, SparseGPT and OWL.
 
+Block offload (`block_offload(device)`): for a model larger than the device's memory, the model stays where it is
+(the CPU) and the sequential replay moves one decoder block at a time to the device, with the cached calibration
+inputs (hidden states and the block's keywords) kept on the device, as the Wanda and SparseGPT reference code do.
+The layers before block 0 (embeddings, rotary tables) run where the model is. The same code runs with the device
+"cpu" (a no-op move), which is how the CPU tests check that offloading prunes exactly as in-memory pruning.
+
 A calibration set is a list of LM forward-kwarg dicts, one sequence each:
 `{"inputs_embeds": FloatTensor[1, T, H] | "input_ids": LongTensor[1, T], "attention_mask": LongTensor[1, T]}`.
 Samples are assumed unpadded (batch 1): padded tokens would be counted in the input statistics.
@@ -7,6 +13,7 @@ Samples are assumed unpadded (batch 1): padded tokens would be counted in the in
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 from collections.abc import Callable, Iterator
 
@@ -16,6 +23,51 @@ from torch import nn
 from prunedrive.models.pruning.masks import decoder_layers, find_linears
 
 FORWARD_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+
+
+_OFFLOAD: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar("block_offload", default=None)
+
+
+@contextlib.contextmanager
+def block_offload(device: str | torch.device | None):
+    """Within it, capture_block_inputs leaves the block inputs on `device` and sequential_blocks / run_block move
+    each decoder block there while they use it, and back after (None: no offload)."""
+    token = _OFFLOAD.set(torch.device(device) if device is not None else None)
+    try:
+        yield
+    finally:
+        _OFFLOAD.reset(token)
+
+
+def offload_device() -> torch.device | None:
+    return _OFFLOAD.get()
+
+
+def to_device(value, device: torch.device):
+    """Tensors inside `value` (tuples, lists, dicts of them; anything else as is) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+@contextlib.contextmanager
+def on_offload_device(block: nn.Module):
+    """The block on the offload device for the duration (moved back to where it was after); nothing without an
+    offload. The moves run even where the block is there already (device "cpu"): one code path to test."""
+    device = _OFFLOAD.get()
+    if device is None:
+        yield block
+        return
+    home = next(block.parameters(), torch.empty(0)).device
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to(home)
 
 
 class _StopForward(Exception):
@@ -58,6 +110,8 @@ def capture_block_inputs(lm: nn.Module, calibration: list[dict]) -> tuple[list[t
         handle.remove()
     if not hidden:
         raise ValueError("empty calibration set")
+    if _OFFLOAD.get() is not None:  # the cached inputs live on the device the blocks visit
+        hidden, kwargs = to_device(hidden, _OFFLOAD.get()), to_device(kwargs, _OFFLOAD.get())
     return hidden, kwargs
 
 
@@ -130,8 +184,9 @@ def _output(out):
 
 @torch.no_grad()
 def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    """One decoder block on the stored inputs; returns its outputs (the next block's inputs)."""
-    with eval_mode(block):
+    """One decoder block on the stored inputs; returns its outputs (the next block's inputs). Under block_offload
+    the block visits the device for the call."""
+    with on_offload_device(block), eval_mode(block):
         return [_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
 
 
@@ -165,14 +220,16 @@ def sequential_blocks(lm: nn.Module, calibration: list[dict], make_stats: Callab
 
     The caller prunes the block before asking for the next one; the block is then re-run, so the
     *pruned* outputs become the next block's calibration inputs (sequential, as Wanda/SparseGPT/OWL do).
+    Under block_offload the block stays on the device from its statistics through its pruning to its replay.
     """
     hidden, kwargs = capture_block_inputs(lm, calibration)
     for i, block in enumerate(decoder_layers(lm)):
-        linears = find_linears(block)
-        stats = {name: make_stats(lin) for name, lin in linears.items()}
-        feed_linears(lambda: run_block(block, hidden, kwargs), linears, lambda name, x: stats[name].add(x))
-        yield i, linears, stats
-        hidden = run_block(block, hidden, kwargs)
+        with on_offload_device(block):
+            linears = find_linears(block)
+            stats = {name: make_stats(lin) for name, lin in linears.items()}
+            feed_linears(lambda: run_block(block, hidden, kwargs), linears, lambda name, x: stats[name].add(x))
+            yield i, linears, stats
+            hidden = run_block(block, hidden, kwargs)
 
 
 def generic_text_calibration(tokenizer_vocab_size: int, n_samples: int = 128, length: int = 128, seed: int = 0,

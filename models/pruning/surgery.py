@@ -133,7 +133,9 @@ def _new_layer(layer: nn.Module, matrix: torch.Tensor, bias: torch.Tensor | None
 
 
 def _as_index(keep, size: int, what: str) -> torch.Tensor:
-    keep = torch.as_tensor(sorted({int(i) for i in keep}), dtype=torch.long)
+    # On the CPU whatever the default device: DrivingLLM's shape check builds the model under torch.device("meta"),
+    # where an index tensor would have no values to check.
+    keep = torch.as_tensor(sorted({int(i) for i in keep}), dtype=torch.long, device="cpu")
     if not len(keep):
         raise ValueError(f"cannot remove every {what} of a block (keep at least one)")
     if int(keep.min()) < 0 or int(keep.max()) >= size:
@@ -167,9 +169,9 @@ def keep_heads(block: nn.Module, keep_groups, head_width: int) -> None:
     layout = block_layout(block)
     kv, per_group = kv_groups(block, head_width)
     groups = _as_index(keep_groups, kv, "key-value group")
-    kv_rows = (groups[:, None] * head_width + torch.arange(head_width)).reshape(-1)
-    heads = (groups[:, None] * per_group + torch.arange(per_group)).reshape(-1)
-    q_rows = (heads[:, None] * head_width + torch.arange(head_width)).reshape(-1)
+    kv_rows = (groups[:, None] * head_width + torch.arange(head_width, device="cpu")).reshape(-1)
+    heads = (groups[:, None] * per_group + torch.arange(per_group, device="cpu")).reshape(-1)
+    q_rows = (heads[:, None] * head_width + torch.arange(head_width, device="cpu")).reshape(-1)
     _set(block, layout.q, take_outputs(_get(block, layout.q), q_rows))
     _set(block, layout.k, take_outputs(_get(block, layout.k), kv_rows))
     _set(block, layout.v, take_outputs(_get(block, layout.v), kv_rows))
