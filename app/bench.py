@@ -151,7 +151,10 @@ def print_comparison(table: pd.DataFrame, load_note: str = "", console=None) -> 
     from rich.table import Table
 
     console = console or Console(width=min(Console().width, TABLE_WIDTH) if Console().is_terminal else TABLE_WIDTH)
-    style = {"box": box.SIMPLE_HEAD, "pad_edge": False, "show_edge": False, "title_justify": "left"}
+    # One space of padding, not two: nine columns with the widest cells a bench prints (a two-digit SE, a
+    # three-digit CI, "no sig. diff") fit 100 characters only so.
+    style = {"box": box.SIMPLE_HEAD, "pad_edge": False, "show_edge": False, "title_justify": "left",
+             "padding": (0, 0, 0, 1)}
     driving = Table(title="Closed loop (Leaderboard 2.0); ΔDS: paired with dense by scenario and seed", **style)
     for header in ("agent", "n", "DS ± SE", "ΔDS [95% CI]", "verdict", "RC", "coll/\nkm", "succ", "parse\nfail"):
         driving.add_column(header, justify="left" if header in ("agent", "verdict") else "right", no_wrap=True)
@@ -163,8 +166,7 @@ def print_comparison(table: pd.DataFrame, load_note: str = "", console=None) -> 
                         _cell(r.collisions_per_km), _cell(r.success_rate, "{:.0f}"),
                         _cell(getattr(r, "parse_failure_rate", np.nan)))
     console.print(driving)
-    # One space of padding, not two: twelve columns of numbers fit 100 characters with structured names.
-    cost = Table(title="Cost and open loop", **style, padding=(0, 0, 0, 1))
+    cost = Table(title="Cost and open loop", **style)  # twelve columns of numbers, structured names too
     for header in ("agent", "spar-\nsity", "params", "non-\nzero", "eff\nGFLOP", "exec\nGFLOP", "ms/\nstep", "x\ndense",
                    "lon\nerr", "lat\nerr", "veh\nerr", "parse"):
         cost.add_column(header, justify="left" if header == "agent" else "right", no_wrap=True)

@@ -98,3 +98,20 @@ def test_cost_table_gives_stored_params_and_the_step_time_ratio_to_dense(tmp_pat
     width_row = next(line for line in text.splitlines() if line.startswith("llm-width-0.5") and "M" in line)
     assert "1.15M" in width_row and "0.62" in width_row  # stored params and x dense, printed
     assert "x dense is it over the dense model's in this run" in " ".join(text.split())
+
+
+def test_the_widest_cells_a_bench_prints_are_not_cut(tmp_path):
+    """The closed-loop table of a real first bench: the longest agent name, two-digit SEs, three-digit CIs and the
+    longest verdict (a 100-column console, as in a log, cut them with '…' before)."""
+    table, _ = _episodes(tmp_path)
+    out = comparison_table(table, MODELS, {})
+    out["agent"] = ["llm-magnitude-0.85", "llm-owl-width-0.85", "llm-dg2pf-0.85", "llm-sparsegpt-0.85", "expert"]
+    out["driving_score"], out["ds_se"], out["route_completion"] = 100.0, 17.5, 100.0
+    out.loc[out.index[1:], ["ds_diff", "ds_ci_low", "ds_ci_high"]] = (-42.2, -100.0, -27.5)
+    out.loc[out.index[1:], "verdict"] = ["n too small", "no sig. diff", "worse", "better"]
+    out["collisions_per_km"], out["success_rate"], out["parse_failure_rate"] = 11.79, 100.0, 0.84
+    buffer = io.StringIO()
+    print_comparison(out, console=Console(file=buffer, width=100))
+    text = buffer.getvalue()
+    assert "…" not in text and "-42.2 [-100.0, -27.5]" in text and "no sig. diff" in text
+    assert max(len(line) for line in text.splitlines()) <= 100
