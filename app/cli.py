@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="prune a model directory into a new one (+ sparsity.json)")
     prune.add_argument("--method", required=True, choices=list(pruning_methods()), help="pruning method")
-    prune.add_argument("--sparsity", type=float, help="target sparsity, e.g. 0.7 (implied by --pattern)")
+    prune.add_argument("--sparsity", type=_finite(0, 1, low_open=True, high_open=True), help="target sparsity, e.g. 0.7 (implied by --pattern)")
     prune.add_argument("--pattern", help="N:M semi-structured, e.g. 2:4 or 4:8")
     prune.add_argument("--model", required=True, help="dense model directory (ours, or any local HF causal LM)")
     prune.add_argument("--model-out", required=True, metavar="DIR",
@@ -487,12 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "formats unstructured and N:M pruning write by default (structured methods: always dense)")
     prune.add_argument("--scope", default="lm", choices=("lm", "encoder", "all"),
                        help="what to prune: the language model (default), the vector encoder, or both (encoder first)")
-    prune.add_argument("--encoder-sparsity", type=float, help="the encoder's own target with --scope encoder/all")
+    prune.add_argument("--encoder-sparsity", type=_finite(0, 1, low_open=True, high_open=True), help="the encoder's own target with --scope encoder/all")
     prune.add_argument("--calibration", default="driving", choices=("driving", "generic", "random"),
                        help="calibration data: driving episodes (default), generic English prose (Python's pydoc "
                             "topics, token-count matched), or uniformly random token ids")
-    prune.add_argument("--owl-m", type=float, help="OWL's outlier threshold M (x the block's mean score; default 5)")
-    prune.add_argument("--owl-lambda", type=float, help="OWL's sparsity spread lambda (default 0.08; 0 = uniform)")
+    prune.add_argument("--owl-m", type=_finite(0, low_open=True), help="OWL's outlier threshold M (x the block's mean score; default 5)")
+    prune.add_argument("--owl-lambda", type=_finite(0), help="OWL's sparsity spread lambda (default 0.08; 0 = uniform)")
     prune.add_argument("--finetune", action="store_true",
                        help="one-shot methods: then fine-tune under the mask with DG2PF's budget (an equal-budget "
                             "control); structured ones (width, owl-width, depth): recovery training distilled from "

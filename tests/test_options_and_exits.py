@@ -130,6 +130,17 @@ def test_bench_claims_and_regress_options_are_checked_before_anything_runs(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option, value", [
+    ("--sparsity", "nan"), ("--sparsity", "1"), ("--sparsity", "-0.5"), ("--encoder-sparsity", "inf"),
+    ("--owl-m", "nan"), ("--owl-m", "0"), ("--owl-lambda", "-0.1"), ("--owl-lambda", "nan"),
+])
+def test_prune_numbers_are_checked_before_anything_runs(tmp_path, capsys, option, value):
+    err = _usage_error(["prune", "--method", "owl", "--model", str(tmp_path), "--model-out", str(tmp_path / "out"),
+                        *(["--sparsity", "0.5"] if option != "--sparsity" else []), option, value], capsys)
+    assert option in err and "allowed" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("thresholds, message", [
     ({"max_drop": math.nan}, "max_drop"), ({"max_drop": -1.0}, "max_drop"),
     ({"max_collision_increase": math.inf}, "max_collision_increase"), ({"max_slowdown": math.nan}, "max_slowdown"),
