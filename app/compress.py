@@ -83,12 +83,16 @@ PRUNED_CACHE = "pruned"
 
 
 def training_data_dir(model_dir: Path) -> Path:
-    """The expert data a model was trained on (recorded by training; a relative path is the model's own, as in the
-    shipped model), else <model_dir>/data."""
+    """The expert data a model was trained on (recorded by training), else <model_dir>/data. Training records an
+    absolute path; a relative one is the model's own (the shipped model's "data"), or, from a model trained before
+    paths were recorded absolute, relative to where it was trained."""
     summary = model_dir / "train_summary.json"
-    if summary.is_file():
-        return model_dir / json.loads(summary.read_text())["data_dir"]  # an absolute path stays itself
-    return model_dir / "data"
+    if not summary.is_file():
+        return model_dir / "data"
+    recorded = Path(json.loads(summary.read_text())["data_dir"])
+    if recorded.is_absolute() or not (model_dir / recorded).is_dir():
+        return recorded
+    return model_dir / recorded
 
 
 def calibration_set(model: DrivingLLM, source: str, n_samples: int, data_dir: Path, seed: int) -> list[dict]:

@@ -355,7 +355,7 @@ def train(preset: str | Preset = "small", data_dir: str | Path | None = None, ou
                "train_seconds": round(time.time() - train_start - dagger_seconds, 1),
                "dagger_seconds": round(dagger_seconds, 1), "dagger_rows": len(split) - state_rows,
                "total_seconds": round(time.time() - start, 1),
-               "data_dir": str(data_dir), "threads": thread_log or threads}
+               "data_dir": str(Path(data_dir).resolve()), "threads": thread_log or threads}
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return out_dir
 

@@ -321,7 +321,7 @@ def train_text(preset: str | Preset = "small", data_dir: str | Path | None = Non
                "scene_text_version": scene_text.SCENE_TEXT_VERSION, "tokens": batches.prompt_lengths(),
                "final_loss": last_loss, "data_seconds": round(data_seconds, 1),
                "train_seconds": round(time.time() - train_start, 1), "total_seconds": round(time.time() - start, 1),
-               "data_dir": str(data_dir), "threads": thread_log or threads}
+               "data_dir": str(Path(data_dir).resolve()), "threads": thread_log or threads}
     atomic_write_text(out_dir / "train_summary.json", json.dumps(summary, indent=2))  # last: marks it finished
     return out_dir
 

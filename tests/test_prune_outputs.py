@@ -248,3 +248,20 @@ def test_dg2pf_on_a_short_context_hf_model_cuts_its_training_sequences(tmp_path,
                              progress=False, sparsity_epochs=1, max_epochs=1, finetune_max_epochs=1)
     assert record["calibration_truncated"] == 12  # 8 training + 4 validation sequences, all longer than 64
     assert "cut to the model's 64 positions" in record["calibration"]
+
+
+def test_the_training_data_is_found_whatever_the_directory_the_command_runs_in(tmp_path, monkeypatch):
+    """Training records its data directory absolute; the shipped model records its own "data"; a model trained
+    before that recorded the path as given, relative to where it was trained (`--model-out trained` from a
+    project folder wrote "trained/data", which must not become trained/trained/data)."""
+    from pathlib import Path
+
+    from prunedrive.app.compress import training_data_dir
+
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "trained"
+    (model / "data").mkdir(parents=True)
+    for recorded, expected in ((str(model / "data"), model / "data"), ("data", model / "data"),
+                               ("trained/data", Path("trained/data"))):
+        (model / "train_summary.json").write_text(json.dumps({"data_dir": recorded}))
+        assert training_data_dir(Path("trained")).resolve() == expected.resolve(), recorded
