@@ -1,0 +1,1 @@
+"""Reports over run directories: the layer above the application (it reads what bench, claims and run attached)."""
