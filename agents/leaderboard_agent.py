@@ -15,9 +15,11 @@
     track: SENSORS              # optional: the Leaderboard track the agent declares (SENSORS or MAP)
     device: cuda                # optional: where a model agent runs: cpu (default), cuda, cuda:N (models.device)
     dtype: bfloat16             # optional: its precision: float32 (default), bfloat16, float16 (GPU only)
+    latency: fixed:200          # optional: latency in the loop (harness.latency): none (default), fixed:MS,
+                                #   profile:FILE (relative to this file), measured
 
 The agent is privileged, as experts like PDM-Lite are: it reads the hero and the actors around it
-through scenario_runner's CarlaDataProvider, with the same code (harness.backends.carla.WorldReader)
+through scenario_runner's CarlaDataProvider, with the same code (harness.backends.carla_world.WorldReader)
 and the same observation (harness.env.DriveEnv) as prunedrive's own CARLA backend, so a model sees
 what it saw in `prunedrive run --suite carla-devtest`. It asks the evaluator for one sensor, the
 speedometer (the evaluator marks a result without sensors 'Invalid'); its reading is logged. The route
@@ -43,16 +45,18 @@ from prunedrive.agents.registry import AgentError, make_agent
 from prunedrive.harness.action import BRAKE, Control, checked_control
 from prunedrive.harness.agent import compute_report
 from prunedrive.harness.backends.base import BackendState
-from prunedrive.harness.backends.carla import WorldReader, import_carla, read_statics
+from prunedrive.harness.backends.carla_connection import import_carla
+from prunedrive.harness.backends.carla_world import WorldReader, read_statics
 from prunedrive.harness.env import DriveEnv
 from prunedrive.harness.events import StepEvents
+from prunedrive.harness.latency import LatencyClock, LatencyError, LatencyModel, parse_latency
 from prunedrive.harness.results import atomic_parquet
 from prunedrive.harness.route import RoutePolyline
-from prunedrive.harness.runner import STEP_COLUMNS
+from prunedrive.harness.rows import STEP_COLUMNS
 from prunedrive.models.device import DEFAULT_DEVICE, DEFAULT_DTYPE, check_precision, precision_options
 from prunedrive.scenarios.loader import Scenario
 
-CONFIG_KEYS = ("agent", "model", "args", "out", "policy_hz", "track", "device", "dtype")
+CONFIG_KEYS = ("agent", "model", "args", "out", "policy_hz", "track", "device", "dtype", "latency")
 SPEEDOMETER = {"type": "sensor.speedometer", "reading_frequency": 20, "id": "speed"}
 STEP_FILE = "prunedrive_steps_{:03d}.parquet"
 
@@ -168,6 +172,7 @@ class PrunedriveAgent(AutonomousAgent):
         if track not in Track.__members__:
             raise AgentError(f"{path}: track {track!r}; allowed: {', '.join(Track.__members__)}")
         self.track = Track[track]
+        self.latency = self._latency(config.get("latency"), path)
         args = {**args, **self._precision(config, args, path)}
         self.agent = make_agent(str(config["agent"]), model, **args)
         self.out = self._out_path(config.get("out"), path)
@@ -176,6 +181,19 @@ class PrunedriveAgent(AutonomousAgent):
         self._rows: list[dict] = []
         self._calls, self._ticks_per_step, self._done = 0, 1, False
         self._control, self._t0, self._returned = BRAKE, None, None
+        self._clock, self._tick_controls = None, [BRAKE]
+
+    @staticmethod
+    def _latency(value, config_path: Path) -> LatencyModel | None:
+        """The `latency:` entry as harness.latency parses `--latency`; a profile path is relative to the config."""
+        text = "none" if value is None else str(value)
+        kind, colon, rest = text.partition(":")
+        if kind == "profile" and colon and rest and not Path(rest).expanduser().is_absolute():
+            text = f"profile:{config_path.parent / rest}"
+        try:
+            return parse_latency(text)
+        except (LatencyError, OSError) as exc:
+            raise AgentError(f"{config_path}: latency: {exc}") from None
 
     @staticmethod
     def _precision(config: dict, args: dict, path: Path) -> dict:
@@ -221,6 +239,8 @@ class PrunedriveAgent(AutonomousAgent):
         # The evaluator ends the route; the env only observes (no timeout, deviation or blocked limits).
         self._backend = _EvaluatorWorld(reader, self._route_xy, self._ticks_per_step * fixed_delta)
         self._env = DriveEnv(scenario, backend=self._backend)
+        if self.latency is not None:  # the same clock as prunedrive's own loop, on the evaluator's ticks
+            self._clock = LatencyClock(self.latency, self._ticks_per_step * fixed_delta, self._ticks_per_step)
         self._t0 = timestamp
         self.agent.reset(scenario)
         self._town = world_map.name.split("/")[-1]
@@ -229,12 +249,14 @@ class PrunedriveAgent(AutonomousAgent):
         started = time.perf_counter()
         if self._env is None:
             self._start(timestamp)
-        decide = self._calls % self._ticks_per_step == 0 and not self._done
+        tick = self._calls % self._ticks_per_step
         self._calls += 1
-        if decide:
+        if tick == 0 and not self._done:
             self._decide(input_data, timestamp, started)
             self._returned = time.perf_counter()  # the evaluator's and simulator's time starts here
-        c = self._control
+        # Under a latency model the control of each tick comes from the clock (held, or a late answer taking
+        # effect mid-step); without one the decision holds for the whole policy step.
+        c = self._tick_controls[tick] if self._clock is not None and not self._done else self._control
         return self.carla.VehicleControl(throttle=float(c.throttle), steer=float(c.steer), brake=float(c.brake))
 
     def _decide(self, input_data, timestamp: float, started: float) -> None:
@@ -246,16 +268,20 @@ class PrunedriveAgent(AutonomousAgent):
             if terminated or truncated:  # the route is driven: stand still until the evaluator ends it
                 self._done, self._control = True, BRAKE
                 return
+        if self._clock is not None and not self._clock.free():  # still thinking: the clock drives what holds
+            self._hold_step(observation, timestamp)
+            return
         wall, cpu = time.perf_counter(), time.process_time()
         answer = self.agent.act(observation)
         agent_wall_s, agent_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
         report = compute_report(self.agent)
         control, clamped = checked_control(answer, agent=self.agent.name, step=len(self._rows) + 1)
-        self._control = control
+        timing = self._schedule(control, report, agent_wall_s)
         speed = (input_data or {}).get(SPEEDOMETER["id"])
+        driven = self._control  # the control in effect at the step's end (under latency: maybe an older one)
         row = {
-            "step": len(self._rows) + 1, "sim_time_s": self._backend.sim_time_s, "throttle": control.throttle,
-            "brake": control.brake, "steer": control.steer, "speed_mps": float(observation["ego"][0]),
+            "step": len(self._rows) + 1, "sim_time_s": self._backend.sim_time_s, "throttle": driven.throttle,
+            "brake": driven.brake, "steer": driven.steer, "speed_mps": float(observation["ego"][0]),
             "route_completion": self._env.criteria.route_completion, "agent_wall_s": agent_wall_s,
             "agent_cpu_s": agent_cpu_s,
             "sim_wall_s": started - self._returned if self._returned is not None else np.nan,
@@ -264,7 +290,34 @@ class PrunedriveAgent(AutonomousAgent):
         row.update({"timestamp": float(timestamp), "clamped": bool(clamped), "agent": self.agent.name,
                     "town": self._town, "text": getattr(self.agent, "last_text", None),
                     "speedometer_mps": float(speed[1]["speed"]) if speed and speed[1].get("speed") is not None
-                    else np.nan})
+                    else np.nan, **timing})
+        self._rows.append(row)
+
+    def _schedule(self, control: Control, report: dict, agent_wall_s: float) -> dict:
+        """Apply a decision: at once without a latency model, else through the clock (its step row fields)."""
+        if self._clock is None:
+            self._control = control
+            return {}
+        decision = self._clock.decide(control, report, agent_wall_s)
+        return {"decided": True, "latency_s": decision.latency_s, "effect_tick": decision.effect_tick,
+                **self._clock_step()}
+
+    def _clock_step(self) -> dict:
+        self._tick_controls, stale = self._clock.tick_controls()
+        self._control = self._tick_controls[-1]  # what the env's next step is told was driven
+        return {"ticks": len(self._tick_controls), "stale_ticks": stale}
+
+    def _hold_step(self, observation, timestamp: float) -> None:
+        """A policy step the agent is busy through: a row without a decision, the held control(s) driven."""
+        timing = {"decided": False, "latency_s": np.nan, "effect_tick": -1, **self._clock_step()}
+        c = self._control
+        row = {"step": len(self._rows) + 1, "sim_time_s": self._backend.sim_time_s, "throttle": c.throttle,
+               "brake": c.brake, "steer": c.steer, "speed_mps": float(observation["ego"][0]),
+               "route_completion": self._env.criteria.route_completion, "agent_wall_s": np.nan,
+               "agent_cpu_s": np.nan, "sim_wall_s": np.nan}
+        row.update({name: np.nan for name in STEP_COLUMNS if name not in row})
+        row.update({"timestamp": float(timestamp), "clamped": False, "agent": self.agent.name, "town": self._town,
+                    "text": None, "speedometer_mps": np.nan, **timing})
         self._rows.append(row)
 
     def destroy(self):

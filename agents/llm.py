@@ -244,7 +244,7 @@ class LLMAgent:
 
 def make_llm_agent(model: str | Path, device: str = "cpu", dtype: str = "float32", **options) -> LLMAgent:
     """The registry's `llm`: named after the model directory, so a dense model and its pruned variants stay apart.
-    device and dtype are named here so that --device/--dtype reach it (app.drive.with_precision)."""
+    device and dtype are named here so that --device/--dtype reach it (app.run.with_precision)."""
     return LLMAgent(model, name=f"llm-{Path(model).name}", device=device, dtype=dtype, **options)
 
 

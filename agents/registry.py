@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from importlib import import_module, metadata
 from pathlib import Path
 from typing import Any, Callable
 
 from prunedrive.harness.agent import Agent
 from prunedrive.harness.backends.base import SimulatorError
-from prunedrive.harness.runner import exits_raise
+from prunedrive.harness.limits import exits_raise
+from prunedrive.plugins.registry import Registry, RegistryError, load_reference
 from prunedrive.scenarios.loader import SAFE_NAME
 
-ENTRY_POINT_GROUP = "prunedrive.agents"
 BUILTIN_AGENTS = {
     "expert": "prunedrive.agents.expert:ExpertAgent",
     "constant": "prunedrive.agents.baselines:ConstantAgent",
@@ -39,38 +38,38 @@ BUILTIN_AGENTS = {
 MODEL_AGENTS = frozenset({"llm", "text-llm"})  # built-ins that need --model
 
 
-class AgentError(ValueError):
-    """An agent that cannot be built as asked (exit code 2)."""
+class AgentError(RegistryError):
+    """An agent that cannot be built as asked (exit code 2); a RegistryError, so one error type covers names."""
 
 
-def plugin_agents() -> dict[str, metadata.EntryPoint]:
-    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+def _callable_factory(name: str, factory: object) -> Callable[..., Agent]:
+    if not callable(factory):
+        raise AgentError(f"--agent {name}: {factory!r} is not callable (an agent factory is)")
+    return factory
+
+
+AGENTS: Registry[Callable[..., Agent]] = Registry("agent", "prunedrive.agents", BUILTIN_AGENTS,
+                                                  check=_callable_factory)
 
 
 def agent_names() -> list[str]:
     """Every name `--agent` takes besides `package.module:factory`."""
-    return [*BUILTIN_AGENTS, *sorted(set(plugin_agents()) - set(BUILTIN_AGENTS))]
+    return AGENTS.names()
 
 
 def resolve_factory(name: str) -> Callable[..., Agent]:
-    """The factory behind an agent name (imported now)."""
-    if name in BUILTIN_AGENTS:
-        reference = BUILTIN_AGENTS[name]
-    elif name in plugin_agents():
-        return plugin_agents()[name].load()
-    elif ":" in name:
-        reference = name
-    else:
-        raise AgentError(f"unknown agent {name!r}; allowed: {', '.join(agent_names())}, or package.module:factory")
-    module_name, _, attribute = reference.partition(":")
+    """The factory behind an agent name: registered (built-in or plug-in) or a `package.module:factory`
+    reference (imported now). Whatever goes wrong is an AgentError naming the agent."""
     try:
-        module = import_module(module_name)
-    except ImportError as exc:
-        raise AgentError(f"--agent {name}: cannot import {module_name!r}: {exc}") from None
-    factory = getattr(module, attribute, None)
-    if not callable(factory):
-        raise AgentError(f"--agent {name}: {module_name} has no callable {attribute!r}")
-    return factory
+        if name in AGENTS:
+            return AGENTS.get(name)
+        if ":" in name:
+            return _callable_factory(name, load_reference(name, f"--agent {name}"))
+    except AgentError:
+        raise
+    except RegistryError as exc:
+        raise AgentError(str(exc)) from None
+    raise AgentError(f"unknown agent {name!r}; allowed: {AGENTS.choices()}, or package.module:factory")
 
 
 def parse_agent_args(pairs: list[str] | None) -> dict[str, Any]:

@@ -320,7 +320,7 @@ def _max_new_tokens(value) -> int:
 
 def make_text_llm_agent(model: str | Path, device: str = "cpu", dtype: str = "float32", **options) -> TextLLMAgent:
     """The registry's `text-llm`: named after the model directory, so a dense model and its pruned variants stay
-    apart. device and dtype are named here so that --device/--dtype reach it (app.drive.with_precision)."""
+    apart. device and dtype are named here so that --device/--dtype reach it (app.run.with_precision)."""
     return TextLLMAgent(model, device=device, dtype=dtype, **options)
 
 

@@ -3,7 +3,6 @@ and the Wanda and magnitude baselines at each sparsity, drive every model closed
 print one comparison table with the open-loop errors beside the closed-loop scores."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -13,22 +12,25 @@ import pandas as pd
 
 from prunedrive.harness.latency import parse_latency, run_id_suffix
 from prunedrive.harness.metrics import BENCH, in_view
-from prunedrive.harness.regress import MIN_PAIRS_FOR_VERDICT
+from prunedrive.app.bench_model import BenchModel
+from prunedrive.harness.paired import MIN_PAIRS_FOR_VERDICT
+from prunedrive.models.card import DENSE as DENSE_METHOD
+from prunedrive.models.card import has_model_card
 
 
 def prune_variants(dense_dir: Path, variants: dict[str, dict], progress: bool, say=None,
-                   device: str = "cpu") -> dict[str, tuple]:
-    """{agent name: (method, sparsity, model dir)} for `variants` ({agent name: prune_model_dir keyword
+                   device: str = "cpu") -> dict[str, BenchModel]:
+    """{agent name: BenchModel} for `variants` ({agent name: prune_model_dir keyword
     arguments, `method` and `sparsity` included}), pruning only what is not there yet. A pruned model is
     cached under a hash of its full recipe and of the dense weights, so changed settings or a retrained
     dense model never reuse a stale one. Benches of one model at once share the cache: a recipe another
     process is pruning is waited for and then reused (prune_model_dir's `reuse`: a lock per recipe)."""
-    from prunedrive.app.compress import prune_model_dir, recipe
-    from prunedrive.app.drive import weights_hash
+    from prunedrive.app.prune import prune_model_dir, recipe
+    from prunedrive.app.run import weights_hash
     from prunedrive.harness.results import content_hash
 
     dense_hash = weights_hash(dense_dir)
-    models = {DENSE: ("dense", 0.0, dense_dir)}
+    models = {DENSE_AGENT: BenchModel(DENSE_AGENT, DENSE_METHOD, 0.0, dense_dir)}
     for i, (name, options) in enumerate(variants.items(), 1):
         options = dict(options)
         if device != "cpu":  # pruned on that device, in float32 (DG2PF trains in float32); in the recipe's key
@@ -36,16 +38,16 @@ def prune_variants(dense_dir: Path, variants: dict[str, dict], progress: bool, s
         method, sparsity = options.pop("method"), options.pop("sparsity")
         key = content_hash({"recipe": recipe(method, sparsity, **options), "dense": dense_hash})[:10]
         out = dense_dir / "pruned" / f"{method}-{sparsity:g}-{key}"
-        if not (out / "sparsity.json").is_file():
+        if not has_model_card(out):
             if say:
                 say(f"  pruning {i}/{len(variants)}: {name} ({prune_estimate(method, options)})")
             prune_model_dir(dense_dir, method, sparsity, out, progress=progress, reuse=True, **options)
-        models[name] = (method, sparsity, out)
+        models[name] = BenchModel(name, method, sparsity, out)
     return models
 
 
 def pruned_models(dense_dir: Path, methods, sparsities, progress: bool, say=None,
-                  device: str = "cpu") -> dict[str, tuple]:
+                  device: str = "cpu") -> dict[str, BenchModel]:
     """The bench's variants: every method at every sparsity, default settings."""
     return prune_variants(dense_dir, {f"llm-{m}-{s:g}": {"method": m, "sparsity": s} for m in methods
                                       for s in sparsities}, progress, say, device)
@@ -63,33 +65,34 @@ CSV_NAMES = {"agent_ms_p50": "step_ms_p50"}
 # Closed-loop driving metrics first, open-loop errors in between, what the model costs last.
 DRIVING = [m for m in in_view(BENCH) if not m.cost]
 COMPUTE = [m for m in in_view(BENCH) if m.cost]
-DENSE = "llm-dense"
+DENSE_AGENT = "llm-dense"  # the agent label of the dense model (its method is models.card.DENSE)
 
 
-def _order(agent: str, models: dict, methods: list[str]) -> tuple:
+def _order(agent: str, models: dict[str, BenchModel], methods: list[str]) -> tuple:
     """Dense first, then by method (in the order asked) and sparsity; reference agents (the expert) last."""
     if agent not in models:
         return (2, 0, 0.0, agent)
-    method, sparsity, _ = models[agent]
-    return (0 if method == "dense" else 1, methods.index(method) if method in methods else len(methods), sparsity,
-            agent)
+    model = models[agent]
+    return (0 if model.method == DENSE_METHOD else 1,
+            methods.index(model.method) if model.method in methods else len(methods), model.sparsity, agent)
 
 
-def comparison_table(episodes: pd.DataFrame, models: dict, open_loop: dict) -> pd.DataFrame:
+def comparison_table(episodes: pd.DataFrame, models: dict[str, BenchModel], open_loop: dict) -> pd.DataFrame:
     """One row per agent, dense first: n, mean DS and its standard error, the paired DS difference to the
-    dense model with its 95% bootstrap CI and a verdict (harness.regress.compare_to_baseline), the
+    dense model with its 95% bootstrap CI and a verdict (harness.paired.compare_to_baseline), the
     closed-loop metrics of harness.metrics' bench view, the open-loop errors, then the compute metrics."""
-    from prunedrive.harness.regress import compare_to_baseline
+    from prunedrive.harness.paired import compare_to_baseline
     from prunedrive.harness.summary import summarize
 
     table = summarize(episodes, ["agent"]).set_index("agent")
-    versus = (compare_to_baseline(episodes, DENSE).set_index("agent") if DENSE in table.index
+    versus = (compare_to_baseline(episodes, DENSE_AGENT).set_index("agent") if DENSE_AGENT in table.index
               else pd.DataFrame(columns=["n_pairs", "diff", "ci_low", "ci_high", "verdict"]))
-    methods = list(dict.fromkeys(method for method, _, _ in models.values()))
+    methods = list(dict.fromkeys(model.method for model in models.values()))
     rows = []
     for agent in sorted(table.index, key=lambda a: _order(a, models, methods)):
         row, errors = table.loc[agent], open_loop.get(agent, {})
-        method, sparsity, _ = models.get(agent, (agent, np.nan, None))
+        model = models.get(agent)
+        method, sparsity = (model.method, model.sparsity) if model is not None else (agent, np.nan)
         n = int(row["episodes"])
         paired = versus.loc[agent] if agent in versus.index else {}
         rows.append({
@@ -118,7 +121,8 @@ def with_step_ratio(table: pd.DataFrame) -> pd.DataFrame:
     machine, same load, the same episodes): what pruning bought in time, where FLOPs only say what it could.
     NaN without a dense row or a time; agents without a model get NaN too (their step is not a model's)."""
     table = table.copy()
-    dense = table.loc[table["agent"] == DENSE, "step_ms_p50"] if "step_ms_p50" in table else pd.Series(dtype=float)
+    dense = (table.loc[table["agent"] == DENSE_AGENT, "step_ms_p50"] if "step_ms_p50" in table
+             else pd.Series(dtype=float))
     reference = float(dense.iloc[0]) if len(dense) else np.nan
     sizes = table["nonzero_params"] if "nonzero_params" in table else pd.Series(np.nan, index=table.index)
     has_model = np.isfinite(pd.to_numeric(sizes, errors="coerce").astype(float))
@@ -227,6 +231,19 @@ def print_checkpoints(table: pd.DataFrame, console) -> None:
                   style="dim", overflow="fold")
 
 
+def attach_open_loop(run_dir, open_loop: dict) -> None:
+    """The open-loop errors ({agent: evaluate_open_loop's dict}) as the run's `open_loop` attachment, rendered in the
+    report by app.bench_report.open_loop_section."""
+    run_dir.attach("open_loop", open_loop, producer=__name__, section="prunedrive.app.bench_report:open_loop_section")
+
+
+def attach_checkpoints(run_dir, checkpoints: dict[str, dict]) -> None:
+    """What each model's checkpoint costs (app.bench_variants.checkpoint_records) as the run's `checkpoints`
+    attachment: the report's cost columns, by app.bench_report.checkpoints_section."""
+    run_dir.attach("checkpoints", checkpoints, producer=__name__,
+                   section="prunedrive.app.bench_report:checkpoints_section")
+
+
 OPEN_LOOP_SAMPLES = 200  # held-out expert samples per model; `prunedrive eval-open` defaults to 400
 
 
@@ -305,9 +322,12 @@ def load_note(loads: list[float]) -> str:
             "unreliable. Compare the GFLOP columns, or time models with benchmarks/agent_step.py on an idle machine.")
 
 
-def print_latency(episodes: pd.DataFrame, latency: str | None, budget_ms: float | None, run_path: Path) -> None:
+def print_latency(episodes: pd.DataFrame, latency: str | None, budget_ms: float | None, run_dir,
+                  bench_table: pd.DataFrame) -> None:
     """Under a latency model: what the DS above was driven under, and per agent its decision latency, deadline
-    misses and (`--budget`) whether it meets the per-decision budget; also written to latency.csv."""
+    misses and (`--budget`) whether it meets the per-decision budget; also written to latency.csv, and attached
+    for the report's real-time section (DS under real time against measured step time, the budget)."""
+    from prunedrive.app.latency_report import realtime_payload
     from prunedrive.harness.latency import budget_table
 
     table = budget_table(episodes, budget_ms)
@@ -315,7 +335,9 @@ def print_latency(episodes: pd.DataFrame, latency: str | None, budget_ms: float 
         return
     model = parse_latency(latency)
     print(f"\ndriven under --latency {model.spec} ({model.label}): DS and its deltas above are under real time")
-    table.to_csv(run_path / "latency.csv", index=False)
+    table.to_csv(run_dir.path / "latency.csv", index=False)
+    run_dir.attach("latency_realtime", realtime_payload(bench_table, table, budget_ms, model.label), producer=__name__,
+                   section="prunedrive.app.latency_report:realtime_section")
     header = f"{'agent':<22} {'decisions':>9} {'ms mean':>8} {'ms p95':>8} {'miss %':>7} {'ctrl Hz':>7}"
     print(header + (f" {'<= ' + format(budget_ms, 'g') + ' ms':>10}" if budget_ms is not None else ""))
     for row in table.itertuples():
@@ -338,7 +360,7 @@ def _bench(say: Phases, suite_name: str, preset: str, methods, sparsities, out: 
            variants: dict[str, str] | None = None, latency: str | None = None, budget_ms: float | None = None,
            device: str = "cpu",
            dtype: str = "float32") -> int:
-    """The main job; returns the exit code (app.drive.exit_code). `model`: the user's dense model directory (our
+    """The main job; returns the exit code (app.run.exit_code). `model`: the user's dense model directory (our
     driving LLM, or any local Hugging Face causal LM, driven by the `text-llm` agent) instead of the zoo's.
     `variants`: {name: directory} of the user's own variants of it (app.bench_variants), checked before anything
     is pruned or driven and driven beside the ones pruned here (`methods` empty: only them). `device`/`dtype`
@@ -349,8 +371,8 @@ def _bench(say: Phases, suite_name: str, preset: str, methods, sparsities, out: 
     from prunedrive.models.device import torch_dtype
     from prunedrive.app.bench_variants import check_variants, checkpoint_records, with_checkpoints
     from prunedrive.agents.registry import AgentSpec
-    from prunedrive.app.compress import training_data_dir
-    from prunedrive.app.drive import drive, exit_code
+    from prunedrive.app.prune_driving import training_data_dir
+    from prunedrive.app.run import drive, exit_code
     from prunedrive.app.eval_open import TextModel, evaluate_open_loop
     from prunedrive.app.train import ensure_default_model
     from prunedrive.app.zoo import default_model_dir, is_trained, shipped_is_current
@@ -358,9 +380,10 @@ def _bench(say: Phases, suite_name: str, preset: str, methods, sparsities, out: 
     from prunedrive.models.data import load_split
     from prunedrive.models.driving_llm import DrivingLLM
     from prunedrive.models.hf_causal import is_hf_causal_lm_dir
+    from prunedrive.harness.backends import check_suite
     from prunedrive.scenarios.loader import load_suite
 
-    suite = load_suite(suite_name)
+    suite = check_suite(load_suite(suite_name))  # kinds and options too: refused before anything is pruned
     parse_latency(latency)  # a bad --latency or profile is refused before anything is pruned or driven
     if budget_ms is not None and (latency or "none") == "none":
         raise ValueError("--budget needs a latency model: --latency fixed:MS, profile:FILE or measured")
@@ -375,24 +398,24 @@ def _bench(say: Phases, suite_name: str, preset: str, methods, sparsities, out: 
             f"{estimate(IDLE_TRAIN_SECONDS.get(preset, IDLE_TRAIN_SECONDS['small']))}): expert data, training, DAgger")
     dense_dir = dense_dir if model is not None else ensure_default_model(preset, progress=progress, say=say)
     text_format = is_hf_causal_lm_dir(dense_dir)  # a plain causal LM: the text-native agent drives it
-    ours = {DENSE, "expert", *(f"llm-{m}-{s:g}" for m in methods for s in sparsities)}
+    ours = {DENSE_AGENT, "expert", *(f"llm-{m}-{s:g}" for m in methods for s in sparsities)}
     yours = check_variants(variants or {}, dense_dir, ours)
     if yours:
-        say(f"your variants: {', '.join(f'{name} ({path})' for name, (_, _, path) in yours.items())}")
+        say(f"your variants: {', '.join(f'{name} ({model.directory})' for name, model in yours.items())}")
     if methods:
         say(f"pruning: {len(methods)} methods x {len(sparsities)} sparsities = {len(methods) * len(sparsities)} "
             f"variants (cached under {dense_dir / 'pruned'})")
     models = {**pruned_models(dense_dir, methods, sparsities, progress, say, device), **yours}
     checkpoints = checkpoint_records(models)
     specs = ([AgentSpec("expert")] if with_expert else []) + [
-        AgentSpec("text-llm" if text_format else "llm", str(path), label=name) for name, (_, _, path) in models.items()]
+        AgentSpec("text-llm" if text_format else "llm", str(model.directory), label=name)
+        for name, model in models.items()]
     # Per agent: its model, method and target sparsity (of the LM), which `prunedrive report` plots.
     config = {"model": str(dense_dir), "methods": list(methods), "sparsities": list(sparsities),
-              "models": {name: str(path) for name, (_, _, path) in models.items()},
-              "method": {name: method for name, (method, _, _) in models.items()},
-              "sparsity": {name: sparsity if np.isfinite(sparsity) else None  # unknown for a user's variant
-                           for name, (_, sparsity, _) in models.items()},
-              "checkpoints": checkpoints}
+              "models": {name: str(model.directory) for name, model in models.items()},
+              "method": {name: model.method for name, model in models.items()},
+              "sparsity": {name: model.sparsity if np.isfinite(model.sparsity) else None  # unknown: a user's
+                           for name, model in models.items()}}  # variant that does not say
     n_episodes = len(specs) * len(suite.episodes())
     say(f"driving {n_episodes} episodes: {len(specs)} agents x {len(suite.episodes())} scenario-seeds of suite "
         f"{suite.name}" + (f" on {workers} Ray workers" if workers else "") + f" ({driving_estimate(specs, suite)})")
@@ -411,26 +434,27 @@ def _bench(say: Phases, suite_name: str, preset: str, methods, sparsities, out: 
         split = load_split(data_dir, "val")
         load = (functools.partial(TextModel, device=device, dtype=dtype) if text_format else
                 lambda path: DrivingLLM.from_pretrained(path).to(device=device, dtype=torch_dtype(dtype)))
-        open_loop = {name: evaluate_open_loop(load(path), split, OPEN_LOOP_SAMPLES) for name, (_, _, path) in
-                     models.items()}
+        open_loop = {name: evaluate_open_loop(load(model.directory), split, OPEN_LOOP_SAMPLES)
+                     for name, model in models.items()}
     else:
         say(f"open loop: skipped, no held-out expert data at {data_dir} (`prunedrive eval-open --model DIR "
             "--data DATA` evaluates a model on a split you give)")
         open_loop = {}
-    (run_dir.path / "open_loop.json").write_text(json.dumps(open_loop, indent=2, default=float))
+    attach_open_loop(run_dir, open_loop)
+    attach_checkpoints(run_dir, checkpoints)
     table = with_checkpoints(comparison_table(episodes, models, open_loop), checkpoints)
     table.to_csv(run_dir.path / "bench.csv", index=False)
     print_comparison(table, load_note(loads))
-    print_latency(episodes, latency, budget_ms, run_dir.path)
+    print_latency(episodes, latency, budget_ms, run_dir, table)
     if mlflow is not None:  # `--mlflow [URI]`: "" is the default store beside the run
         from prunedrive.app.mlflow_log import log_run
 
         log_run(run_dir, mlflow, extra_metrics={name: {f"open_loop.{k}": v for k, v in metrics.items()}
                                                  for name, metrics in open_loop.items()})
     where = run_dir.path.resolve()
-    say(f"results: {where} (episodes.parquet, steps.parquet, bench.csv, open_loop.json)")
-    pruned = [name for name in models if name != DENSE]
+    say(f"results: {where} (episodes.parquet, steps.parquet, bench.csv, attachments/)")
+    pruned = [name for name in models if name != DENSE_AGENT]
     print(f"next: prunedrive report {where}" + (
-        f"\n      prunedrive regress {where} {where} --baseline-agent {DENSE} --candidate-agent {pruned[-1]}"
+        f"\n      prunedrive regress {where} {where} --baseline-agent {DENSE_AGENT} --candidate-agent {pruned[-1]}"
         if pruned else ""), flush=True)
     return exit_code(episodes, run_dir)

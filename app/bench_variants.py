@@ -7,13 +7,14 @@ dense model's architecture); a bad one is refused naming its directory and what 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from prunedrive.agents.registry import check_agent_name
+from prunedrive.app.bench_model import BenchModel
+from prunedrive.models.card import read_model_card
 
 VARIANT = "variant"  # the method column of a user's variant
 
@@ -27,9 +28,9 @@ def parse_variant(text: str) -> tuple[str, str]:
     return name, directory
 
 
-def check_variants(variants: dict[str, str], dense_dir: Path, taken: set[str]) -> dict[str, tuple]:
-    """{name: (VARIANT, measured sparsity or NaN, directory)} for the user's variants, each checked against the
-    dense model (models.checkpoints.check_variant_dir); names must differ from the bench's own agents."""
+def check_variants(variants: dict[str, str], dense_dir: Path, taken: set[str]) -> dict[str, BenchModel]:
+    """{name: BenchModel(name, VARIANT, known sparsity or NaN, directory)} for the user's variants, each checked
+    against the dense model (models.checkpoints.check_variant_dir); names must differ from the bench's own agents."""
     from prunedrive.models.checkpoints import check_variant_dir
 
     out = {}
@@ -42,29 +43,26 @@ def check_variants(variants: dict[str, str], dense_dir: Path, taken: set[str]) -
             check_variant_dir(path, dense_dir)
         except (ValueError, FileNotFoundError) as exc:
             raise ValueError(f"--variant {name}={directory}: {exc}") from None
-        out[name] = (VARIANT, _known_sparsity(path), path)
+        out[name] = BenchModel(name, VARIANT, _known_sparsity(path), path)
     return out
 
 
 def _known_sparsity(directory: Path) -> float:
-    """The variant's global sparsity where it says so (prunedrive's sparsity.json, else the compressed-tensors
+    """The variant's global sparsity where its model card says so (prunedrive's own, else the compressed-tensors
     sparsity_config), NaN otherwise: the table's non-zero column measures it anyway."""
-    record = directory / "sparsity.json"
     try:
-        if record.is_file():
-            return float(json.loads(record.read_text())["global"])
-        config = json.loads((directory / "config.json").read_text())
-        return float(config["quantization_config"]["sparsity_config"]["global_sparsity"])
-    except (ValueError, KeyError, TypeError, OSError):
+        sparsity = read_model_card(directory).sparsity
+    except ValueError:  # an unreadable card: the sparsity is not known
         return float("nan")
+    return float("nan") if sparsity is None else sparsity
 
 
-def checkpoint_records(models: dict[str, tuple]) -> dict[str, dict]:
+def checkpoint_records(models: dict[str, BenchModel]) -> dict[str, dict]:
     """{agent: models.checkpoints.checkpoint_record} for every model of the bench, with `ratio_to_dense`: its
     bytes on disk over the dense model's (the first one, llm-dense)."""
     from prunedrive.models.checkpoints import checkpoint_record
 
-    records = {name: checkpoint_record(path) for name, (_, _, path) in models.items()}
+    records = {name: checkpoint_record(model.directory) for name, model in models.items()}
     dense_bytes = next(iter(records.values()))["bytes_on_disk"] if records else 0
     for record in records.values():
         record["ratio_to_dense"] = record["bytes_on_disk"] / dense_bytes if dense_bytes else float("nan")

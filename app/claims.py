@@ -6,7 +6,7 @@
     (c) the vector encoder is more sensitive to pruning than the LLM (OWLed): encoder-only vs LM-only at the
         same sparsity of the part pruned, and per weight removed: the encoder holds a small share of the
         model's weights, so its sensitivity is the DS drop per 10% of the *model's* weights removed
-        (sparsity.json's `global`), compared paired with the LM's.
+        (the model card's sparsity), compared paired with the LM's.
     (d) DG2PF keeps accuracy at high sparsity (non-inferior to dense within a margin), and its gain is not
         just more training: vs a one-shot method given the same fine-tuning budget, vs DG2PF's own training
         at ~0 sparsity, and vs its ablations (no distillation, no gradual ramp).
@@ -14,7 +14,7 @@
         matched parameter counts against Wanda (same share of the LM's prunable parameters removed, or of its
         blocks for depth) and against dense (non-inferiority).
 
-Every variant is a recipe of `prunedrive.app.compress.prune_model_dir`, pruned once and cached like the
+Every variant is a recipe of `prunedrive.app.prune.prune_model_dir`, pruned once and cached like the
 bench's. All variants and the dense model drive the same suite into one run directory (resumable), and
 every comparison is a paired bootstrap over (scenario, seed). Verdicts:
   superiority ("A beats B"): supported when the 95% CI of mean(A - B) lies above 0, refuted when below 0,
@@ -23,21 +23,23 @@ every comparison is a paired bootstrap over (scenario, seed). Verdicts:
       its upper bound is below -margin, else inconclusive.
   Below MIN_PAIRS_FOR_VERDICT paired episodes the verdict is "n too small" (the CI is too narrow to trust).
 The table also gives the CI half-width reached, so one can see whether a 5-point difference was resolvable.
-A second table (sensitivity.csv) gives, for OWL with each scope, the paired DS drop from dense per 10% of the
+The run gets both tables as attachments (`claims`, rendered by app.claims_report in `prunedrive report`, and
+`sensitivity`). The second table gives, for OWL with each scope, the paired DS drop from dense per 10% of the
 part pruned and per 10% of the model's weights removed, with CIs.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from prunedrive.app.bench import DENSE, Phases, prune_variants
+from prunedrive.app.bench import DENSE_AGENT, Phases, prune_variants
+from prunedrive.app.bench_model import BenchModel
+from prunedrive.app.claims_report import CLAIMS_ATTACHMENT, SENSITIVITY_ATTACHMENT
 from prunedrive.harness.latency import parse_latency, run_id_suffix
-from prunedrive.harness.regress import MIN_PAIRS_FOR_VERDICT
+from prunedrive.harness.paired import MIN_PAIRS_FOR_VERDICT
 
 NON_INFERIORITY_MARGIN = 5.0  # DS points a "keeps accuracy" claim may lose
 FULL_SPARSITIES = (0.5, 0.7, 0.85, 0.9)
@@ -98,7 +100,7 @@ def plan(sparsities=FULL_SPARSITIES, lambdas=LAMBDAS, quick: bool = False,
     control = add("dg2pf-0.01", method="dg2pf", sparsity=0.01)
     for s in sparsities:
         dg2pf = add(f"dg2pf-{s:g}", method="dg2pf", sparsity=s)
-        comparisons.append(Comparison("d", f"DG2PF at {s:.0%} vs dense (keeps accuracy)", dg2pf, DENSE,
+        comparisons.append(Comparison("d", f"DG2PF at {s:.0%} vs dense (keeps accuracy)", dg2pf, DENSE_AGENT,
                                       "non-inferiority"))
         tuned = add(f"wanda-{s:g}-ft", method="wanda", sparsity=s, finetune=True)
         comparisons.append(Comparison("d", f"DG2PF vs Wanda + equal fine-tuning at {s:.0%}", dg2pf, tuned))
@@ -126,7 +128,7 @@ def structured_claims(add, methods, sparsities) -> list[Comparison]:
             variant, wanda = add(f"{method}-{s:g}", method=method, sparsity=s), add(f"wanda-{s:g}", method="wanda",
                                                                                   sparsity=s)
             comparisons.append(Comparison("e", f"{method} vs Wanda at {s:.0%} (matched parameters)", variant, wanda))
-            comparisons.append(Comparison("e", f"{method} at {s:.0%} vs dense (keeps accuracy)", variant, DENSE,
+            comparisons.append(Comparison("e", f"{method} at {s:.0%} vs dense (keeps accuracy)", variant, DENSE_AGENT,
                                           "non-inferiority"))
     return comparisons
 
@@ -144,7 +146,7 @@ def judge(comparison: Comparison, low: float, high: float, n: int = MIN_PAIRS_FO
 
 def paired_scores(episodes: pd.DataFrame, agents: list[str]) -> pd.DataFrame:
     """Driving scores, one column per agent, one row per (scenario, seed) every agent has a score for."""
-    from prunedrive.harness.regress import scored_episodes
+    from prunedrive.harness.paired import scored_episodes
 
     scored = scored_episodes(episodes)
     scored = scored[scored["agent"].isin(agents)]
@@ -154,13 +156,13 @@ def paired_scores(episodes: pd.DataFrame, agents: list[str]) -> pd.DataFrame:
 
 def drop_per_weights(scores: pd.DataFrame, agent: str, removed: float) -> pd.Series:
     """Per episode: the agent's DS drop from dense per PER_WEIGHTS of weights removed (`removed`: a share)."""
-    return (scores[DENSE] - scores[agent]) / (removed / PER_WEIGHTS)
+    return (scores[DENSE_AGENT] - scores[agent]) / (removed / PER_WEIGHTS)
 
 
 def _per_weight_row(episodes: pd.DataFrame, c: Comparison, model_sparsity: dict[str, float], n_boot: int) -> dict:
-    from prunedrive.harness.regress import paired_bootstrap_ci
+    from prunedrive.harness.paired import paired_bootstrap_ci
 
-    scores = paired_scores(episodes, [DENSE, c.candidate, c.baseline])
+    scores = paired_scores(episodes, [DENSE_AGENT, c.candidate, c.baseline])
     shares = [model_sparsity.get(a, np.nan) for a in (c.candidate, c.baseline)]
     if not len(scores) or not all(np.isfinite(x) and x > 0 for x in shares):
         return {"n": len(scores), "ds_diff": np.nan, "ci_low": np.nan, "ci_high": np.nan}
@@ -175,7 +177,7 @@ def claims_table(episodes: pd.DataFrame, comparisons: list[Comparison], n_boot: 
     A "per-weight" comparison's difference is in DS points per 10% of the model's weights (`model_sparsity`:
     {agent: share of the model's weights that are zero}); it has no collision difference."""
     from prunedrive.harness.metrics import per_km
-    from prunedrive.harness.regress import compare_to_baseline
+    from prunedrive.harness.paired import compare_to_baseline
 
     rows = []
     for c in comparisons:
@@ -225,11 +227,12 @@ def sensitivity_table(episodes: pd.DataFrame, agents: list[tuple[str, str, float
                       model_sparsity: dict[str, float], n_boot: int = 10000) -> pd.DataFrame:
     """Claim (c)'s sensitivities: per agent, the paired DS drop from dense (95% CI), and that drop per 10% of the
     part pruned (the target) and per 10% of the model's weights removed (`model_sparsity`)."""
-    from prunedrive.harness.regress import compare_to_baseline
+    from prunedrive.harness.paired import compare_to_baseline
 
     rows = []
     for agent, scope, target in agents:
-        versus = compare_to_baseline(episodes[episodes["agent"].isin([DENSE, agent])], DENSE, n_boot=n_boot)
+        pair = episodes[episodes["agent"].isin([DENSE_AGENT, agent])]
+        versus = compare_to_baseline(pair, DENSE_AGENT, n_boot=n_boot)
         r = versus.set_index("agent").loc[agent] if agent in set(versus["agent"]) else None
         n = int(r["n_pairs"]) if r is not None else 0
         # a drop is the difference to dense with its sign turned: dense - agent, CI (-high, -low)
@@ -247,14 +250,23 @@ def sensitivity_table(episodes: pd.DataFrame, agents: list[tuple[str, str, float
     return pd.DataFrame(rows, columns=columns)
 
 
-def model_sparsities(models: dict[str, tuple]) -> dict[str, float]:
-    """{agent: share of the model's weights that are zero} from each pruned model's sparsity.json."""
+def model_sparsities(models: dict[str, BenchModel]) -> dict[str, float]:
+    """{agent: share of the model's weights that are zero} from each pruned model's card (models.card)."""
+    from prunedrive.models.card import read_model_card
+
     out = {}
-    for name, (_, _, path) in models.items():
-        record = Path(path) / "sparsity.json"
-        if record.is_file():
-            out[name] = float(json.loads(record.read_text())["global"])
+    for name, model in models.items():
+        card = read_model_card(model.directory)
+        if card.written and card.sparsity is not None:
+            out[name] = card.sparsity
     return out
+
+
+def attach_claims(run_dir, table: pd.DataFrame, sensitivity: pd.DataFrame) -> None:
+    """The claims table as the run's `claims` attachment (rendered by app.claims_report.claims_section, which also
+    draws the `sensitivity` attachment beside it)."""
+    run_dir.attach(SENSITIVITY_ATTACHMENT, sensitivity, producer=__name__)
+    run_dir.attach(CLAIMS_ATTACHMENT, table, producer=__name__, section="prunedrive.app.claims_report:claims_section")
 
 
 def _console():
@@ -308,7 +320,8 @@ def print_sensitivity(table: pd.DataFrame, console=None) -> None:
         out.add_row(r.scope, f"{r.target_sparsity:.0%}", f"{r.model_sparsity:.1%}", str(r.n), drop,
                     ci(r, "drop_per_part"), ci(r, "drop_per_model"))
     console.print(out)
-    console.print("OWL with each scope (sensitivity.csv names the agents). part: the target sparsity of the part "
+    console.print("OWL with each scope (the run's sensitivity attachment names the agents). part: the target "
+                  "sparsity of the part "
                   "pruned; model: the share of all the model's weights that are zero. A positive drop is a loss of "
                   "DS.", style="dim")
 
@@ -319,25 +332,26 @@ def run_claims(suite_name: str, preset: str, out: Path, run_id: str | None = Non
     """The four claims (module docstring). device/dtype (models.device): pruning on the device in float32 (DG2PF
     trains in float32 only), driving on the device in the dtype."""
     from prunedrive.agents.registry import AgentSpec
-    from prunedrive.app.drive import drive, exit_code
+    from prunedrive.app.run import drive, exit_code
     from prunedrive.app.train import ensure_default_model
+    from prunedrive.harness.backends import check_suite
     from prunedrive.scenarios.loader import load_suite
 
     say = Phases()
-    suite = load_suite(suite_name)
+    suite = check_suite(load_suite(suite_name))  # kinds and options too: refused before anything is trained
     parse_latency(latency)  # a bad --latency or profile is refused before anything is trained, pruned or driven
     dense_dir = Path(model) if model else ensure_default_model(preset, progress=progress)
     variants, comparisons = plan(QUICK_SPARSITIES if quick else FULL_SPARSITIES, LAMBDAS[:1] if quick else LAMBDAS,
                                  quick, structured)
     say(f"claims: {len(variants)} pruned variants of {dense_dir}, {len(comparisons)} paired comparisons")
     models = prune_variants(dense_dir, variants, progress, say, device)
-    specs = [AgentSpec("llm", str(path), label=name) for name, (_, _, path) in models.items()]
+    specs = [AgentSpec("llm", str(model.directory), label=name) for name, model in models.items()]
     say(f"driving {len(specs) * len(suite.episodes())} episodes ({len(specs)} models x {len(suite.episodes())} "
         f"scenario-seeds of {suite.name})")
     config = {"model": str(dense_dir), "claims": True, "quick": quick,
-              "models": {name: str(path) for name, (_, _, path) in models.items()},
-              "method": {name: method for name, (method, _, _) in models.items()},
-              "sparsity": {name: sparsity for name, (_, sparsity, _) in models.items()}}
+              "models": {name: str(model.directory) for name, model in models.items()},
+              "method": {name: model.method for name, model in models.items()},
+              "sparsity": {name: model.sparsity for name, model in models.items()}}
     run_dir, episodes = drive(suite, specs, out, run_id=run_id,
                               default_run_id=f"claims-{suite.name}-{dense_dir.name}" + ("-quick" if quick else "")
                               + run_id_suffix(latency),
@@ -345,11 +359,10 @@ def run_claims(suite_name: str, preset: str, out: Path, run_id: str | None = Non
                               device=device, dtype=dtype)
     shares = model_sparsities(models)
     table = claims_table(episodes, comparisons, model_sparsity=shares)
-    table.to_csv(run_dir.path / "claims.csv", index=False)
-    (run_dir.path / "claims.json").write_text(json.dumps(table.to_dict("records"), indent=2, default=float))
     sensitivity = sensitivity_table(episodes, sensitivity_agents(variants), shares)
-    sensitivity.to_csv(run_dir.path / "sensitivity.csv", index=False)
+    attach_claims(run_dir, table, sensitivity)
     print_claims(table)
     print_sensitivity(sensitivity)
-    say(f"results: {run_dir.path.resolve()} (claims.csv; `prunedrive report {run_dir.path.resolve()}` plots them)")
+    say(f"results: {run_dir.path.resolve()} (attachments/claims.parquet; "
+        f"`prunedrive report {run_dir.path.resolve()}` plots them)")
     return exit_code(episodes, run_dir)

@@ -18,11 +18,13 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from prunedrive.agents.registry import AgentError, AgentSpec, agent_names, parse_agent_args
-from prunedrive.app.drive import EXIT_BAD_INPUT, EXIT_INFRASTRUCTURE, drive, exit_code, find_run
+from prunedrive.app.run import EXIT_BAD_INPUT, EXIT_INFRASTRUCTURE, drive, exit_code, find_run
+from prunedrive.app.server_options import add_server_options, server_options
+from prunedrive.harness.backends import check_suite
 from prunedrive.harness.backends.base import SimulatorError
 from prunedrive.harness.results import RunError
-from prunedrive.harness.runner import EPISODE_TIMEOUT_S, STEP_TIMEOUT_S
-from prunedrive.models.pruning import pruning_methods
+from prunedrive.harness.limits import EPISODE_TIMEOUT_S, STEP_TIMEOUT_S
+from prunedrive.models.pruning import method_names
 from prunedrive.scenarios.loader import ScenarioError, Suite, load_suite
 
 
@@ -44,16 +46,6 @@ def _with_seeds(suite: Suite, seeds: list[int] | None) -> Suite:
     return replace(suite, scenarios=tuple(replace(s, seeds=tuple(seeds)) for s in suite.scenarios))
 
 
-def _backend_options(args: argparse.Namespace, suite: Suite) -> dict:
-    options = {k: v for k, v in (("host", args.carla_host), ("port", args.carla_port)) if v is not None}
-    if args.carla_servers and not args.workers:
-        raise ValueError("--carla-servers needs --workers (one server per worker); "
-                         "for one server use --carla-host/--carla-port")
-    if (options or args.carla_servers) and not any(s.backend == "carla" for s in suite.scenarios):
-        raise ValueError(f"--carla-host/--carla-port/--carla-servers: suite {suite.name!r} has no CARLA scenario")
-    return options
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from prunedrive.harness.summary import print_tables
 
@@ -64,7 +56,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # A resume takes what is not given from the run's manifest; what is given must match it (drive checks).
     recorded = find_run(args.resume, args.out).manifest()["config"] if args.resume else {}
     seeds = args.seeds or recorded.get("seeds")
-    suite = _with_seeds(load_suite(args.suite or recorded.get("suite_path") or "smoke"), seeds)
+    suite = check_suite(_with_seeds(load_suite(args.suite or recorded.get("suite_path") or "smoke"), seeds))
+    backend_options, servers = server_options(args, suite)
     if args.agent or not recorded.get("specs"):
         agent_args = tuple(sorted(parse_agent_args(args.agent_arg).items()))
         specs = [AgentSpec(name, str(args.model) if args.model else None, None, agent_args)
@@ -73,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         specs = [AgentSpec(**{**s, "args": tuple(tuple(kv) for kv in s.get("args", ()))}) for s in recorded["specs"]]
     run_dir, episodes = drive(
         suite, specs, args.out, run_id=args.run_id, resume=args.resume, workers=args.workers, record=args.record,
-        retries=args.retries, backend_options=_backend_options(args, suite), carla_servers=args.carla_servers,
+        retries=args.retries, backend_options=backend_options, servers=servers,
         ray_address=args.ray_address, progress=not args.quiet, retry_failed=args.retry_failed,
         step_timeout_s=args.step_timeout, episode_timeout_s=args.episode_timeout,
         batch=args.batch or recorded.get("batch") or 1, latency=args.latency or recorded.get("latency"),
@@ -96,6 +89,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
           f"prompt token + {fitted['decode_ms_per_token']:.3f} ms per generated token\nprofile: {path.resolve()} "
           f"(use: --latency profile:{path})")
     return 0
+
+
+def cmd_latency_sweep(args: argparse.Namespace) -> int:
+    from prunedrive.app.latency_sweep import agent_specs, format_sweep, report_command, run_latency_sweep
+
+    _check_seeds(args.seeds)
+    _check_model(args.model)
+    _check_precision(args)
+    suite = check_suite(_with_seeds(load_suite(args.suite), args.seeds))
+    specs = agent_specs(args.agent or ["expert"], str(args.model) if args.model else None,
+                        tuple(sorted(parse_agent_args(args.agent_arg).items())))
+    sweep, table, code = run_latency_sweep(suite, specs, args.latencies, args.out, run_id=args.run_id,
+                                           workers=args.workers, batch=args.batch or 1, progress=not args.quiet,
+                                           device=args.device, dtype=args.dtype)
+    print("\n".join(format_sweep(table)))
+    print(f"results: {sweep.path.resolve()} (one run per latency under latency/)\nnext: {report_command(sweep)}")
+    return code
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -139,7 +149,7 @@ def cmd_eval_open(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from prunedrive.app.compress import prune_model_dir
+    from prunedrive.app.prune import prune_model_dir
 
     _check_model(args.model)
     _check_precision(args)
@@ -216,7 +226,7 @@ def cmd_claims(args: argparse.Namespace) -> int:
 
 def _check_precision(args: argparse.Namespace) -> None:
     """--device/--dtype before anything runs (models.device): a CUDA device this machine lacks, or float16 on the
-    CPU, is a message and exit 2. A `run` without them takes its resumed run's own (app.drive.run_precision)."""
+    CPU, is a message and exit 2. A `run` without them takes its resumed run's own (app.run.run_precision)."""
     from prunedrive.models.device import DEFAULT_DEVICE, DEFAULT_DTYPE, check_precision
 
     check_precision(args.device or DEFAULT_DEVICE, args.dtype or DEFAULT_DTYPE)
@@ -241,7 +251,7 @@ def _check_model(model: str | None) -> None:
 # -- results ---------------------------------------------------------------------------------------------
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from prunedrive.harness.report import write_report
+    from prunedrive.report.write import write_report
 
     paths = [find_run(run, args.out).path for run in args.runs]
     # Beside the runs, not in the working tree: reports are outputs, like the runs they are made from.
@@ -272,7 +282,7 @@ def cmd_regress(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from prunedrive.app.leaderboard import import_exit_code, import_leaderboard
+    from prunedrive.app.import_leaderboard import import_exit_code, import_leaderboard
     from prunedrive.harness.results import RunDir
     from prunedrive.harness.summary import print_tables
 
@@ -426,14 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--record", action="store_true", help="write a video per episode under videos/")
     run.add_argument("--retries", type=_at_least(0, MAX_RETRIES), default=2,
                      help=f"retries of an episode whose simulator failed, with doubling back-off (0..{MAX_RETRIES}; 2)")
-    run.add_argument("--carla-host", help="CARLA server host (carla suites)")
-    run.add_argument("--carla-port", type=_at_least(1, 65535), help="CARLA server RPC port, 1..65535 (carla suites)")
     run.add_argument("--workers", type=_at_least(1, MAX_WORKERS),
                      help=f"run episodes on this many Ray actors (1..{MAX_WORKERS})")
     _add_batch_option(run, resumable=True)
     _add_latency_option(run, resumable=True)
-    run.add_argument("--carla-servers", nargs="+", metavar="HOST:PORT",
-                     help="one CARLA server per worker (with --workers); worker i always uses server i")
+    add_server_options(run, port_type=_at_least(1, 65535))  # each server-based backend's own flags (--carla-*)
     run.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray for the run)")
     run.add_argument("--step-timeout", type=_finite(0, MAX_TIMEOUT_S, low_open=True), default=STEP_TIMEOUT_S,
                      metavar="S", help=f"wall limit of one agent reset()/act() ({STEP_TIMEOUT_S:g} s); past it the "
@@ -475,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval_open)
 
     prune = sub.add_parser("prune", help="prune a model directory into a new one (+ sparsity.json)")
-    prune.add_argument("--method", required=True, choices=list(pruning_methods()), help="pruning method")
+    prune.add_argument("--method", required=True, choices=method_names(), help="pruning method")
     prune.add_argument("--sparsity", type=_finite(0, 1, low_open=True, high_open=True), help="target sparsity, e.g. 0.7 (implied by --pattern)")
     prune.add_argument("--pattern", help="N:M semi-structured, e.g. 2:4 or 4:8")
     prune.add_argument("--model", required=True, help="dense model directory (ours, or any local HF causal LM)")
@@ -517,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", default="smoke", help="smoke (default) or standard, or a path")
     bench.add_argument("--preset", default="small", help="the zoo model to train or reuse (small)")
     bench.add_argument("--model", help="your dense model directory instead (ours, or any local HF causal LM)")
-    bench.add_argument("--methods", nargs="+", choices=[*pruning_methods(), "none"],
+    bench.add_argument("--methods", nargs="+", choices=[*method_names(), "none"],
                        help="pruning methods (default owl dg2pf wanda magnitude); none: prune nothing, only the "
                             "dense model and your --variant models (also the default when --variant is given "
                             "without --methods)")
@@ -555,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"drive the episodes on this many Ray actors (1..{MAX_WORKERS})")
     claims.add_argument("--quick", action="store_true",
                         help="one sparsity (0.7), one lambda, no SparseGPT: a smoke test of the experiment, not an answer")
-    structured = [name for name, spec in pruning_methods().items() if spec.structured]
+    structured = method_names(lambda spec: spec.structured)
     claims.add_argument("--methods", nargs="+", default=[], choices=structured, metavar="METHOD",
                         help=f"structured methods ({' '.join(structured)}) to add as claim (e): each against Wanda at "
                              "matched parameter counts and against dense, at the sparsities up to 0.7")
@@ -623,6 +630,29 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--out", type=_out_dir, default="results",
                          help="results root; the profile goes to <out>/profiles/<model>.yaml")
     profile.set_defaults(func=cmd_profile)
+
+    sweep = sub.add_parser("latency-sweep", help="drive agents on one suite at a range of fixed decision latencies, "
+                                                 "paired across latencies: how much delay their driving tolerates")
+    sweep.add_argument("--suite", default="smoke", help="suite name (a YAML in scenarios/) or path; default smoke")
+    sweep.add_argument("--agent", nargs="+", action="extend", metavar="AGENT",
+                       help=f"one or more of: {', '.join(agent_names())}, or package.module:factory; default expert")
+    sweep.add_argument("--agent-arg", action="append", metavar="KEY=VALUE",
+                       help="keyword argument of the agents' factories")
+    sweep.add_argument("--model", help="model directory, for the agents that take one (llm, text-llm)")
+    sweep.add_argument("--latencies", type=_finite(0.0), nargs="+", default=[0.0, 100.0, 200.0, 400.0, 800.0],
+                       metavar="MS", help="fixed decision latencies in ms (--latency fixed:MS), distinct; the "
+                                          "smallest is the reference of the paired ΔDS (default 0 100 200 400 800)")
+    sweep.add_argument("--seeds", type=int, nargs="+", help="override every scenario's seeds (0 <= seed < 2**32)")
+    sweep.add_argument("--out", type=_out_dir, default="results",
+                       help="where run directories go (a directory, made when missing); default results/")
+    sweep.add_argument("--run-id", help="name of the sweep directory; default latency-sweep-<suite>-<hash of the "
+                                        "agents and latencies>. Running the same command again resumes it")
+    sweep.add_argument("--workers", type=_at_least(1, MAX_WORKERS),
+                       help=f"run episodes on this many Ray actors (1..{MAX_WORKERS})")
+    _add_batch_option(sweep)
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_precision_options(sweep)
+    sweep.set_defaults(func=cmd_latency_sweep)
     return parser
 
 

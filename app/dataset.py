@@ -25,7 +25,8 @@ from prunedrive.harness.progress import Ticker, live_bars
 from prunedrive.agents.expert import ExpertAgent
 from prunedrive.harness.action import Control
 from prunedrive.harness.env import DriveEnv
-from prunedrive.harness.runner import episode_row, run_episode
+from prunedrive.harness.episode import run_episode
+from prunedrive.harness.rows import episode_row
 from prunedrive.harness.observation import OBS_SHAPES
 from prunedrive.models import text
 from prunedrive.scenarios.loader import Scenario, load_suite

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prunedrive.app.compress import training_data_dir
+from prunedrive.app.prune_driving import training_data_dir
 from prunedrive.harness.observation import MAX_PEDESTRIANS, MAX_VEHICLES
 from prunedrive.models import text
 from prunedrive.models.data import Split, load_split

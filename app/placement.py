@@ -1,5 +1,5 @@
 """Where `prunedrive prune` computes: the device and dtype of the pruning, and block offload for a model larger
-than the device's memory (app.compress uses it; the options are checked by models.device).
+than the device's memory (app.prune_driving and app.prune_hf use it; the options are checked by models.device).
 
     placement = Placement.checked("cuda", "bfloat16", "auto")
     with placement.running(model.lm):          # the LM on the device, or its blocks visiting it one at a time
@@ -41,7 +41,7 @@ class Placement:
         return torch_dtype(self.dtype)
 
     def refuse_training(self, what: str) -> None:
-        """DG2PF and --finetune train in float32 only (see app.compress)."""
+        """DG2PF and --finetune train in float32 only (see app.prune)."""
         if self.dtype != DEFAULT_DTYPE:
             raise ValueError(f"--dtype {self.dtype}: {what} trains, and training runs in float32 only (mixed "
                              "precision is not wired; half-precision weights lose small updates); use --dtype float32")

@@ -58,19 +58,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from prunedrive.agents.llm import LLMAgent  # noqa: E402
-from prunedrive.models import text  # noqa: E402
-from prunedrive.models.data import synthetic_split  # noqa: E402
-from prunedrive.models.device import DeviceClock, check_precision, is_cuda  # noqa: E402
-from prunedrive.models.driving_llm import DrivingLLM, collate  # noqa: E402
-from prunedrive.models.presets import PRESETS  # noqa: E402
-from prunedrive.models.data import lm_calibration_samples  # noqa: E402
-from prunedrive.models.pruning import find_linears, prune, prune_magnitude  # noqa: E402
-from prunedrive.models.pruning.surgery import block_widths  # noqa: E402
-from prunedrive.models.sparse_linear import SparseLinear, layer_type, storage_bytes  # noqa: E402
-from prunedrive.app.train import untrained_model  # noqa: E402
+from prunedrive.agents.llm import LLMAgent
+from prunedrive.models import text
+from prunedrive.models.data import synthetic_split
+from prunedrive.models.device import DeviceClock, check_precision, is_cuda
+from prunedrive.models.driving_llm import DrivingLLM, collate
+from prunedrive.models.presets import PRESETS
+from prunedrive.models.data import lm_calibration_samples
+from prunedrive.models.pruning import find_linears, prune, prune_magnitude
+from prunedrive.models.pruning.surgery import block_widths
+from prunedrive.models.sparse_linear import SparseLinear, layer_type, storage_bytes
+from prunedrive.app.train import untrained_model
 
 PRUNED = {"u50": (0.5, None), "u70": (0.7, None), "2:4": (None, "2:4")}  # unstructured: masks
 STRUCTURED = {"width50": ("width", 0.5), "depth25": ("depth", 0.25)}   # structured: smaller dense models
@@ -100,7 +98,7 @@ def make_agent(base: DrivingLLM, variant: str, execution: str, tokens: int,
         method, ratio = STRUCTURED[variant]
         with torch.no_grad():
             prune(model.lm, method, ratio, calibration=samples or calibration(base))
-        model.config.lm = model.lm.config.to_dict()  # as app.compress does: the smaller LM's config
+        model.config.lm = model.lm.config.to_dict()  # as app.prune_driving does: the smaller LM's config
     elif variant != "dense":
         sparsity, pattern = PRUNED[variant]
         prune_magnitude(model.lm, sparsity, pattern)

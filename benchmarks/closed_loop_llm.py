@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from prunedrive.agents.expert import ExpertAgent  # noqa: E402
-from prunedrive.agents.llm import LLMAgent  # noqa: E402
-from prunedrive.harness.env import DriveEnv  # noqa: E402
-from prunedrive.harness.runner import episode_row, run_episode  # noqa: E402
-from prunedrive.scenarios.loader import load_suite  # noqa: E402
+from prunedrive.agents.expert import ExpertAgent
+from prunedrive.agents.llm import LLMAgent
+from prunedrive.harness.env import DriveEnv
+from prunedrive.harness.episode import run_episode
+from prunedrive.harness.rows import episode_row
+from prunedrive.scenarios.loader import load_suite
 
 
 def drive(env: DriveEnv, agent, scenario, seed: int) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 
 from prunedrive.harness.action import Control
 from prunedrive.harness.env import DriveEnv
-from prunedrive.harness.runner import run_episode
+from prunedrive.harness.episode import run_episode
 from prunedrive.scenarios.loader import load_suite
 
 

@@ -9,19 +9,15 @@ of a full-length action answer, forced by teacher tokens to avoid early stops of
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from prunedrive.models import text  # noqa: E402
-from prunedrive.models.data import synthetic_split  # noqa: E402
-from prunedrive.models.driving_llm import collate  # noqa: E402
-from prunedrive.models.presets import PRESETS  # noqa: E402
-from prunedrive.app.train import untrained_model  # noqa: E402
+from prunedrive.models import text
+from prunedrive.models.data import synthetic_split
+from prunedrive.models.driving_llm import collate
+from prunedrive.models.presets import PRESETS
+from prunedrive.app.train import untrained_model
 
 
 def main(argv=None) -> list[dict]:

@@ -64,7 +64,7 @@ def main() -> None:
     print(f"{'scenario':<16} {'kind':<15} {'sim steps':>9} {'original ms':>12} {'fast ms':>9} {'ratio':>7}")
     for scenario in load_suite(args.suite).scenarios:
         fast_cls = highway._ENVS.get(scenario.kind)
-        if fast_cls is None or scenario.backend != "highway":
+        if fast_cls is None or scenario.kind not in highway.HighwayBackend.KINDS:
             continue
         original_cls = highway.original_env(scenario.kind)
         totals = np.zeros(2)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,13 +28,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from prunedrive.agents.llm import LLMAgent  # noqa: E402
-from prunedrive.agents.text_llm import TextLLMAgent  # noqa: E402
-from prunedrive.harness.results import RunDir  # noqa: E402
-from prunedrive.harness.runner import InProcessExecutor, run_suite  # noqa: E402
-from prunedrive.scenarios.loader import Suite, load_suite  # noqa: E402
+from prunedrive.agents.llm import LLMAgent
+from prunedrive.agents.text_llm import TextLLMAgent
+from prunedrive.harness.results import RunDir
+from prunedrive.harness.executors import InProcessExecutor
+from prunedrive.harness.runner import run_suite
+from prunedrive.scenarios.loader import Suite, load_suite
 
 RESULT_COLUMNS = ["scenario", "seed", "status", "driving_score", "route_completion", "steps", "events"]
 
@@ -98,7 +96,7 @@ def token_agreement(kind: str, model: Path, suite: Suite, n: int, batch: int = 8
     expert drives through (every step)."""
     from prunedrive.agents.expert import ExpertAgent
     from prunedrive.harness.env import DriveEnv
-    from prunedrive.harness.runner import run_episode
+    from prunedrive.harness.episode import run_episode
     from prunedrive.models import text
 
     observations: list[dict] = []

@@ -31,6 +31,19 @@ class Control:
         return np.array([self.throttle, self.brake, self.steer], np.float32)
 
 
+@dataclass(frozen=True, eq=False)
+class CheckedControl(Control):
+    """A Control that `checked_control` made (finite floats in range): the env steps it without checking it
+    again, so an action is validated once. Equal to the Control with the same values."""
+
+    def __eq__(self, other):
+        if not isinstance(other, Control):
+            return NotImplemented
+        return (self.throttle, self.brake, self.steer) == (other.throttle, other.brake, other.steer)
+
+    __hash__ = Control.__hash__
+
+
 BRAKE = Control(throttle=0.0, brake=1.0, steer=0.0)
 
 _RANGES = {"throttle": (0.0, 1.0), "brake": (0.0, 1.0), "steer": (-1.0, 1.0)}
@@ -40,7 +53,7 @@ class ActionError(ValueError):
     """An agent returned something that is not a control: the episode fails, the run goes on."""
 
 
-def checked_control(action, agent: str = "agent", step: int = 0) -> tuple[Control, bool]:
+def checked_control(action, agent: str = "agent", step: int = 0) -> tuple[CheckedControl, bool]:
     """The action as a `Control` inside VehicleControl's ranges, and whether it had to be clamped.
 
     Accepts a `Control` or three numbers (throttle, brake, steer). Out-of-range values are clamped, as
@@ -64,4 +77,4 @@ def checked_control(action, agent: str = "agent", step: int = 0) -> tuple[Contro
             raise ActionError(f"agent {agent!r}, step {step}: {name} must be finite, got {value!r}")
         checked.append(float(value))
     clamped = [float(np.clip(v, *_RANGES[n])) for n, v in zip(ACTION_FIELDS, checked)]
-    return Control(*clamped), clamped != checked
+    return CheckedControl(*clamped), clamped != checked

@@ -2,7 +2,10 @@
 
 Every agent: `name`, `reset(scenario)` (once per episode, before its first step) and `act(observation)`.
 
-Lockstep batches (`--batch K`, harness.runner.Lockstep): one worker runs up to K episodes side by side and
+The optional hooks are declared below: `BatchAgent` (act_batch) and `AgentHooks` (the others); the harness
+reads each through `hook(agent, name)`, so none is called that is not declared there.
+
+Lockstep batches (`--batch K`, harness.lockstep.Lockstep): one worker runs up to K episodes side by side and
 steps the running ones together. What an agent sees there depends on what it implements:
 
 * `act_batch(observations) -> list[Control]` (optional): one call per lockstep step with the observations
@@ -35,7 +38,7 @@ At K = 1 (the default) none of this is used: episodes run one after another thro
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -54,23 +57,62 @@ class Agent(Protocol):
         """The control for this step, from the object-level observation."""
 
 
+@runtime_checkable
+class BatchAgent(Agent, Protocol):
+    """An agent that decides the steps of several episodes in one call (used at K > 1 only; see above)."""
+
+    def act_batch(self, observations: list[dict[str, np.ndarray]]) -> list[Control]:
+        """One control per observation, same order; called with `slots=[...]` (each observation's slot) as
+        well when the agent implements `reset_batch`."""
+
+
+class AgentHooks(Protocol):
+    """The optional hooks besides act_batch: an agent implements any of them, or none. Read through `hook`."""
+
+    batch_copies: bool  # at K > 1 without act_batch: True/False overrides whether each slot gets a deep copy
+
+    def last_compute(self) -> dict[str, float]:
+        """Model-backed agents: fields of harness.compute.StepCompute (tokens_in, tokens_out, dense_flops,
+        effective_flops, params, nonzero_params, peak_mem_bytes) for their last `act`."""
+
+    def configure_batch(self, capacity: int) -> None:
+        """Called once before the first act_batch with K, the most observations any act_batch call gets."""
+
+    def reset_batch(self, slot: int, scenario: Scenario) -> None:
+        """Called right after reset(scenario) for the episode that starts in `slot` (0 <= slot < K)."""
+
+    def last_compute_batch(self) -> list[dict[str, float]]:
+        """The compute fields of `last_compute()` per row of the last act_batch, already apportioned."""
+
+
+HOOKS = frozenset({"act_batch", *AgentHooks.__annotations__,
+                   *(name for name in vars(AgentHooks) if not name.startswith("_"))})
+
+
+def hook(agent: Agent, name: str) -> Callable | None:
+    """The agent's optional hook `name` (one declared in BatchAgent or AgentHooks), or None when it has none."""
+    if name not in HOOKS:
+        raise ValueError(f"{name!r} is not a declared agent hook; declared: {', '.join(sorted(HOOKS))}")
+    method = getattr(agent, name, None)
+    return method if callable(method) else None
+
+
 def compute_report(agent: Agent) -> dict[str, float]:
-    """Model-backed agents expose `last_compute()`: fields of harness.compute.StepCompute
-    (tokens_in, tokens_out, dense_flops, effective_flops, params, nonzero_params, peak_mem_bytes)
-    for their last `act`. Other agents report nothing."""
-    report = getattr(agent, "last_compute", None)
-    return report() if callable(report) else {}
+    """Model-backed agents expose `last_compute()` (AgentHooks) for their last `act`. Other agents report
+    nothing."""
+    report = hook(agent, "last_compute")
+    return report() if report is not None else {}
 
 
 def batched(agent: Agent) -> bool:
     """Whether the agent decides many episodes' steps in one call (`act_batch`)."""
-    return callable(getattr(agent, "act_batch", None))
+    return hook(agent, "act_batch") is not None
 
 
 def batch_compute_report(agent: Agent, rows: int) -> list[dict[str, float]]:
     """Per-row compute of the agent's last act_batch (`last_compute_batch()`), or nothing per row."""
-    report = getattr(agent, "last_compute_batch", None)
-    reports = report() if callable(report) else None
+    report = hook(agent, "last_compute_batch")
+    reports = report() if report is not None else None
     return list(reports) if reports is not None and len(reports) == rows else [{} for _ in range(rows)]
 
 
@@ -79,4 +121,4 @@ def copyable(agent: Agent) -> bool:
     choice = getattr(agent, "batch_copies", None)
     if choice is not None:
         return bool(choice)
-    return not callable(getattr(agent, "last_compute", None))
+    return hook(agent, "last_compute") is None

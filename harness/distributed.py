@@ -1,4 +1,4 @@
-"""Drive a suite's episodes on Ray actors: `RayExecutor`, the Ray implementation of `runner.Executor`.
+"""Drive a suite's episodes on Ray actors: `RayExecutor`, the Ray implementation of `executors.Executor`.
 
     run_suite(suite, RayExecutor([make_expert, make_llm], workers=4), RunDir(...))
 
@@ -20,11 +20,13 @@ existing cluster is used (its nodes need prunedrive installed; `--record` videos
 that drove the episode). If Ray is already initialised in this process it is used as is and left running.
 
 Lockstep batches: `batch=K` (`--batch K`) makes each actor run up to K episodes side by side
-(harness.runner.Lockstep, EpisodeWorker.run_batch); each call returns as soon as one of them ends, so
+(harness.lockstep.Lockstep, EpisodeWorker.run_batch); each call returns as soon as one of them ends, so
 results are still written as each episode ends. batch=1 (the default) is the one-episode-per-call path.
 
-CARLA: pass `carla_servers=["host:port", ...]`; actor slot i always talks to server i (a replacement
-actor takes its predecessor's server), so `workers` may not exceed the number of servers.
+A server-based backend (CARLA): pass `servers=["host:port", ...]` (app.server_options builds it from the
+backend's own `--NAME-servers` flag); actor slot i always talks to server i, given to its envs as the backend
+options `host` and `port` (a replacement actor takes its predecessor's server), so `workers` may not exceed the
+number of servers.
 """
 from __future__ import annotations
 
@@ -37,8 +39,11 @@ import pandas as pd
 
 from prunedrive.harness.reaper import start_reaper, stop_reaper
 from prunedrive.harness.results import RunDir
-from prunedrive.harness.runner import (EPISODE_TIMEOUT_S, STEP_TIMEOUT_S, EpisodeJob, Lockstep, close_envs,
-                                       episode_row, run_episode_with_retries, run_suite)
+from prunedrive.harness.env_pool import close_envs
+from prunedrive.harness.limits import EPISODE_TIMEOUT_S, STEP_TIMEOUT_S
+from prunedrive.harness.lockstep import EpisodeJob, Lockstep, run_episode_with_retries
+from prunedrive.harness.rows import episode_row
+from prunedrive.harness.runner import run_suite
 from prunedrive.scenarios.loader import Scenario, Suite
 
 OBJECT_STORE_BYTES = 200 * 1024**2  # results are a few hundred KB per episode; Ray's default is 30% of RAM
@@ -90,11 +95,11 @@ class EpisodeWorker:
 
 class RayExecutor:
     """`workers` Ray actors, at most one call in flight on each: one episode (batch=1), or, with batch=K,
-    up to K episodes running side by side on each actor (harness.runner.Lockstep)."""
+    up to K episodes running side by side on each actor (harness.lockstep.Lockstep)."""
 
     def __init__(self, factories: list[AgentFactory], workers: int, *, ray_address: str | None = None,
                  record: bool = False, retries: int = 2, backend_options: dict | None = None,
-                 carla_servers: list[str] | None = None, backoff_s: float = 2.0,
+                 servers: list[str] | None = None, backoff_s: float = 2.0,
                  step_timeout_s: float | None = STEP_TIMEOUT_S, episode_timeout_s: float | None = EPISODE_TIMEOUT_S,
                  batch: int = 1, latency=None):
         if workers < 1:
@@ -104,10 +109,10 @@ class RayExecutor:
         self.batch = batch
         if retries < 0:
             raise ValueError(f"--retries must be at least 0, got {retries}")
-        self.servers = [parse_server(s) for s in carla_servers or []]
+        self.servers = [parse_server(s) for s in servers or []]
         if self.servers and workers > len(self.servers):
-            raise ValueError(f"--workers {workers} needs as many CARLA servers, got {len(self.servers)}: "
-                             f"{', '.join(carla_servers)}")
+            raise ValueError(f"--workers {workers} needs as many simulator servers (one per worker), got "
+                             f"{len(self.servers)}: {', '.join(servers)}")
         self.factories, self.workers, self.ray_address = list(factories), workers, ray_address
         self.record, self.retries, self.backend_options, self.backoff_s = record, retries, backend_options, backoff_s
         # Every episode's options: time limits and the latency model (harness.latency; None: synchronous).
@@ -339,7 +344,7 @@ def run_suite_distributed(suite: Suite, factories: list[AgentFactory], run_dir: 
 def parse_server(text: str) -> tuple[str, int]:
     host, sep, port = str(text).rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"CARLA server {text!r}: expected host:port")
+        raise ValueError(f"simulator server {text!r}: expected host:port")
     return host, int(port)
 
 

@@ -1,5 +1,30 @@
 """The Gymnasium environment: one scenario on one backend, object-level observations,
-CARLA-style continuous control, Leaderboard events in `info`."""
+CARLA-style continuous control, Leaderboard events in `info`.
+
+The runner talks to the env through `reset`, `step` and `info` only (and `render`/`metadata` for videos), so any
+Gymnasium wrapper can sit between them (Gymnasium 1.x wrappers forward no other attribute): a run makes its envs
+with a `make_env(scenario, record, **backend_options)` hook (harness.env_pool; `run_suite(..., make_env=...)`),
+which may return the DriveEnv wrapped. Two reset options (off by default: Gymnasium's env checker wants equal info for equal seeds and actions, and a
+timing differs run to run, an outcome's NaN never equals itself) add what a runner keeps for every step:
+reset(seed=..., options={"outcome_so_far": True, "timings": True}). The keys:
+
+reset() info
+  route_length_m   the route's length
+  sim_time_s       simulated time at the start
+  outcome          ("outcome_so_far") the EpisodeOutcome so far, nothing driven yet: what a run scores if the
+                   episode fails now
+  tick_s           one simulator tick, in seconds
+  ticks_per_step   simulator ticks per env step for a backend that can take a control per tick (step with
+                   `TickControls`: harness.latency's models), else None
+step() info
+  events           the route events of this step (at the end, also those that finishing the route adds)
+  route_completion route completion in %, after this step
+  sim_time_s       simulated time after this step
+  outcome          at the step that ends the episode, the final EpisodeOutcome (the scorer's input); at every
+                   other step ("outcome_so_far") the episode so far, as it would be scored if it ended now
+  infractions      how many infraction events (harness.metrics.INFRACTIONS) the route has so far (video overlay)
+  sim_wall_s       ("timings") wall seconds the simulator spent in this step
+"""
 from __future__ import annotations
 
 import math
@@ -9,10 +34,11 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
-from prunedrive.harness.action import action_space, checked_control
+from prunedrive.harness.action import CheckedControl, action_space, checked_control
 from prunedrive.harness.backends.base import Backend, BackendState
 from prunedrive.harness.criteria import RouteCriteria
 from prunedrive.harness.events import COLLISIONS, Event
+from prunedrive.harness.metrics import INFRACTIONS
 from prunedrive.harness.observation import build_observation, observation_space
 from prunedrive.harness.route import RoutePolyline
 from prunedrive.scenarios.loader import Scenario
@@ -33,11 +59,17 @@ class EpisodeOutcome:
     outside_lanes_m: float = 0.0
 
 
+class TickControls(tuple):
+    """An action of one env step that is one checked control (harness.action) per simulator tick, in order
+    (harness.latency: controls that take effect between policy steps); only for a backend whose reset info
+    has `ticks_per_step`."""
+
+
 def make_backend(scenario: Scenario, render: bool = False, **options) -> Backend:
     """The scenario's backend (harness.backends: built-in or plug-in); `options` go to its constructor."""
-    from prunedrive.harness.backends import backend_class
+    from prunedrive.harness.backends import backend_class, backend_for_kind
 
-    return backend_class(scenario.backend)(scenario, render=render, **options)
+    return backend_class(backend_for_kind(scenario.kind))(scenario, render=render, **options)
 
 
 class DriveEnv(gym.Env):
@@ -61,6 +93,7 @@ class DriveEnv(gym.Env):
         self._step = 0
         self._collided = False
         self._done = False
+        self._timings = self._outcome_so_far = False
 
     def _observe(self, state: BackendState) -> dict[str, np.ndarray]:
         c = self.criteria
@@ -80,13 +113,24 @@ class DriveEnv(gym.Env):
         self._step = 0
         self._collided = False
         self._done = False
+        options = options or {}
+        self._timings, self._outcome_so_far = bool(options.get("timings")), bool(options.get("outcome_so_far"))
         self._state = state
-        return self._observe(state), {"route_length_m": route.length, "sim_time_s": state.sim_time_s}
+        info = {"route_length_m": route.length, "sim_time_s": state.sim_time_s, "tick_s": float(self.backend.dt),
+                "ticks_per_step": self.ticks_per_step}
+        if self._outcome_so_far:
+            info["outcome"] = self.outcome(collision_ended=False)
+        return self._observe(state), info
 
     def step(self, action):
+        """`action`: a Control or (throttle, brake, steer), checked here unless checked_control made it (the
+        runner checks its agents' answers itself, to name the agent); or `TickControls`."""
         if self.criteria is None or self._done:
             raise RuntimeError("call reset() before step(), and again after an episode ends")
-        control, _ = checked_control(action, agent="env.step", step=self._step + 1)
+        if isinstance(action, TickControls):
+            return self.step_ticks(action)
+        control = action if isinstance(action, CheckedControl) else checked_control(
+            action, agent="env.step", step=self._step + 1)[0]
         return self._advance(lambda: self.backend.step(control))
 
     @property
@@ -100,8 +144,10 @@ class DriveEnv(gym.Env):
         if self.criteria is None or self._done:
             raise RuntimeError("call reset() before step_ticks(), and again after an episode ends")
         if self.ticks_per_step is None:
-            raise ValueError(f"the {self.scenario.backend} backend does not step per simulator tick; latency "
-                             "models (--latency other than none) need one that does (highway)")
+            from prunedrive.harness.backends import backend_for_kind
+
+            raise ValueError(f"the {backend_for_kind(self.scenario.kind)} backend does not step per simulator tick; "
+                             "latency models (--latency other than none) need one that does (highway)")
         return self._advance(lambda: self.backend.step_ticks(list(controls)))
 
     def _advance(self, backend_step):
@@ -116,12 +162,16 @@ class DriveEnv(gym.Env):
         completion = self.criteria.route_completion
         terminated = completion >= 100.0 or step_events.ended or self.criteria.stopped
         truncated = self.criteria.timed_out and not terminated
-        self.last_sim_wall_s = sim_wall_s  # kept out of `info`: timings differ run to run
         info = {"events": events, "route_completion": completion, "sim_time_s": state.sim_time_s}
         if terminated or truncated:
             info["events"] = events + self.criteria.finish(self._step)
             info["outcome"] = self.outcome(collision_ended=step_events.ended and self._collided)
             self._done = True
+        elif self._outcome_so_far:
+            info["outcome"] = self.outcome(collision_ended=False)
+        info["infractions"] = sum(e.kind.value in INFRACTIONS for e in self.criteria.events)
+        if self._timings:
+            info["sim_wall_s"] = sim_wall_s
         reward = (completion - previous) / 100.0  # route progress; the harness scores with the Leaderboard
         return self._observe(state), float(reward), bool(terminated), bool(truncated), info
 

@@ -10,6 +10,10 @@ Names:
   label    the long header (report) and the regression check's name
   short    the header in terminal tables
 
+Plug-in metrics: a package declares `Metric` objects under the entry point group `prunedrive.metrics`
+(`[project.entry-points."prunedrive.metrics"] seconds = "my_pkg.metrics:SIM_SECONDS"`); `all_metrics()` is the
+built-ins, in their order, then the plug-ins (by name), and every table below reads it.
+
 How a metric aggregates over episodes is its `Aggregate`; `aggregate_metric` is the one place that
 computes it. Per-km rates are sums over sums (total count / total km, with the Leaderboard's 0.001 km
 floor), never means of per-episode rates: a 50 m episode with one collision must not weigh like a
@@ -24,6 +28,7 @@ import pandas as pd
 
 from prunedrive.harness.events import EventKind
 from prunedrive.harness.scoring import mean_std
+from prunedrive.plugins.registry import Registry, RegistryError
 
 KM_FLOOR = 0.001  # the Leaderboard's floor on km driven when it divides infractions by distance
 # The kinds counted per km: min speed and outside-route-lanes scale the penalty by a percentage instead.
@@ -197,17 +202,43 @@ METRICS: tuple[Metric, ...] = (
 )
 
 
+AGGREGATIONS = ("count", "mean_std", "per_km", "total", "percent", "nanmean", "failed", "median", "max", "mean",
+                 "ratio")
+
+
+def _check_metric(name: str, entry: object) -> Metric:
+    """A plug-in metric is a Metric whose names are its own (a built-in's column or key would be overwritten)."""
+    if not isinstance(entry, Metric):
+        raise RegistryError(f"metric {name!r}: {entry!r} is not a prunedrive.harness.metrics.Metric")
+    if entry.aggregate.how not in AGGREGATIONS:
+        raise RegistryError(f"metric {name!r}: unknown aggregation {entry.aggregate.how!r}; allowed: "
+                            f"{', '.join(AGGREGATIONS)}")
+    taken = {column for m in METRICS for column in (*m.summary_columns, m.key)}
+    clash = sorted({*entry.summary_columns, entry.key} & taken)
+    if clash:
+        raise RegistryError(f"metric {name!r}: {', '.join(clash)} is a built-in metric's name; choose another")
+    return entry
+
+
+METRIC_PLUGINS: Registry[Metric] = Registry("metric", "prunedrive.metrics", check=_check_metric)
+
+
+def all_metrics() -> tuple[Metric, ...]:
+    """The one metric table: the built-ins (METRICS, in order), then installed plug-in metrics by name."""
+    return (*METRICS, *(METRIC_PLUGINS.get(name) for name in METRIC_PLUGINS.names()))
+
+
 def metric(key: str) -> Metric:
-    return next(m for m in METRICS if m.key == key)
+    return next(m for m in all_metrics() if m.key == key)
 
 
 def in_view(view: str) -> list[Metric]:
-    return [m for m in METRICS if view in m.views]
+    return [m for m in all_metrics() if view in m.views]
 
 
 def gated() -> list[Metric]:
     """The metrics the regression gate checks, in the order it reports them."""
-    return [m for m in METRICS if m.gate is not None]
+    return [m for m in all_metrics() if m.gate is not None]
 
 
 def aggregate_metric(m: Metric, group: pd.DataFrame) -> dict[str, float]:
@@ -261,10 +292,10 @@ def per_km(count: float, km: float) -> float:
 def summary_row(group: pd.DataFrame) -> dict[str, float]:
     """Every metric's summary columns over the episode rows `group`, in table order."""
     row: dict[str, float] = {}
-    for m in METRICS:
+    for m in all_metrics():
         row.update(aggregate_metric(m, group))
     return row
 
 
 def summary_columns() -> list[str]:
-    return [column for m in METRICS for column in m.summary_columns]
+    return [column for m in all_metrics() for column in m.summary_columns]

@@ -11,6 +11,8 @@ import os
 import threading
 import time
 
+import numpy as np
+
 PLAIN_EVERY_S = 30.0  # a plain progress line at most this often
 HEARTBEAT_S = 60.0    # and, under a Heartbeat, at least this often
 
@@ -30,9 +32,10 @@ def plain_lines(enabled: bool = True) -> bool:
     return enabled and not live_bars(enabled)
 
 
-def say(text: str) -> None:
-    """Print one progress line now (flushed: a log shows it as it comes) and note the time for Heartbeat."""
-    print(text, flush=True)
+def say(text: str, stream=None) -> None:
+    """Print one progress line now (flushed: a log shows it as it comes) and note the time for Heartbeat.
+    `stream`: where it goes (default stdout)."""
+    print(text, file=stream, flush=True)
     _last_line[0] = time.monotonic()
 
 
@@ -63,11 +66,13 @@ def estimate(idle_seconds: float) -> str:
 class Ticker:
     """Plain progress lines of one long loop when the output is not a terminal:
     `<label>: <done>/<total> <unit>, elapsed <t>, ETA <t>[, <note>]`, at most every `every_s` seconds and at the
-    end. `eta_bound`: the total is only an upper bound (e.g. epochs with early stopping), so the ETA is one too."""
+    end. `eta_bound`: the total is only an upper bound (e.g. epochs with early stopping), so the ETA is one too.
+    `stream`: where the lines go (default stdout; a command whose stdout is its result passes sys.stderr)."""
 
     def __init__(self, label: str, total: int, unit: str = "", enabled: bool = True, every_s: float = PLAIN_EVERY_S,
-                 done: int = 0, eta_bound: bool = False):
+                 done: int = 0, eta_bound: bool = False, stream=None):
         self.label, self.total, self.unit, self.every_s, self.eta_bound = label, total, unit, every_s, eta_bound
+        self.stream = stream
         self.enabled = plain_lines(enabled)
         self.started = self.last = time.monotonic()
         self.first_done = done  # resumed work does not count towards the rate
@@ -79,12 +84,12 @@ class Ticker:
         if not (force or done >= self.total or now - self.last >= self.every_s):
             return
         self.last = now
-        say(self.line(done, now - self.started, note))
+        say(self.line(done, now - self.started, note), self.stream)
 
     def finish(self, what: str) -> None:
         """The closing line: `<label>: done, <what> in <elapsed>`."""
         if self.enabled:
-            say(f"  {self.label}: done, {what} in {duration(time.monotonic() - self.started)}")
+            say(f"  {self.label}: done, {what} in {duration(time.monotonic() - self.started)}", self.stream)
 
     def line(self, done: int, elapsed: float, note: str = "") -> str:
         rate = (done - self.first_done) / elapsed if elapsed > 0 else 0.0
@@ -125,3 +130,42 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+
+class EpisodeProgress:
+    """A run's episodes (harness.runner.run_suite), as a person can follow them: a rich bar (with ETA and the
+    running mean driving score) in a terminal; a Ticker's plain lines when the output goes to a log."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.scores = enabled, total, []
+        self.ticker = Ticker("episodes", total, "scored")
+        self.bar = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+
+            if Console().is_terminal:
+                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                           TimeRemainingColumn)
+
+                self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[score]}"))
+                self.bar.start()
+                self.task = self.bar.add_task("episodes", total=self.total, score="")
+        return self
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=text)
+
+    def advance(self, row: dict) -> None:
+        self.scores.append(row["driving_score"])
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, score=f"mean DS {np.mean(self.scores):.1f}")
+        elif self.enabled:
+            self.ticker.update(len(self.scores), f"mean DS {np.mean(self.scores):.1f}")
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()

@@ -5,6 +5,9 @@
     results/<run-id>/steps/<key>.parquet    one row per step: the episode's key, controls, ego, compute
     results/<run-id>/episodes.parquet       all episodes, written when the run ends
     results/<run-id>/steps.parquet          all steps, likewise
+    results/<run-id>/attachments/           what a command adds beside the episodes (RunDir.attach): <name>.parquet
+                                            or <name>.json, listed in attachments/index.json with their producer
+                                            and the "module:function" that renders each as a report section
     results/<run-id>/.lock                  held by the one process writing the run
 
 Each episode's files are written to a unique temporary name, flushed to disk and renamed, so a killed
@@ -22,6 +25,7 @@ import platform
 import re
 import tempfile
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -38,6 +42,10 @@ EPISODE_KEY_COLUMNS = ("agent", "scenario", "seed")
 REQUIRED_EPISODE_COLUMNS = ("run_id", "agent", "scenario", "seed", "status", "driving_score", "route_completion",
                             "infraction_penalty", "km_driven", "collisions", "error")
 SAFE_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,199}")
+ATTACHMENTS = "attachments"
+ATTACHMENT_INDEX = "index.json"
+SAFE_ATTACHMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+ATTACHMENT_SUFFIXES = (".parquet", ".json")
 
 
 class RunError(ValueError):
@@ -214,6 +222,57 @@ class RunDir:
             return _read_parquet(consolidated) if consolidated.is_file() else pd.DataFrame()
         return pd.concat([_read_parquet(f) for f in files], ignore_index=True)
 
+    # -- attachments: what a command adds beside the episodes -------------------------------------------
+    def attach(self, name: str, content, *, producer: str, section: str | None = None) -> Path:
+        """Store `content` (a DataFrame: attachments/<name>.parquet; a JSON-able dict or list: <name>.json) and
+        list it in attachments/index.json with its `producer` (the writing module) and `section` (the
+        "module:function" rendering it as a report section, or None). Re-attaching a name replaces it."""
+        check_attachment(name, producer, section)
+        folder = self.path / ATTACHMENTS
+        folder.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, pd.DataFrame):
+            path = folder / f"{name}.parquet"
+            atomic_parquet(content, path)
+        elif isinstance(content, (dict, list)):
+            path = folder / f"{name}.json"
+            atomic_write_text(path, json.dumps(content, indent=2, default=_json_number))
+        else:
+            raise TypeError(f"attachment {name!r}: content must be a pandas DataFrame or a JSON-able dict or list, "
+                            f"got {type(content).__name__}")
+        for suffix in ATTACHMENT_SUFFIXES:  # a name has one file: a table replaced by JSON loses its old file
+            if suffix != path.suffix:
+                (folder / f"{name}{suffix}").unlink(missing_ok=True)
+        index = self._attachment_index()
+        index[name] = {"file": path.name, "producer": producer, "section": section}
+        atomic_write_text(folder / ATTACHMENT_INDEX, json.dumps(index, indent=2))
+        return path
+
+    def attachments(self) -> dict[str, "Attachment"]:
+        """The run's attachments by name, in the order of the index ({} for a run without any)."""
+        folder = self.path / ATTACHMENTS
+        return {name: Attachment(name, entry["producer"], entry["section"], folder / entry["file"])
+                for name, entry in self._attachment_index().items()}
+
+    def _attachment_index(self) -> dict[str, dict]:
+        path = self.path / ATTACHMENTS / ATTACHMENT_INDEX
+        if not path.is_file():
+            return {}
+        try:
+            index = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RunError(f"{path}: unreadable ({exc})") from None
+        if not isinstance(index, dict):
+            raise RunError(f"{path}: an attachment index is a JSON object, got {type(index).__name__}")
+        for name, entry in index.items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                    and entry["file"] in {f"{name}{suffix}" for suffix in ATTACHMENT_SUFFIXES}):
+                raise RunError(f"{path}: entry {name!r} must name its file {name}.parquet or {name}.json")
+            try:
+                check_attachment(name, entry.get("producer"), entry.get("section"))
+            except ValueError as exc:
+                raise RunError(f"{path}: {exc}") from None
+        return index
+
     def consolidate(self) -> None:
         episodes = self.episodes()
         if len(episodes):
@@ -222,6 +281,46 @@ class RunDir:
         if step_files:
             atomic_parquet(pd.concat([_read_parquet(f) for f in step_files], ignore_index=True),
                            self.path / "steps.parquet")
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One attachment of a run: its name, the module that wrote it, the "module:function" rendering it as a
+    report section (None: data only) and its file."""
+
+    name: str
+    producer: str
+    section: str | None
+    path: Path
+
+    def load(self):
+        """The stored content: a DataFrame (.parquet) or the JSON value (.json)."""
+        if self.path.suffix == ".parquet":
+            return _read_parquet(self.path)
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RunError(f"{self.path}: attachment {self.name!r} is unreadable ({exc})") from None
+
+
+def check_attachment(name, producer, section) -> None:
+    """ValueError naming the field unless the name can name a file, the producer is a module name and the section
+    (if any) a "module:function" reference."""
+    if not isinstance(name, str) or not SAFE_ATTACHMENT_NAME.fullmatch(name):
+        raise ValueError(f"attachment name {name!r}: use 1-100 letters, digits, _ and - (it names a file)")
+    if not isinstance(producer, str) or not producer:
+        raise ValueError(f"attachment {name!r}: producer must be the writing module's name, got {producer!r}")
+    if section is not None and (not isinstance(section, str) or section.count(":") != 1
+                                or not all(section.split(":"))):
+        raise ValueError(f"attachment {name!r}: section must be a 'package.module:function' reference or None, "
+                         f"got {section!r}")
+
+
+def _json_number(value):
+    """What json.dumps cannot hold itself: numpy scalars become Python numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON-able")
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from prunedrive.models import compressed_load
-from prunedrive.models.hf_causal import NotACausalLM, _check_weights, weight_bytes
+from prunedrive.models.hf_causal import NotACausalLM, check_weights, weight_bytes
 
 DENSE_EXECUTION = "dense kernels"
 # config.json fields that must agree between a variant and its dense model: (what it is, the keys that hold it).
@@ -28,13 +28,13 @@ def _scheme(directory: Path) -> tuple[str, str, str]:
     if found is None:
         return "dense", "dense", DENSE_EXECUTION
     key, entry = found
-    sparsity = compressed_load._sparsity_format(directory, key, entry)
-    config, _ = compressed_load._quantization(directory, key, entry)
+    sparsity = compressed_load.sparsity_format(directory, key, entry)
+    config, _ = compressed_load.quantization_config_of(directory, key, entry)
     short = [] if sparsity == "dense" else [sparsity]
     for scheme in (config.config_groups.values() if config is not None else []):
         weights, activations = scheme.weights, scheme.input_activations
         short.append(f"W{weights.num_bits if weights else 16}A{activations.num_bits if activations else 16}")
-    return compressed_load._describe(sparsity, config), " + ".join(short) or "dense", compressed_load.EXECUTION
+    return compressed_load.describe_scheme(sparsity, config), " + ".join(short) or "dense", compressed_load.EXECUTION
 
 
 def checkpoint_record(directory: str | Path) -> dict:
@@ -63,13 +63,13 @@ def check_variant_dir(directory: str | Path, dense_dir: str | Path) -> dict:
     path, dense = Path(directory).expanduser(), Path(dense_dir).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{str(path)!r} is not a model directory (it does not exist or is a file)")
-    config = compressed_load._read_config(path)
+    config = compressed_load.read_config(path)
     try:
-        _check_weights(path)
+        check_weights(path)
     except NotACausalLM as exc:
         raise ValueError(str(exc)) from None
     record = checkpoint_record(path)
-    mine, theirs = architecture(config), architecture(compressed_load._read_config(dense))
+    mine, theirs = architecture(config), architecture(compressed_load.read_config(dense))
     differing = [f"{what} {mine[what]!r} (the dense model {dense}: {theirs[what]!r})" for what in mine
                  if mine[what] != theirs[what]]
     if differing:

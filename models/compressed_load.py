@@ -60,7 +60,7 @@ class LoadedCheckpoint:
 
 
 # -- detection -------------------------------------------------------------------------------------
-def _read_config(directory: Path) -> dict:
+def read_config(directory: Path) -> dict:
     config_file = directory / CONFIG_NAME
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -75,7 +75,7 @@ def _read_config(directory: Path) -> dict:
 
 def compression_entry(directory: str | Path) -> tuple[str, dict] | None:
     """(config.json key, its compressed-tensors entry) or None for a checkpoint in the dense layout."""
-    config = _read_config(Path(directory).expanduser())
+    config = read_config(Path(directory).expanduser())
     for key in CONFIG_KEYS:
         entry = config.get(key)
         if isinstance(entry, dict) and (entry.get("quant_method") == QUANT_METHOD
@@ -95,7 +95,7 @@ def _refuse(directory: Path, field_name: str, value, supported) -> ValueError:
                       f"{', '.join(map(str, supported))} (int weights are decompressed to float: no kernel)")
 
 
-def _sparsity_format(directory: Path, key: str, entry: dict) -> str:
+def sparsity_format(directory: Path, key: str, entry: dict) -> str:
     sparsity = entry.get("sparsity_config") or {}
     if not isinstance(sparsity, dict):
         raise _refuse(directory, f"{key}.sparsity_config", sparsity, ["an object"])
@@ -105,7 +105,7 @@ def _sparsity_format(directory: Path, key: str, entry: dict) -> str:
     return fmt
 
 
-def _quantization(directory: Path, key: str, entry: dict):
+def quantization_config_of(directory: Path, key: str, entry: dict):
     """The validated compressed-tensors QuantizationConfig and each scheme's format, or (None, []) if none."""
     if not entry.get("config_groups"):
         return None, []
@@ -138,7 +138,7 @@ def _quantization(directory: Path, key: str, entry: dict):
     return config, formats
 
 
-def _describe(sparsity_format: str, config) -> str:
+def describe_scheme(sparsity_format: str, config) -> str:
     parts = [] if sparsity_format == "dense" else [sparsity_format]
     for scheme in (config.config_groups.values() if config is not None else []):
         w, a = scheme.weights, scheme.input_activations
@@ -232,16 +232,16 @@ def load_dense_state_dict(directory: str | Path) -> LoadedCheckpoint:
         raise ValueError(f"{path / CONFIG_NAME} has no compressed-tensors entry ({' or '.join(CONFIG_KEYS)} with "
                          f"quant_method {QUANT_METHOD!r}): load it as a dense checkpoint")
     key, entry = found
-    sparsity_format = _sparsity_format(path, key, entry)
-    config, formats = _quantization(path, key, entry)
+    layout = sparsity_format(path, key, entry)
+    config, formats = quantization_config_of(path, key, entry)
     tensors, on_disk = _read_tensors(path)
-    decompressed = _undo_sparsity(tensors, sparsity_format, path)
+    decompressed = _undo_sparsity(tensors, layout, path)
     decompressed += _undo_quantization(tensors, config, path)
     dropped = _drop_activation_qparams(tensors, path)
     in_memory = sum(t.numel() * t.element_size() for t in tensors.values())
-    return LoadedCheckpoint(directory=str(path), state_dict=tensors, sparsity_format=sparsity_format,
+    return LoadedCheckpoint(directory=str(path), state_dict=tensors, sparsity_format=layout,
                             quantization_format=" + ".join(sorted(set(formats))) or "dense",
-                            scheme=_describe(sparsity_format, config), bytes_on_disk=on_disk,
+                            scheme=describe_scheme(layout, config), bytes_on_disk=on_disk,
                             bytes_in_memory=in_memory, decompressed_tensors=decompressed, dropped=dropped)
 
 

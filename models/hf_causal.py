@@ -82,7 +82,7 @@ def is_hf_causal_lm_dir(directory: str | Path) -> bool:
     return True
 
 
-def _check_weights(path: Path) -> Path:
+def check_weights(path: Path) -> Path:
     if not any(os.path.lexists(path / n) for n in SAFETENSORS_NAMES):
         pickles = [n for n in PICKLE_NAMES if (path / n).is_file()]
         if pickles:
@@ -145,7 +145,7 @@ def load_causal_lm(directory: str | Path, trust_remote_code: bool = False, dtype
 
     config = load_config(directory, trust_remote_code)
     path, _ = check_directory(directory)
-    _check_weights(path)
+    check_weights(path)
     tokenizer = load_tokenizer(path, trust_remote_code)
     from transformers.utils import logging as hf_logging
 
@@ -319,7 +319,7 @@ def check_causal_lm_dir(directory: str | Path, max_new_tokens: int, trust_remote
     read): for checking a run's model directories before anything drives."""
     config = load_config(directory, trust_remote_code)
     path, _ = check_directory(directory)
-    _check_weights(path)
+    check_weights(path)
     check_drivable(path, load_tokenizer(path, trust_remote_code), config, max_new_tokens, chat_template)
 
 

@@ -16,8 +16,9 @@ the scenario and the field, and list what is allowed. Suite files are untrusted 
 `MAX_SUITE_BYTES`, no YAML aliases (`*name`: an alias bomb expands exponentially), every value's type
 checked before use.
 
-Kinds: the built-in ones in `KIND_BACKEND`; a simulator backend installed as a plug-in (entry point
-group `prunedrive.backends`, name NAME) drives the kinds written `NAME.KIND`.
+This module checks a suite's structure only. Which simulator backend drives a `kind`, and which keys its
+`options` may have, each backend declares itself; harness.backends.check_suite checks a suite against them
+before it runs.
 """
 from __future__ import annotations
 
@@ -26,48 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import re
-from importlib import metadata
 
 import yaml
 
 SUITES_DIR = Path(__file__).resolve().parent
 
-# Which backend drives each scenario kind.
-KIND_BACKEND = {
-    "highway_cruise": "highway",
-    "dense_highway": "highway",
-    "stopped_vehicle": "highway",   # a stopped car ahead in the ego's lane, no other traffic (harness.latency's test)
-    "onramp_merge": "highway",
-    "roundabout": "highway",
-    "intersection": "highway",
-    "carla_route": "carla",
-}
-# The `options` keys each built-in backend accepts: a suite is checked against them when it loads, so a mistyped
-# or unsupported option is an error, not silently ignored. The backends read their options from here
-# (harness/backends/). A plug-in backend (not listed) checks its own options.
-BACKEND_OPTIONS: dict[str, tuple[str, ...]] = {
-    "highway": (),
-    "carla": ("route_file", "route_id", "host", "port", "tm_port", "timeout_s", "load_timeout_s", "fixed_delta_s",
-              "background_vehicles", "background_walkers", "ego_blueprint", "camera_size", "no_rendering"),
-}
-
-
 MAX_SUITE_BYTES = 1_000_000
 MAX_SCENARIOS = 10_000
 # Suite and scenario names become parts of file names (run directories, episode keys): no separators.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,127}")
-
-
-def plugin_backends() -> dict[str, metadata.EntryPoint]:
-    """Simulator backends installed as plug-ins (read from package metadata; nothing is imported)."""
-    return {ep.name: ep for ep in metadata.entry_points(group="prunedrive.backends")}
-
-
-def backend_of_kind(kind: str) -> str | None:
-    if kind in KIND_BACKEND:
-        return KIND_BACKEND[kind]
-    name, dot, rest = kind.partition(".")
-    return name if dot and rest and name in plugin_backends() else None
 
 
 class ScenarioError(ValueError):
@@ -89,11 +57,7 @@ class Scenario:
     route_length_m: float = 400.0   # highway kinds: length of the route to drive
     blocked_s: float = 180.0        # Leaderboard ActorBlockedTest: stopped this long ends the route
     deviation_m: float = 30.0       # Leaderboard InRouteTest: this far off the route ends it
-    options: dict = field(default_factory=dict)  # backend-specific settings, validated by it
-
-    @property
-    def backend(self) -> str:
-        return backend_of_kind(self.kind)
+    options: dict = field(default_factory=dict)  # backend-specific settings; the backend declares their keys
 
 
 @dataclass(frozen=True)
@@ -214,10 +178,9 @@ def _scenario(item: dict[str, Any], where: str) -> Scenario:
             or not SAFE_NAME.fullmatch(str(item["name"])):
         raise ScenarioError(f"{where}: field 'name' is {item['name']!r}; a scenario name is 1-128 letters, digits "
                             "and _.=+- (it names result files)")
-    if not isinstance(item["kind"], str) or backend_of_kind(item["kind"]) is None:
-        plugins = [f"{name}.KIND" for name in plugin_backends()]
-        raise ScenarioError(f"{where}: field 'kind' is {item['kind']!r}; allowed: "
-                            f"{', '.join([*KIND_BACKEND, *plugins])}")
+    if not isinstance(item["kind"], str) or not item["kind"]:  # which kinds exist: harness.backends.check_suite
+        raise ScenarioError(f"{where}: field 'kind' is {item['kind']!r}; a kind is a non-empty name, e.g. "
+                            "highway_cruise")
     values: dict[str, Any] = {"name": str(item["name"]), "kind": item["kind"]}
     for key, value in item.items():
         if key in _NUMERIC or key in _INTEGER:
@@ -234,20 +197,8 @@ def _scenario(item: dict[str, Any], where: str) -> Scenario:
     options = item.get("options", {})
     if not isinstance(options, dict):
         raise ScenarioError(f"{where}: field 'options' must be a mapping")
-    _check_options(options, backend_of_kind(item["kind"]), where)
     values["options"] = options
     return Scenario(**values)
-
-
-def _check_options(options: dict, backend: str, where: str) -> None:
-    allowed = BACKEND_OPTIONS.get(backend)
-    if allowed is None:  # a plug-in backend: it checks its own
-        return
-    for key in options:
-        if key not in allowed:
-            accepted = ", ".join(allowed) if allowed else "none (it takes no options)"
-            raise ScenarioError(f"{where}: unknown option {key!r} in field 'options' for the {backend} backend; "
-                                f"allowed: {accepted}")
 
 
 def _number(value: Any, key: str, where: str) -> float | int:

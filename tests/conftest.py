@@ -1,3 +1,5 @@
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def importable(tmp_path, monkeypatch):
+    """Write a module of test code into its own folder on sys.path: `importable(name, source) -> folder`
+    (the folder also goes on a subprocess's PYTHONPATH); the module is forgotten after the test."""
+    written = []
+
+    def write(name: str, source: str) -> Path:
+        folder = tmp_path / f"importable-{name}"
+        folder.mkdir()
+        (folder / f"{name}.py").write_text(textwrap.dedent(source))
+        monkeypatch.syspath_prepend(str(folder))
+        written.append(name)
+        return folder
+
+    yield write
+    for name in written:
+        sys.modules.pop(name, None)

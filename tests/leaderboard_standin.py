@@ -1,6 +1,6 @@
 """STAND-INS for the parts of the CARLA Leaderboard 2.0 evaluator that prunedrive meets, in both directions.
 
-This is not the Leaderboard. It lets agents/leaderboard_agent.py and app/leaderboard.py be tested on a
+This is not the Leaderboard. It lets agents/leaderboard_agent.py and app/import_leaderboard.py be tested on a
 machine without CARLA, the `leaderboard` package or scenario_runner:
 
 - `AutonomousAgent` and `Track` (leaderboard/autoagents/autonomous_agent.py), `CarlaDataProvider`

@@ -6,11 +6,13 @@ import pandas as pd
 from rich.console import Console
 
 from prunedrive.app.bench import comparison_table, print_comparison
+from prunedrive.app.bench_model import BenchModel
 from prunedrive.harness.results import RunDir
 from test_regress import episodes, make_run
 
-MODELS = {"llm-dense": ("dense", 0.0, None), "llm-owl-0.7": ("owl", 0.7, None), "llm-wanda-0.5": ("wanda", 0.5, None),
-          "llm-wanda-0.7": ("wanda", 0.7, None)}
+MODELS = {name: BenchModel(name, method, sparsity, None) for name, method, sparsity in (
+    ("llm-dense", "dense", 0.0), ("llm-owl-0.7", "owl", 0.7), ("llm-wanda-0.5", "wanda", 0.5),
+    ("llm-wanda-0.7", "wanda", 0.7))}
 
 
 def _episodes(tmp_path, n_scenarios=4, seeds=(1, 2, 3)):
@@ -59,7 +61,7 @@ def test_the_printed_tables_fit_100_columns_and_say_what_does_not_apply(tmp_path
 
 
 def test_an_agents_own_failures_count_as_zero_and_infrastructure_failures_drop_out():
-    from prunedrive.harness.regress import compare_to_baseline
+    from prunedrive.harness.paired import compare_to_baseline
 
     rows = []
     for seed in range(12):
@@ -78,8 +80,8 @@ def test_cost_table_gives_stored_params_and_the_step_time_ratio_to_dense(tmp_pat
     """x dense is each model's measured p50 step time over the dense model's in the same run; stored parameters
     tell a structured variant (fewer stored) from an unstructured one (as many stored, fewer non-zero)."""
     eps = episodes(4, (1, 2, 3))
-    models = {"llm-dense": ("dense", 0.0, None), "llm-wanda-0.5": ("wanda", 0.5, None),
-              "llm-width-0.5": ("width", 0.5, None)}
+    models = {name: BenchModel(name, method, sparsity, None) for name, method, sparsity in (
+        ("llm-dense", "dense", 0.0), ("llm-wanda-0.5", "wanda", 0.5), ("llm-width-0.5", "width", 0.5))}
     runs = {"llm-dense": (40.0, 2_000_000, 2_000_000), "llm-wanda-0.5": (40.0, 2_000_000, 1_100_000),
             "llm-width-0.5": (25.0, 1_150_000, 1_150_000), "expert": (2.0, np.nan, np.nan)}
     for agent, (ms, params, nonzero) in runs.items():

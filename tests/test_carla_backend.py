@@ -20,7 +20,8 @@ import carla_standin as standin
 from prunedrive.agents.expert import ExpertAgent
 from prunedrive.harness.action import Control
 from prunedrive.harness.backends.base import SimulatorError
-from prunedrive.harness.backends.carla import CarlaBackend, import_carla
+from prunedrive.harness.backends.carla import CarlaBackend
+from prunedrive.harness.backends.carla_connection import import_carla
 from prunedrive.harness.env import DriveEnv
 from prunedrive.harness.events import COLLISIONS, EventKind
 from prunedrive.scenarios.loader import Scenario
@@ -308,7 +309,7 @@ def test_weather_follows_route_progress(server, route_file):
 def test_a_server_that_stops_answering_is_a_simulator_error_and_the_next_reset_reconnects(server, route_file):
     backend = make(server, route_file, vehicles=2)
     backend.reset(0)
-    client = backend._client
+    client = backend.connection.client
     server.crash_after_ticks(6)
     with pytest.raises(SimulatorError, match=rf"CARLA server at 127\.0\.0\.1:{server.port} did not answer"):
         drive(backend, Control(throttle=0.5), 5)
@@ -316,7 +317,7 @@ def test_a_server_that_stops_answering_is_a_simulator_error_and_the_next_reset_r
     backend.close()  # must not raise while the server hangs
     server.resume()
     backend.reset(1)
-    assert backend._client is not client  # a fresh client
+    assert backend.connection.client is not client  # a fresh client
     assert stale.isdisjoint(a.id for a in server.actors())  # the crashed episode's actors were destroyed
     backend.close()
     assert only_map_actors_left(server) and server.world.get_settings() == server.original_settings
@@ -368,7 +369,7 @@ def test_without_the_carla_package_the_error_says_how_to_install_it(monkeypatch)
 
 
 def test_the_backend_modules_import_without_carla():
-    code = ("import sys; sys.modules['carla'] = None; import harness.backends.carla, harness.backends.carla_routes; "
+    code = ("import sys; sys.modules['carla'] = None; import harness.backends.carla; "
             "from scenarios.loader import load_suite; load_suite('carla-devtest')")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 

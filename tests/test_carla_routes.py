@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 import carla_standin as standin
-from prunedrive.harness.backends.carla_routes import (
-    BASE_WEATHER, CHANGELANERIGHT, LANEFOLLOW, RIGHT, STRAIGHT, WEATHER_DEFAULTS, LaneGraph, LaneSegment,
-    RouteFileError, densify, load_route, parse_routes, plan_route, weather_at,
+from prunedrive.harness.backends.carla_route_planner import (
+    CHANGELANERIGHT, LANEFOLLOW, RIGHT, STRAIGHT, LaneGraph, LaneSegment, densify, plan_route,
+)
+from prunedrive.harness.backends.carla_route_xml import (
+    BASE_WEATHER, WEATHER_DEFAULTS, RouteFileError, load_route, parse_routes, weather_at,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

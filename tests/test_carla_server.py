@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from prunedrive.agents.expert import ExpertAgent
-from prunedrive.harness.backends.carla_routes import load_route
+from prunedrive.harness.backends.carla_route_xml import load_route
 from prunedrive.harness.env import DriveEnv
 from prunedrive.harness.events import EventKind
 from prunedrive.scenarios.loader import Scenario

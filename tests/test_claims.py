@@ -5,6 +5,7 @@ import pytest
 
 from prunedrive.app import claims
 from prunedrive.app.claims import Comparison, claims_table, judge, plan
+from prunedrive.harness.results import RunDir
 
 
 def test_the_full_plan_asks_all_four_claims_with_their_controls():
@@ -162,8 +163,10 @@ def test_the_command_runs_end_to_end_on_a_restricted_plan(tiny_model, tiny_suite
     monkeypatch.setattr(claims, "plan", two_variants)
     assert main(["claims", "--suite", str(tiny_suite), "--model", str(tiny_model), "--out", str(tmp_path),
                  "--run-id", "c", "--quick", "--quiet"]) == 0
-    table = pd.read_csv(tmp_path / "c" / "claims.csv")
+    attachments = RunDir(tmp_path / "c").attachments()
+    table = attachments["claims"].load()
     assert list(table.comparison) == ["OWL vs Wanda at 70%"] and table.n.iloc[0] == 3
     assert table.verdict.iloc[0] == "n too small"  # 3 episodes
-    assert (tmp_path / "c" / "sensitivity.csv").is_file()  # empty here: the restricted plan has no scopes
+    assert attachments["sensitivity"].load().empty  # the restricted plan has no scopes
+    assert attachments["claims"].section == "prunedrive.app.claims_report:claims_section"
     assert "The seeds' claims" in capsys.readouterr().out

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-import prunedrive.app.compress as compress
-from prunedrive.app.compress import prune_model_dir, recipe
+import prunedrive.app.prune_driving as compress
+from prunedrive.app.prune import prune_model_dir, recipe
 from prunedrive.app.train import train
 from prunedrive.models.data import lm_calibration_lengths, lm_calibration_samples, load_split
 from prunedrive.models.driving_llm import DrivingLLM
@@ -160,14 +160,16 @@ def test_dg2pf_targets_each_part(tiny_model, tmp_path):
 
 
 def test_dg2pf_draws_fresh_batches_every_epoch(tiny_model, tmp_path, monkeypatch):
+    from prunedrive.models.pruning import dg2pf_method
+
     seen = []
-    real = compress.dg2pf_prune
+    real = dg2pf_method.dg2pf_prune
 
     def spy(student, teacher, train_batches, val_batches, *args, **kwargs):
         seen.extend(train_batches(e) for e in range(2))
         return real(student, teacher, train_batches, val_batches, *args, **kwargs)
 
-    monkeypatch.setattr(compress, "dg2pf_prune", spy)
+    monkeypatch.setattr(dg2pf_method, "dg2pf_prune", spy)  # the method's own call (the DG2PF method module)
     prune_model_dir(tiny_model, "dg2pf", 0.5, tmp_path / "d", progress=False, **FAST_DG2PF)
     first, second = seen
     assert len(first) == 2 and not all(torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["ego"], b["ego"])

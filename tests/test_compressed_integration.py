@@ -80,7 +80,7 @@ def test_prune_writes_70_percent_compressed_smaller_than_save_dense_and_bit_iden
 
 
 def test_the_cache_recipe_tells_the_layouts_apart(tiny):
-    from prunedrive.app.compress import recipe
+    from prunedrive.app.prune import recipe
 
     assert recipe("magnitude", 0.7) != recipe("magnitude", 0.7, save_dense=True)
 
@@ -157,9 +157,10 @@ def test_bench_with_user_variants_gives_the_tables_with_sizes(tiny, pruned, shor
     assert table.loc["a", "nonzero_params"] < table.loc["llm-dense", "nonzero_params"]
     assert table.loc["b", "scheme"] == "sparse-24-bitmask" and table.loc["llm-dense", "execution"] == "dense kernels"
     assert pd.notna(table.loc["a", "ds_diff"]) or table.loc["a", "n"] < 2
-    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["config"]["checkpoints"]["a"]["bytes_on_disk"] == weight_bytes(pruned["c70"])
-    from prunedrive.harness.report import comparison_table, load_series
+    checkpoints = RunDir(tmp_path / "b").attachments()["checkpoints"]
+    assert checkpoints.load()["a"]["bytes_on_disk"] == weight_bytes(pruned["c70"])
+    from prunedrive.report.data import load_series
+    from prunedrive.report.tables import comparison_table
 
     columns, rows = comparison_table(load_series([tmp_path / "b"]))
     assert ("disk_ratio", "× dense bytes") in columns

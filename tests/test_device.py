@@ -12,8 +12,8 @@ import torch
 from prunedrive.agents.llm import LLMAgent
 from prunedrive.agents.registry import AgentSpec
 from prunedrive.app.cli import main
-from prunedrive.app.compress import prune_model_dir, recipe
-from prunedrive.app.drive import run_precision, with_precision
+from prunedrive.app.prune import prune_model_dir, recipe
+from prunedrive.app.run import run_precision, with_precision
 from prunedrive.app.train import untrained_model
 from prunedrive.harness.compute import COMPUTE_FIELDS, aggregate, split_device_time
 from prunedrive.harness.observation import OBS_SHAPES

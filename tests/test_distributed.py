@@ -22,7 +22,8 @@ from prunedrive.scenarios.loader import load_suite
 from prunedrive.harness.backends.base import SimulatorError
 from prunedrive.agents.registry import AgentError, AgentSpec
 from prunedrive.harness.distributed import run_suite_distributed
-from prunedrive.harness.runner import default_make_env, run_episode_with_retries
+from prunedrive.harness.env_pool import default_make_env
+from prunedrive.harness.lockstep import run_episode_with_retries
 
 try:
     import ray
@@ -163,10 +164,10 @@ def test_bad_specs_and_options_are_messages(suite, tmp_path):
         AgentSpec("llm").check()
     with pytest.raises(AgentError, match="unknown agent"):
         AgentSpec("nope").check()
-    with pytest.raises(ValueError, match="as many CARLA servers"):
-        run_suite_distributed(suite, [AgentSpec("expert")], run_dir, workers=3, carla_servers=["a:2000", "b:2000"])
+    with pytest.raises(ValueError, match="as many simulator servers"):
+        run_suite_distributed(suite, [AgentSpec("expert")], run_dir, workers=3, servers=["a:2000", "b:2000"])
     with pytest.raises(ValueError, match="host:port"):
-        run_suite_distributed(suite, [AgentSpec("expert")], run_dir, workers=1, carla_servers=["a"])
+        run_suite_distributed(suite, [AgentSpec("expert")], run_dir, workers=1, servers=["a"])
 
 
 def test_cli_checks_worker_options_before_any_ray(tmp_path, capsys, monkeypatch):
@@ -187,7 +188,7 @@ def test_cli_checks_worker_options_before_any_ray(tmp_path, capsys, monkeypatch)
 
 def test_ray_is_not_imported_without_workers():
     code = ("import sys, prunedrive.app.cli, prunedrive.harness.distributed, prunedrive.harness.runner, "
-            "prunedrive.harness.report, prunedrive.harness.regress; prunedrive.app.cli.build_parser(); assert 'ray' not in sys.modules, 'ray imported'")
+            "prunedrive.report.write, prunedrive.harness.regress; prunedrive.app.cli.build_parser(); assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 

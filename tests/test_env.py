@@ -7,9 +7,10 @@ from gymnasium.utils.env_checker import check_env
 from prunedrive.agents.expert import ExpertAgent
 from prunedrive.harness.env import DriveEnv
 from prunedrive.harness.observation import EGO_FEATURES, observation_space
-from prunedrive.scenarios.loader import KIND_BACKEND, Scenario
+from prunedrive.harness.backends.highway import HighwayBackend
+from prunedrive.scenarios.loader import Scenario
 
-HIGHWAY_KINDS = [k for k, b in KIND_BACKEND.items() if b == "highway"]
+HIGHWAY_KINDS = list(HighwayBackend.KINDS)
 
 
 def scenario(kind="highway_cruise", **kw):

@@ -19,9 +19,9 @@ from highway_env.vehicle.kinematics import Vehicle
 from prunedrive.agents.expert import ExpertAgent
 from prunedrive.harness.action import Control
 from prunedrive.harness.backends import highway
-from prunedrive.harness.backends.highway import (FastRegulatedRoad, IntersectionScenarioEnv, Pedestrian,
-                                                 _predict_kinematic)
-from prunedrive.harness.backends.highway_fast import FastRoad, FastRoadNetwork, _LaneTable
+from prunedrive.harness.backends.highway import IntersectionScenarioEnv, Pedestrian
+from prunedrive.harness.backends.highway_fast import (FastRegulatedRoad, FastRoad, FastRoadNetwork, _LaneTable,
+                                                      _predict_kinematic)
 from prunedrive.harness.env import DriveEnv
 from prunedrive.scenarios.loader import Scenario, load_suite
 

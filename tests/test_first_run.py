@@ -56,7 +56,7 @@ def package_dir(tmp_path, monkeypatch):
 
 def test_first_use_copies_the_shipped_model_instead_of_training(tiny_trained, package_dir, capsys, monkeypatch):
     from prunedrive.app import train as train_module
-    from prunedrive.app.compress import training_data_dir
+    from prunedrive.app.prune_driving import training_data_dir
 
     zoo.ship(tiny_trained, "tiny")
     assert json.loads((package_dir / "tiny" / "train_summary.json").read_text())["data_dir"] == "data"
@@ -176,7 +176,7 @@ def test_training_prints_every_phase_in_a_log(tmp_path, capsys):
 
 
 def test_dg2pf_prints_its_epochs_in_a_log(tiny_trained, tmp_path, capsys):
-    from prunedrive.app.compress import prune_model_dir
+    from prunedrive.app.prune import prune_model_dir
 
     prune_model_dir(tiny_trained, "dg2pf", 0.5, tmp_path / "p", progress=True, n_calibration=8,
                     sparsity_epochs=2, max_epochs=2, finetune_max_epochs=1, train_batches=2, val_batches=1)

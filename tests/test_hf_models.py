@@ -1,4 +1,4 @@
-"""Any local Hugging Face causal LM drives (agents.text_llm) and prunes (app.compress, models.pruning).
+"""Any local Hugging Face causal LM drives (agents.text_llm) and prunes (app.prune, models.pruning).
 
 Tiny randomly initialised checkpoints of seven architectures (Llama, Qwen2 with a chat template, GPT-2 with its
 Conv1D layers, GPT-NeoX, OPT, Phi, Gemma), each a few hundred K parameters, with a byte-level BPE tokenizer
@@ -15,7 +15,7 @@ from torch import nn
 
 from prunedrive.agents.registry import AgentError, AgentSpec, make_agent
 from prunedrive.agents.text_llm import TextLLMAgent
-from prunedrive.app.compress import prune_model_dir
+from prunedrive.app.prune import prune_model_dir
 from prunedrive.harness.action import BRAKE, Control
 from prunedrive.harness.compute import COMPUTE_FIELDS
 from prunedrive.models import scene_text, text
@@ -167,7 +167,7 @@ def test_registry_knows_text_llm(checkpoints):
 # -- driving -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_drives_a_short_episode_with_counted_compute(checkpoints, smoke_env, arch):
-    from prunedrive.harness.runner import run_episode
+    from prunedrive.harness.episode import run_episode
 
     scenario, env = smoke_env
     agent = TextLLMAgent(checkpoints[arch], max_new_tokens=4)
@@ -359,7 +359,7 @@ def test_bench_runs_the_comparison_on_a_users_hf_model(checkpoints, tiny_suite, 
 def test_hf_calibration_sources_are_what_they_say(source):
     """Wrong variant: a HF model calibrated on driving scene text when generic (or random) is asked for. Generic
     samples are windows of the tokenized pydoc prose, random ones are not; both keep the driving token counts."""
-    from prunedrive.app.compress import hf_calibration_set
+    from prunedrive.app.prune_hf import hf_calibration_set
     from prunedrive.models.pruning import generic_corpus
 
     tokenizer = _tokenizer(chat=False)

@@ -8,12 +8,13 @@ import pandas as pd
 import pytest
 
 import leaderboard_standin as lb
-from prunedrive.app import leaderboard
+from prunedrive.app import import_leaderboard as importer
 from prunedrive.app.cli import main
-from prunedrive.app.leaderboard import STATUSES, import_leaderboard
+from prunedrive.app.import_leaderboard import STATUSES, import_leaderboard
 from prunedrive.harness.results import RunDir, RunError, episode_key
 from prunedrive.harness.summary import summarize
-from prunedrive.scenarios.loader import BACKEND_OPTIONS, Scenario, ScenarioError, load_suite
+from prunedrive.harness.backends import check_suite
+from prunedrive.scenarios.loader import Scenario, ScenarioError, load_suite
 
 
 def results(records, **kwargs) -> dict:
@@ -40,7 +41,7 @@ def cli_import(path: Path, out: Path, run_id: str = "lb") -> int:
 def test_a_file_over_the_size_cap_is_refused_by_its_size_before_it_is_read(tmp_path, capsys):
     big = tmp_path / "huge.json"
     with open(big, "wb") as handle:  # sparse: no disk used; reading it would take the cap in memory
-        handle.truncate(leaderboard.MAX_RESULTS_BYTES + 1)
+        handle.truncate(importer.MAX_RESULTS_BYTES + 1)
     assert cli_import(big, tmp_path / "runs") == 2
     err = capsys.readouterr().err
     assert str(big) in err and "a results file may have at most" in err
@@ -108,7 +109,7 @@ def test_a_failure_while_writing_removes_what_the_import_made(tmp_path, monkeypa
 def test_ten_thousand_routes_import_in_one_batch_with_progress(tmp_path, monkeypatch, capsys):
     n = 10_000
     path = write(tmp_path / "many.json", results([record(i, rep=i % 3) for i in range(n)]))
-    monkeypatch.setattr(leaderboard, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(importer, "PROGRESS_EVERY_S", 0.0)
     started = time.perf_counter()
     episodes = import_leaderboard([path], RunDir(tmp_path / "many"))
     took = time.perf_counter() - started
@@ -211,11 +212,11 @@ def test_resume_reruns_an_episode_whose_steps_file_is_missing_or_torn(tiny_suite
 
 
 # -- scenario options --------------------------------------------------------------------------------------
-def test_an_unknown_option_on_a_highway_scenario_is_refused_when_the_suite_loads(tiny_suite, tmp_path, capsys):
+def test_an_unknown_option_on_a_highway_scenario_is_refused_before_the_suite_runs(tiny_suite, tmp_path, capsys):
     tiny_suite.write_text(tiny_suite.read_text() + "    options: {foo: bar}\n")
     with pytest.raises(ScenarioError, match=r"tiny\.yaml: scenarios\[0\] \('short-cruise'\): unknown option 'foo'"
                                             r".*highway backend; allowed: none"):
-        load_suite(tiny_suite)
+        check_suite(load_suite(tiny_suite))
     assert main(["run", "--suite", str(tiny_suite), "--out", str(tmp_path), "--agent", "constant", "--quiet"]) == 2
     assert "unknown option 'foo'" in capsys.readouterr().err
     from prunedrive.harness.backends.highway import HighwayBackend
@@ -225,13 +226,13 @@ def test_an_unknown_option_on_a_highway_scenario_is_refused_when_the_suite_loads
 
 
 def test_an_unknown_carla_option_is_refused_and_the_shipped_carla_suite_loads(tmp_path):
-    from prunedrive.harness.backends.carla import DEFAULT_OPTIONS
+    from prunedrive.harness.backends.carla import DEFAULT_OPTIONS, CarlaBackend
 
-    assert set(BACKEND_OPTIONS["carla"]) == set(DEFAULT_OPTIONS)  # the loader's list is what the backend reads
-    assert all(s.options for s in load_suite("carla-devtest").scenarios)
+    assert CarlaBackend.OPTIONS == tuple(DEFAULT_OPTIONS)  # what it declares is what it reads
+    assert all(s.options for s in check_suite(load_suite("carla-devtest")).scenarios)
     suite = tmp_path / "c.yaml"
     suite.write_text("name: c\nscenarios:\n  - name: r0\n    kind: carla_route\n"
                      "    options: {route_file: x.xml, route_id: '0', hots: 1.2.3.4}\n")
     with pytest.raises(ScenarioError, match=r"c\.yaml: scenarios\[0\] \('r0'\): unknown option 'hots'.*carla backend; "
                                             r"allowed: route_file, route_id, host"):
-        load_suite(suite)
+        check_suite(load_suite(suite))

@@ -301,7 +301,7 @@ def test_prune_refuses_to_overwrite_its_input_or_a_non_empty_directory(model_dir
 
 def test_a_missing_carla_server_fails_fast_naming_host_and_port():
     pytest.importorskip("carla")
-    from prunedrive.app.drive import probe_simulators
+    from prunedrive.app.run import probe_simulators
     from prunedrive.harness.backends.base import SimulatorError
 
     suite = load_suite("carla-devtest")

@@ -18,7 +18,9 @@ from prunedrive.harness.action import BRAKE, Control
 from prunedrive.harness.latency import (LatencyClock, LatencyError, execution_path, load_profile, parse_latency,
                                         run_id_suffix)
 from prunedrive.harness.results import RunDir, episode_key
-from prunedrive.harness.runner import default_make_env, run_episode, run_suite
+from prunedrive.harness.env_pool import default_make_env
+from prunedrive.harness.episode import run_episode
+from prunedrive.harness.runner import run_suite
 from prunedrive.scenarios.loader import Scenario, load_suite
 
 SIM_HZ = 15  # the embedded simulator's ticks (harness.backends.highway.SIMULATION_HZ)
@@ -412,10 +414,19 @@ def test_the_budget_table_marks_who_meets_a_per_decision_budget(tiny_suite, tmp_
     assert (table.latency_ms_p95 == 300).all() and not table.meets_budget.any()
     assert (table.deadline_miss_share == 1).all() and (table.control_hz < 5).all()
     assert budget_table(episodes, 300).meets_budget.all()  # at the budget meets it
-    print_latency(episodes, "fixed:300", 400, tmp_path / "run")
+    run_dir = RunDir(tmp_path / "run")
+    bench_table = pd.DataFrame({"agent": ["expert", "brake-when-close"], "driving_score": [90.0, 50.0],
+                                "ds_se": [1.0, 2.0], "ds_diff": [np.nan, -40.0], "ds_ci_low": [np.nan, -45.0],
+                                "ds_ci_high": [np.nan, -35.0], "verdict": ["", "worse"], "step_ms_p50": [0.1, 12.0],
+                                "nonzero_params": [np.nan, 1e6]})  # as if brake-when-close were a model agent
+    print_latency(episodes, "fixed:300", 400, run_dir, bench_table)
     out = capsys.readouterr().out
     assert "--latency fixed:300" in out and "<= 400 ms" in out and out.count("meets") == 2
     assert pd.read_csv(tmp_path / "run" / "latency.csv").meets_budget.all()
+    attached = run_dir.attachments()["latency_realtime"]  # the report's real-time section: model agents only
+    assert attached.section == "prunedrive.app.latency_report:realtime_section"
+    payload = attached.load()
+    assert payload.agent.tolist() == ["brake-when-close"] and payload.meets_budget.tolist() == [True]
 
 
 def test_bench_refuses_a_budget_without_a_latency_model(tmp_path, capsys):

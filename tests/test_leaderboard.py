@@ -22,12 +22,12 @@ import pytest
 import carla_standin
 import leaderboard_standin as lb
 from prunedrive.app.cli import main
-from prunedrive.app.leaderboard import INFRACTIONS, import_leaderboard
+from prunedrive.app.import_leaderboard import INFRACTIONS, import_leaderboard
 from prunedrive.harness.action import Control
 from prunedrive.harness.env import DriveEnv, EpisodeOutcome
 from prunedrive.harness.events import EventKind
 from prunedrive.harness.results import RunDir, RunError
-from prunedrive.harness.runner import STEP_COLUMNS, episode_row
+from prunedrive.harness.rows import STEP_COLUMNS, episode_row
 from prunedrive.scenarios.loader import Scenario
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +332,7 @@ def test_the_adapter_module_imports_without_the_leaderboard_or_carla():
 
 # -- 3. the backend's route timeout ---------------------------------------------------------------------
 def test_the_carla_backend_times_out_a_route_as_the_leaderboard_does(tmp_path, server):
-    from prunedrive.harness.backends.carla import ROUTE_TIMEOUT_MIN_S
+    from prunedrive.harness.backends.carla_infractions import ROUTE_TIMEOUT_MIN_S
     from prunedrive.harness.scoring import score_episode
 
     routes = tmp_path / "routes.xml"

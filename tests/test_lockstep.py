@@ -19,7 +19,9 @@ from prunedrive.app.cli import main
 from prunedrive.app.train import untrained_model
 from prunedrive.harness.action import Control
 from prunedrive.harness.results import RunDir, episode_key
-from prunedrive.harness.runner import EpisodeJob, InProcessExecutor, run_suite
+from prunedrive.harness.executors import InProcessExecutor
+from prunedrive.harness.lockstep import EpisodeJob
+from prunedrive.harness.runner import run_suite
 from prunedrive.models.data import synthetic_split
 from prunedrive.models.driving_llm import collate
 from prunedrive.models.presets import PRESETS
@@ -172,7 +174,7 @@ def test_bench_passes_batch_through_drive(tiny_suite, tmp_path, monkeypatch):
     from prunedrive.agents.registry import AgentSpec
     from prunedrive.app import bench
     from prunedrive.app.cli import main
-    from prunedrive.app.drive import drive
+    from prunedrive.app.run import drive
 
     seen = {}
     monkeypatch.setattr(bench, "run_bench", lambda *args, **kwargs: seen.update(kwargs) or 0)

@@ -15,8 +15,8 @@ from prunedrive.harness import metrics
 from prunedrive.harness.metrics import (BENCH, GATE, INFRACTIONS, KM_FLOOR, METRICS, OVERALL, REPORT, Aggregate,
                                         Metric, in_view, summary_columns)
 from prunedrive.harness.regress import STATISTICS, compare
-from prunedrive.harness.report import comparison_table as report_table
-from prunedrive.harness.report import load_series
+from prunedrive.report.data import load_series
+from prunedrive.report.tables import comparison_table as report_table
 from prunedrive.harness.results import RunDir
 from prunedrive.harness.summary import print_tables, summarize
 from test_regress import episodes, make_run

@@ -21,11 +21,12 @@ from prunedrive.agents.registry import AgentSpec
 from prunedrive.agents.text_llm import TextLLMAgent
 from prunedrive.app.bench import comparison_table, print_comparison
 from prunedrive.app.cli import main
-from prunedrive.app.drive import weights_hash
+from prunedrive.app.run import weights_hash
 from prunedrive.app.train import untrained_model
 from prunedrive.harness.action import BRAKE, Control
 from prunedrive.harness.compute import aggregate, COMPUTE_FIELDS
-from prunedrive.harness.runner import episode_row, run_episode
+from prunedrive.harness.episode import run_episode
+from prunedrive.harness.rows import episode_row
 from prunedrive.harness.summary import summarize
 from prunedrive.models import scene_text, text
 from prunedrive.models.data import synthetic_split

@@ -5,13 +5,12 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 
 import pandas as pd
 import pytest
 
 from prunedrive.app.cli import main
-from prunedrive.app.drive import exit_code
+from prunedrive.app.run import exit_code
 from prunedrive.harness.regress import RegressInputError, compare
 from prunedrive.harness.results import RunDir, episode_key
 
@@ -57,14 +56,9 @@ def one_suite(tmp_path):
 
 
 @pytest.fixture
-def hostile(tmp_path, monkeypatch):
+def hostile(importable):
     """A module of hostile agent factories, importable here (sys.path) and in a subprocess (PYTHONPATH)."""
-    folder = tmp_path / "plugins"
-    folder.mkdir()
-    (folder / "hostile_agents.py").write_text(textwrap.dedent(HOSTILE))
-    monkeypatch.syspath_prepend(str(folder))
-    yield folder
-    sys.modules.pop("hostile_agents", None)
+    return importable("hostile_agents", HOSTILE)
 
 
 def _run(suite, out, *extra):
@@ -208,7 +202,7 @@ def test_a_factory_out_of_memory_is_infrastructure_exit_3(one_suite, tmp_path, c
                                     {"step_timeout_s": 0.0}])
 def test_drive_refuses_bad_time_limits_from_api_callers_too(one_suite, tmp_path, limits):
     from prunedrive.agents.registry import AgentSpec
-    from prunedrive.app.drive import drive
+    from prunedrive.app.run import drive
     from prunedrive.harness.results import RunError
     from prunedrive.scenarios.loader import load_suite
 
@@ -244,7 +238,7 @@ def test_os_exit_inside_an_in_process_agent_fails_its_episode_not_the_run(one_su
 def test_the_exit_guard_restores_os_exit_and_leaves_other_threads_alone():
     import threading
 
-    from prunedrive.harness.runner import AgentExit, exits_raise
+    from prunedrive.harness.limits import AgentExit, exits_raise
 
     real = os._exit
     with pytest.raises(AgentExit, match=r"x\.act\(\) called os\._exit\(7\)"):

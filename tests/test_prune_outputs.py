@@ -21,10 +21,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import prunedrive.app.compress as compress
+import prunedrive.app.prune_driving as compress
 from prunedrive.app.bench import prune_variants
 from prunedrive.app.cli import main
-from prunedrive.app.compress import calibration_with_source, prune_model_dir
+from prunedrive.app.prune import prune_model_dir
+from prunedrive.app.prune_driving import calibration_with_source
 from prunedrive.models.data import synthetic_split
 from prunedrive.models.pruning.calibration import capture_block_inputs, fit_to_context
 from prunedrive.models.driving_llm import DrivingLLM
@@ -178,8 +179,8 @@ def test_benches_of_one_model_at_once_prune_each_recipe_once(parent, monkeypatch
     second = prune_variants(dense, variants, False)
     first.join(60)
     assert len(calls) == 1
-    path = second["llm-magnitude-0.5"][2]
-    assert results["first"]["llm-magnitude-0.5"][2] == path and path.parent == dense / "pruned"
+    path = second["llm-magnitude-0.5"].directory
+    assert results["first"]["llm-magnitude-0.5"].directory == path and path.parent == dense / "pruned"
     assert json.loads((path / "sparsity.json").read_text())["method"] == "magnitude"
     assert DrivingLLM.from_pretrained(path)
 
@@ -256,7 +257,7 @@ def test_the_training_data_is_found_whatever_the_directory_the_command_runs_in(t
     project folder wrote "trained/data", which must not become trained/trained/data)."""
     from pathlib import Path
 
-    from prunedrive.app.compress import training_data_dir
+    from prunedrive.app.prune_driving import training_data_dir
 
     monkeypatch.chdir(tmp_path)
     model = tmp_path / "trained"

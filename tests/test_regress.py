@@ -9,9 +9,10 @@ import pytest
 
 from prunedrive.harness.env import EpisodeOutcome
 from prunedrive.harness.events import Event, EventKind
-from prunedrive.harness.regress import RegressInputError, assert_no_regression, compare, paired_bootstrap_ci, regress
+from prunedrive.harness.paired import paired_bootstrap_ci
+from prunedrive.harness.regress import RegressInputError, assert_no_regression, compare, regress
 from prunedrive.harness.results import RunDir, episode_key
-from prunedrive.harness.runner import episode_row
+from prunedrive.harness.rows import episode_row
 from prunedrive.scenarios.loader import Scenario
 
 KINDS = ("highway_cruise", "dense_highway", "roundabout", "intersection")
@@ -338,7 +339,7 @@ def test_an_unreadable_run_file_is_exit_2_naming_the_file(tmp_path, capsys, brok
 
 
 def _suite_run(path: Path, suite_file: Path, scores, *, agent="expert", with_identity=True) -> Path:
-    from prunedrive.app.drive import suite_identity
+    from prunedrive.app.run import suite_identity
     from prunedrive.scenarios.loader import load_suite
 
     suite = load_suite(suite_file)

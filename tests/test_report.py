@@ -13,8 +13,8 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from prunedrive.harness.regress import compare_to_baseline, paired_bootstrap_ci
-from prunedrive.harness.report import write_report
+from prunedrive.harness.paired import compare_to_baseline, paired_bootstrap_ci
+from prunedrive.report.write import write_report
 from prunedrive.harness.results import RunDir
 from test_regress import episodes, make_run
 
@@ -208,7 +208,8 @@ def test_without_models_the_sparsity_plot_and_model_columns_are_left_out(runs, t
 
 
 def test_ds_is_plotted_against_the_measured_step_time_as_well_as_flops(runs):
-    from prunedrive.harness.report import cost_points, load_series
+    from prunedrive.report.data import load_series
+    from prunedrive.report.plots import cost_points
 
     base, models = runs
     series = load_series([base, *models])
@@ -220,14 +221,16 @@ def test_ds_is_plotted_against_the_measured_step_time_as_well_as_flops(runs):
 
 def test_open_loop_errors_with_units(runs, tmp_path):
     base, models = runs
+    from prunedrive.app.bench import attach_open_loop
+
     dense = models[0]
-    (dense / "open_loop.json").write_text(json.dumps({"llm-dense": {
+    attach_open_loop(RunDir(dense), {"llm-dense": {
         "n": 200, "lon_control_error": 0.0614, "lat_control_error": 0.031, "action_parse_rate": 0.97,
         "vehicle_count_error": 0.42, "lead_distance_error": 3.14, "traffic_light_distance_error": float("nan"),
-        "examples": {"action": ["Brake pedal 100%"]}}}))
+        "examples": {"action": ["Brake pedal 100%"]}}})
     html_path, md_path = write_report([base, *models], tmp_path / "report")
     page = Page(html_path.read_text())
-    assert page.order["open-loop"] == ["llm-dense"]  # only agents with open-loop errors
+    assert page.order["open-loop-dense"] == ["llm-dense"]  # only agents with open-loop errors
     row = page.rows["llm-dense"]
     assert row["lon_control_error"] == "0.061" and row["lat_control_error"] == "0.031"
     assert row["action_parse_rate"] == "97" and row["vehicle_count_error"] == "0.42"
@@ -238,8 +241,8 @@ def test_open_loop_errors_with_units(runs, tmp_path):
                  "actions parsed (%)"):
         assert unit in text and unit in md
     assert "mean absolute error of the longitudinal control" in text
-    without = write_report([base], tmp_path / "without")[0].read_text()  # no open_loop.json: no table
-    assert "open-loop" not in Page(without).order and "Open-loop errors" not in without
+    without = write_report([base], tmp_path / "without")[0].read_text()  # no open-loop attachment: no table
+    assert not any(key.startswith("open-loop") for key in Page(without).order) and "Open-loop errors" not in without
 
 
 def test_videos_are_linked_and_embedded_relative_to_the_report(runs, tmp_path):
@@ -351,21 +354,18 @@ def test_the_page_renders_in_headless_chromium(runs, tmp_path):
 
 
 def test_a_claims_run_shows_its_claims_table_sensitivity_and_plots(tmp_path):
-    from prunedrive.app.claims import Comparison, claims_table, sensitivity_table
+    from prunedrive.app.claims import Comparison, attach_claims
+    from test_report_tables import claims_tables
 
     agents = [("llm-dense", "dense", 0.0, 0), ("llm-owl-0.5", "owl", 0.5, -4), ("llm-wanda-0.5", "wanda", 0.5, -12),
               ("llm-owl-0.5-encoder", "owl", 0.5, -6)]
     run = bench_run(tmp_path / "claims-synth", agents, n_scenarios=4, seeds=tuple(range(1, 6)))
-    episodes = RunDir(run).episodes()
-    shares = {"llm-owl-0.5": 0.4, "llm-owl-0.5-encoder": 0.09}
     comparisons = [Comparison("a", "OWL vs Wanda at 50%", "llm-owl-0.5", "llm-wanda-0.5"),
                    Comparison("d", "OWL at 50% vs dense (keeps accuracy)", "llm-owl-0.5", "llm-dense",
                               "non-inferiority"),
                    Comparison("c", "encoder vs LM per weight", "llm-owl-0.5-encoder", "llm-owl-0.5", "per-weight")]
-    table = claims_table(episodes, comparisons, n_boot=2000, model_sparsity=shares)
-    table.to_csv(run / "claims.csv", index=False)
-    sensitivity_table(episodes, [("llm-owl-0.5", "lm", 0.5), ("llm-owl-0.5-encoder", "encoder", 0.5)], shares,
-                      n_boot=2000).to_csv(run / "sensitivity.csv", index=False)
+    table, sensitivity = claims_tables(run, comparisons, {"llm-owl-0.5": 0.4, "llm-owl-0.5-encoder": 0.09})
+    attach_claims(RunDir(run), table, sensitivity)
 
     html_path, md_path = write_report([run], tmp_path / "report")
     page = Page(html_path.read_text())
@@ -381,5 +381,5 @@ def test_a_claims_run_shows_its_claims_table_sensitivity_and_plots(tmp_path):
     assert "## The seeds' claims (claims-synth)" in md and "(plots/claims_claims-synth.png)" in md
     assert "encoder vs LM per weight" in md and "per 10% of model" in md
 
-    (run / "claims.csv").unlink()  # an ordinary run: no claims section
+    (run / "attachments" / "index.json").unlink()  # an ordinary run (or one written before attachments): none
     assert "The seeds' claims" not in write_report([run], tmp_path / "plain")[0].read_text()

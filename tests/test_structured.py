@@ -17,7 +17,7 @@ from prunedrive.models.pruning.masks import decoder_layers
 from prunedrive.models.pruning.owl import owl_outlier_ratios, owl_sparsities_from_ratios
 from prunedrive.models.pruning.structured import prune_width_by_ratios
 from prunedrive.agents.text_llm import TextLLMAgent
-from prunedrive.app.compress import prune_model_dir
+from prunedrive.app.prune import prune_model_dir
 from prunedrive.models.hf_causal import load_causal_lm
 from prunedrive.models.pruning.surgery import (STRUCTURE_KEY, apply_structure, count_parameters, keep_heads,
                                                keep_mlp_channels, load_structured, save_structured)
@@ -253,7 +253,7 @@ def test_bad_input_is_named():
 
 @pytest.mark.parametrize("arch,method", [("llama", "width"), ("qwen2", "owl-width"), ("gpt2", "depth")])
 def test_prune_command_writes_a_smaller_model_the_text_agent_drives(checkpoints, smoke_env, arch, method, tmp_path):
-    from prunedrive.harness.runner import run_episode
+    from prunedrive.harness.episode import run_episode
 
     record = prune_model_dir(checkpoints[arch], method, 0.5, tmp_path / "out", n_calibration=4, progress=False)
     structure = record["structure"]

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from prunedrive.app import compress
-from prunedrive.app.compress import prune_model_dir, recipe
+from prunedrive.app import prune_driving as compress
+from prunedrive.app.prune import prune_model_dir, recipe
 from prunedrive.models.driving_llm import DrivingLLM, collate
 from prunedrive.models.data import load_split
 from prunedrive.models.pruning.masks import find_linears

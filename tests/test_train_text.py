@@ -95,7 +95,7 @@ def test_zoo_names():
 def test_drives_a_smoke_episode(trained):
     from prunedrive.agents.registry import make_agent
     from prunedrive.harness.env import DriveEnv
-    from prunedrive.harness.runner import run_episode
+    from prunedrive.harness.episode import run_episode
     from prunedrive.scenarios.loader import load_suite
 
     scenario = load_suite("smoke").scenarios[0]
@@ -111,7 +111,7 @@ def test_drives_a_smoke_episode(trained):
 
 def test_prunes_to_the_exact_sparsity_and_reloads(trained, data_dir, tmp_path):
     from prunedrive.agents.text_llm import TextLLMAgent
-    from prunedrive.app.compress import prune_model_dir
+    from prunedrive.app.prune import prune_model_dir
     from prunedrive.models.hf_causal import load_causal_lm
     from prunedrive.models.pruning.masks import decoder_layers, find_linears
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -21,9 +21,31 @@ class BackendState:
     sim_time_s: float = 0.0
 
 
-class Backend(Protocol):
-    """A simulator behind the env. Backends report state and events; they never score."""
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the command line reaches a backend that drives a simulator server: `--{flag}-host` and `--{flag}-port`
+    (the server of every env: constructor keywords `host` and `port`) and `--{flag}-servers HOST:PORT ...` (one
+    server per Ray worker, worker i always on server i). Declaring this is all a server-based backend does for
+    its flags; app.server_options adds and checks them, the executors thread them as one mapping."""
 
+    flag: str   # "carla": --carla-host, --carla-port, --carla-servers
+    label: str  # "CARLA": how help texts and messages name the simulator
+
+
+class Backend(Protocol):
+    """A simulator behind the env. Backends report state and events; they never score.
+
+    A backend class is constructed as `Backend(scenario, render=False, **connection)` and declares what it
+    drives, so that adding one touches its own module and one registration (harness.backends.BACKENDS):
+      KINDS    the scenario kinds it drives (a suite's `kind:`); a built-in backend's kind wins over a plug-in's
+      OPTIONS  the keys a scenario's `options:` may have for it (a suite is checked against them before any
+               episode; an unknown key is refused, naming the allowed ones)
+      SERVER   a ServerOptions when it drives a simulator server (its host/port flags), else None
+    """
+
+    KINDS: ClassVar[tuple[str, ...]]
+    OPTIONS: ClassVar[tuple[str, ...]]
+    SERVER: ClassVar[ServerOptions | None]
     dt: float  # simulated seconds per env step
 
     def reset(self, seed: int) -> BackendState: ...

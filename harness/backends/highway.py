@@ -6,12 +6,10 @@ highway-env's IDM/MOBIL vehicles. The route is a lane-level polyline through the
 """
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 
 import numpy as np
-from highway_env import utils as hw_utils
 from highway_env.envs.common.abstract import AbstractEnv
 from highway_env.envs.highway_env import HighwayEnv
 from highway_env.envs.intersection_env import IntersectionEnv
@@ -25,10 +23,10 @@ from highway_env.vehicle.objects import Obstacle, RoadObject
 
 from prunedrive.harness.action import Control
 from prunedrive.harness.backends.base import BackendState
-from prunedrive.harness.backends.highway_fast import FastRoad, speed_up
+from prunedrive.harness.backends.highway_fast import FastRegulatedRoad, FastRoad, reads_no_road, speed_up
 from prunedrive.harness.events import Event, EventKind, StepEvents
 from prunedrive.harness.observation import EgoState, WorldObjects
-from prunedrive.scenarios.loader import BACKEND_OPTIONS, Scenario, ScenarioError
+from prunedrive.scenarios.loader import Scenario, ScenarioError
 
 SIMULATION_HZ = 15
 MAX_ACCEL = 4.0      # m/s^2 at full throttle
@@ -46,6 +44,7 @@ class Pedestrian(Vehicle):
     WIDTH = 0.8
     route: list = []  # highway-env's intersection drops road users whose route is None
 
+    @reads_no_road
     def act(self, action=None) -> None:
         self.action = {"steering": 0.0, "acceleration": 0.0}
 
@@ -112,133 +111,6 @@ class IntersectionIDMVehicle(IDMVehicle):
     class attributes (DISTANCE_WANTED, COMFORT_ACC_MAX/MIN) on the configured vehicle class; on the shared
     IDMVehicle that changed every later highway, merge and roundabout episode in the same process, so a
     result depended on which scenarios had run before it. The tuning now lands on this subclass only."""
-
-
-# Prediction of a plain kinematic vehicle (the ego, walkers) is safe to run on a shallow stand-in when every
-# method that runs is one of these: none of them reads the vehicle's road except through on_state_update,
-# which does nothing on a vehicle without a road.
-_KINEMATIC_PREDICTION = {"predict_trajectory_constant_speed": Vehicle.predict_trajectory_constant_speed,
-                         "step": Vehicle.step, "clip_actions": Vehicle.clip_actions,
-                         "on_state_update": Vehicle.on_state_update}
-_PLAIN_ACTS = (Vehicle.act, Pedestrian.act)
-
-
-def _predict_kinematic(vehicle: Vehicle, times: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
-    """`Vehicle.predict_trajectory_constant_speed`, bit for bit, without `copy.deepcopy(vehicle)`.
-
-    The original deep-copies the vehicle, which drags its road along: the road network, every other
-    vehicle and the random generator; then each of the 11 predicted steps runs `on_state_update` on the
-    copy, a closest-lane search over the whole network (together ~7 ms a prediction under cProfile). Neither
-    feeds the prediction: `Vehicle.step` moves position, heading and speed from the action, the speed,
-    `crashed` and `impact` only, and the lane it finds is never read again. Here the copy is shallow
-    (`copy.copy`) with its own position array (the one value `step` updates in place) and no road (so
-    `on_state_update` skips the lane search), and the same `act`/`step` code runs on it: the same
-    floating-point operations in the same order on the same inputs, so the same positions and headings.
-    """
-    if vehicle.prediction_type == "zero_steering":
-        action = {"acceleration": 0.0, "steering": 0.0}
-    elif vehicle.prediction_type == "constant_steering":
-        action = {"acceleration": 0.0, "steering": vehicle.action["steering"]}
-    else:
-        raise ValueError("Unknown predition type")
-    dt = np.diff(np.concatenate(([0.0], times)))
-    ghost = copy.copy(vehicle)
-    ghost.road = None
-    ghost.position = vehicle.position.copy()
-    ghost.action = dict(vehicle.action)
-    for name in ("heading", "speed"):  # a 0-d array would be updated in place: give the copy its own
-        if isinstance(getattr(vehicle, name), np.ndarray):
-            setattr(ghost, name, getattr(vehicle, name).copy())
-    ghost.act(action)
-    positions, headings = [], []
-    for t in dt:
-        ghost.step(t)
-        positions.append(ghost.position.copy())
-        headings.append(ghost.heading)
-    return positions, headings
-
-
-def _has_kinematic_prediction(vehicle) -> bool:
-    cls = type(vehicle)
-    return (all(getattr(cls, name, None) is method for name, method in _KINEMATIC_PREDICTION.items())
-            and getattr(cls, "act", None) in _PLAIN_ACTS)
-
-
-class FastRegulatedRoad(RegulatedRoad, FastRoad):
-    """highway-env's intersection road (`RegulatedRoad`) with the same right-of-way rules, computed cheaper.
-
-    `enforce_road_rules` asks `is_conflict_possible` about every pair of road users, and each call
-    predicts both users' next 3 s from scratch: a user's prediction is made n - 1 times per round, and for
-    a plain kinematic vehicle (the ego, walkers) each one deep-copies the whole road. This was ~80% of an
-    intersection step's time. The equivalence, piece by piece:
-
-    - Each user's prediction is computed once per `enforce_road_rules` round and reused for all its pairs.
-      Predictions are pure functions of the users' position, heading, speed, action, crash state, lane and
-      route, and nothing in the round changes those: resolving a conflict only sets the yielding user's
-      target speed, colour and yield timer, which no prediction reads.
-    - A plain kinematic vehicle's prediction runs without the deep copy (`_predict_kinematic`). Other users
-      (IDM traffic) use their own `predict_trajectory_constant_speed`, unchanged.
-    - The pair test keeps the original's order and arithmetic: for each predicted time it does the same
-      `np.linalg.norm(...) > v1.LENGTH` pre-check and the same `rotated_rectangles_intersect` call, and
-      answers at the first time that intersects. Before that, one vectorised pass over all pairs and times
-      drops the times whose squared distance exceeds LENGTH**2 by a relative 1e-9: the original's norm
-      differs from that by a few ulps (1e-16) at most, so it would have skipped them too. NaNs are kept.
-    Anything off that path (another horizon or step, a user not in the round, predictions of unequal
-    length or not float64 2-vectors) falls back to `RegulatedRoad.is_conflict_possible` itself.
-    Its `step` is `FastRoad.step` (highway_fast.py) once the right-of-way is enforced.
-    """
-
-    _round: dict | None = None  # during enforce_road_rules: id(user) -> index, and the pair candidates
-
-    def enforce_road_rules(self) -> None:
-        self._round = self._predict_round(self.vehicles)
-        try:
-            super().enforce_road_rules()
-        finally:
-            self._round = None
-
-    @staticmethod
-    def _predict_round(users: list, horizon: int = 3, step: float = 0.25) -> dict | None:
-        if len(users) < 2:
-            return None
-        times = np.arange(step, horizon, step)
-        predictions = [_predict_kinematic(u, times) if _has_kinematic_prediction(u)
-                       else u.predict_trajectory_constant_speed(times) for u in users]
-        if len({len(p[0]) for p in predictions} | {len(p[1]) for p in predictions}) != 1:
-            return None
-        if not all(isinstance(x, np.ndarray) and x.dtype == np.float64 and x.shape == (2,)
-                   for p in predictions for x in p[0]):
-            return None  # the pre-check below reasons about float64 arithmetic only
-        positions = np.array([p[0] for p in predictions], dtype=np.float64)  # (n, T, 2)
-        offsets = positions[None, :, :, :] - positions[:, None, :, :]  # [i, j, t] = p_j(t) - p_i(t)
-        squared = offsets[..., 0] * offsets[..., 0] + offsets[..., 1] * offsets[..., 1]
-        lengths = np.array([float(u.LENGTH) for u in users])
-        bound = (lengths * lengths * (1.0 + 1e-9))[:, None, None]
-        candidates = ~(squared > bound)  # times at which the original's pre-check may pass
-        return {"index": {id(u): k for k, u in enumerate(users)}, "predictions": predictions,
-                "candidates": candidates, "horizon": horizon, "step": step}
-
-    def is_conflict_possible(self, v1, v2, horizon: int = 3, step: float = 0.25) -> bool:
-        r = self._round
-        i = j = None
-        if r is not None and (horizon, step) == (r["horizon"], r["step"]):
-            i, j = r["index"].get(id(v1)), r["index"].get(id(v2))
-        if i is None or j is None:
-            return RegulatedRoad.is_conflict_possible(v1, v2, horizon, step)
-        positions_1, headings_1 = r["predictions"][i]
-        positions_2, headings_2 = r["predictions"][j]
-        for t in np.flatnonzero(r["candidates"][i, j]):
-            position_1, heading_1 = positions_1[t], headings_1[t]
-            position_2, heading_2 = positions_2[t], headings_2[t]
-            # From here on, RegulatedRoad.is_conflict_possible's loop body, as it is.
-            if np.linalg.norm(position_2 - position_1) > v1.LENGTH:
-                continue
-            if hw_utils.rotated_rectangles_intersect(
-                (position_1, 1.5 * v1.LENGTH, 0.9 * v1.WIDTH, heading_1),
-                (position_2, 1.5 * v2.LENGTH, 0.9 * v2.WIDTH, heading_2),
-            ):
-                return True
-        return False
 
 
 class IntersectionScenarioEnv(_NoRewards, IntersectionEnv):
@@ -340,9 +212,14 @@ def original_env(kind: str) -> type:
 class HighwayBackend:
     """Backend protocol on highway-env."""
 
+    # What it declares (base.Backend): its kinds (in this order in messages), no options, no server.
+    KINDS = ("highway_cruise", "dense_highway", "stopped_vehicle", "onramp_merge", "roundabout", "intersection")
+    OPTIONS: tuple[str, ...] = ()
+    SERVER = None
+
     def __init__(self, scenario: Scenario, render: bool = False):
-        # A suite is checked when it loads; this catches a Scenario built in code.
-        unknown = sorted(map(str, set(scenario.options) - set(BACKEND_OPTIONS["highway"])))
+        # A suite is checked before it runs (harness.backends.check_suite); this catches a Scenario built in code.
+        unknown = sorted(map(str, set(scenario.options) - set(self.OPTIONS)))
         if unknown:
             raise ScenarioError(f"scenario {scenario.name!r}: unknown option(s) {', '.join(unknown)} for the highway "
                                 "backend; it takes no options")

@@ -15,6 +15,7 @@ from torch import nn
 
 from prunedrive.models.pruning.calibration import capture_block_inputs, run_block
 from prunedrive.models.pruning.masks import check_sparsity, decoder_layers
+from prunedrive.models.pruning.method import PruneRequest, PruningMethod
 from prunedrive.models.pruning.surgery import remove_blocks
 
 
@@ -60,3 +61,10 @@ def prune_depth(lm: nn.Module, calibration: list[dict], ratio: float) -> dict:
     drop = lowest_influence(influence, blocks_to_remove(len(influence), ratio))
     kept = remove_blocks(lm, drop)
     return {"block_influence": influence, "removed_blocks": drop, "kept_blocks": kept}
+
+
+def run(lm: nn.Module, request: PruneRequest) -> dict:
+    return prune_depth(lm, request.calibration, request.sparsity, **request.options)
+
+
+METHOD = PruningMethod("depth", run, structured=True)

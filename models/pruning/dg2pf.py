@@ -77,7 +77,7 @@ class DG2PFConfig:
     distill: bool = True  # False: ablation without distillation (phase 1 on the task loss only)
     gradual: bool = True  # False: ablation without the ramp (one-shot magnitude to S, then phase 2 only)
     targets: dict | None = None  # {name prefix: target sparsity}: one target and threshold per part; None: one
-    # Data budget, read by the caller that builds the batches (app.compress), not by dg2pf_prune:
+    # Data budget, read by the caller that builds the batches (app.prune_driving), not by dg2pf_prune:
     batch_size: int = 16
     train_batches: int = 24  # per epoch, drawn fresh every epoch
     val_batches: int = 24  # fixed validation set

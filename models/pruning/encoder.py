@@ -32,13 +32,11 @@ from torch import nn
 from prunedrive.models.pruning.calibration import eval_mode, feed_linears
 from prunedrive.models.pruning.masks import (apply_mask, block_plan, check_sparsity, find_linears, nm_skipped,
                                              parse_pattern, select_mask, weight_matrix)
-from prunedrive.models.pruning.owl import owl_sparsities_from_ratios, pooled_outlier_ratio
-from prunedrive.models.pruning.sparsegpt import Hessian, sparsegpt_prune_linear
-from prunedrive.models.pruning.wanda import ColumnNorms, wanda_prune_linear, wanda_scores
+from prunedrive.models.pruning.registry import PRUNING_METHODS, method_names
+from prunedrive.models.pruning.wanda import ColumnNorms, wanda_scores
 
 BLOCKS = ("ego", "route", "light", "vehicles", "pedestrians", "objects", "cross", "proj")
 STAGES = (("ego", "route", "light", "vehicles", "pedestrians"), ("objects",), ("cross",), ("proj",))
-ENCODER_METHODS = ("magnitude", "wanda", "sparsegpt", "owl")
 _QUERY_SIDE = ("q", "o", "mlp")  # attention-block layers whose rows are the queries (the rest: k, v = context)
 
 
@@ -109,61 +107,79 @@ def _norm_or_ones(linear: nn.Module, stats: ColumnNorms, count: int) -> ColumnNo
     return stats
 
 
+def encoder_methods() -> list[str]:
+    """The registered methods that can prune the encoder (`PruningMethod.prunes_linears`)."""
+    return method_names(lambda spec: spec.prunes_linears)
+
+
+def _linear_method(method: str, options: dict) -> tuple:
+    """(the LinearRule that prunes each layer, the method's block weighting or None, its settings): asked of the
+    registered method; one with a weighting prunes with its base method's rule."""
+    spec = PRUNING_METHODS.get(method)
+    if not spec.prunes_linears:
+        raise ValueError(f"encoder pruning: method must be one of {', '.join(encoder_methods())}, got {method!r}")
+    if spec.weighting is None:
+        return spec.linear, None, {}
+    settings = spec.weighting.settings(options)
+    base = PRUNING_METHODS.get(settings["base"])
+    if base.linear is None:
+        raise ValueError(f"{method}: base {settings['base']!r} does not prune Linear by Linear")
+    return base.linear, spec.weighting, settings
+
+
 @torch.no_grad()
 def prune_encoder(encoder: nn.Module, batch: dict[str, torch.Tensor] | None, method: str, sparsity: float | None,
-                  pattern=None, M: float = 5.0, lam: float = 0.08, base: str = "wanda", blocksize: int = 128,
-                  percdamp: float = 0.01) -> dict:
+                  pattern=None, **options) -> dict:
     """Prune every Linear of the vector encoder in place, calibrated on the observation `batch` (collated),
-    padded object slots excluded from every statistic. `method`: magnitude (one |W| threshold per matrix),
-    wanda, sparsegpt, or owl (per-block sparsities from outlier ratios over the encoder's blocks, pruned with
-    `base`). `batch` may be None for magnitude. Returns block_sparsities, outlier_ratios (owl), nm_skipped,
-    no_valid_rows, valid_row_share."""
-    if method not in ENCODER_METHODS:
-        raise ValueError(f"encoder pruning: method must be one of {', '.join(ENCODER_METHODS)}, got {method!r}")
-    if method == "owl" and base not in ("wanda", "sparsegpt", "magnitude"):
-        raise ValueError(f"OWL base must be one of magnitude, sparsegpt, wanda, got {base!r}")
+    padded object slots excluded from every statistic. `method`: a registered method that prunes Linear by Linear
+    (magnitude: one |W| threshold per matrix; wanda; sparsegpt) or weighs blocks over such a base (owl: per-block
+    sparsities from outlier ratios over the encoder's blocks); `options`: the method's own (owl: M, lam, base;
+    sparsegpt: blocksize, percdamp). `batch` may be None for a method without input statistics. Returns
+    block_sparsities, outlier_ratios (owl), nm_skipped, no_valid_rows, valid_row_share."""
+    rule, weighting, settings = _linear_method(method, options)
     nm = parse_pattern(pattern)
     target = nm[0] / nm[1] if nm else check_sparsity(sparsity)
     blocks = encoder_blocks(encoder)
     all_linears = {n: lin for linears in blocks.values() for n, lin in linears.items()}
-    if batch is None and method != "magnitude":
+    if batch is None and (rule.statistics is not None or weighting is not None):
         raise ValueError(f"{method} needs a calibration batch of observations")
     rows = encoder_valid_rows(encoder, batch) if batch is not None else {}
     report: dict = {"valid_row_share": {n: float(r.float().mean()) for n, r in rows.items()}}
 
-    if method == "owl":
+    if weighting is not None:
         stats, counts = _gather(encoder, batch, all_linears, ColumnNorms, rows)  # dense encoder
-        ratios = {b: pooled_outlier_ratio([wanda_scores(lin, _norm_or_ones(lin, stats[n], counts[n]))
-                                           for n, lin in blocks[b].items()], M) for b in BLOCKS}
+        ratios = {b: weighting.outlier_ratio([wanda_scores(lin, _norm_or_ones(lin, stats[n], counts[n]))
+                                              for n, lin in blocks[b].items()], settings) for b in BLOCKS}
         sizes = [sum(lin.weight.numel() for lin in blocks[b].values()) for b in BLOCKS]
-        sparsities = owl_sparsities_from_ratios([ratios[b] for b in BLOCKS], target, lam, weights=sizes)
+        sparsities = weighting.sparsities([ratios[b] for b in BLOCKS], target, sizes, settings)
         plan = dict(zip(BLOCKS, block_plan(len(BLOCKS), target, pattern, sparsities)))
-        report.update(outlier_ratios=ratios, owl={"M": M, "lam": lam, "base": base})
-        inner = base
+        report.update(outlier_ratios=ratios, owl=settings)
     else:
         plan = dict(zip(BLOCKS, block_plan(len(BLOCKS), target, pattern)))
-        inner = method
 
-    no_rows = {}
-    if inner == "magnitude":
-        for b in BLOCKS:
-            for lin in blocks[b].values():
-                apply_mask(lin, select_mask(weight_matrix(lin).abs(), plan[b][0], plan[b][1], per_row=False))
-    else:
-        stat_cls = ColumnNorms if inner == "wanda" else Hessian
-        for stage in STAGES:
-            linears = {n: lin for b in stage for n, lin in blocks[b].items()}
-            stats, counts = _gather(encoder, batch, linears, stat_cls, rows)  # earlier stages already pruned
-            for b in stage:
-                s, block_nm = plan[b]
-                for n, lin in blocks[b].items():
-                    if counts[n] == 0:
-                        no_rows[n] = "no valid calibration row (every slot padded): pruned by |W| per row"
-                        apply_mask(lin, select_mask(weight_matrix(lin).abs(), s, block_nm, per_row=True))
-                    elif inner == "wanda":
-                        wanda_prune_linear(lin, stats[n], s, block_nm)
-                    else:
-                        sparsegpt_prune_linear(lin, stats[n], s, block_nm, blocksize=blocksize, percdamp=percdamp)
-    report.update(block_sparsities={b: plan[b][0] for b in BLOCKS}, no_valid_rows=no_rows,
+    report.update(block_sparsities={b: plan[b][0] for b in BLOCKS},
+                  no_valid_rows=_prune_stages(encoder, batch, blocks, plan, rule, rule.options_of(options), rows),
                   nm_skipped=nm_skipped(all_linears, pattern) if nm else {})
     return report
+
+
+def _prune_stages(encoder: nn.Module, batch: dict | None, blocks: dict, plan: dict, rule, options: dict,
+                  rows: dict) -> dict[str, str]:
+    """Each stage's layers pruned by `rule` at their block's sparsity, on statistics gathered through the
+    earlier, already pruned stages; returns the layers that saw no valid row (pruned by |W| per row)."""
+    no_rows = {}
+    for stage in STAGES:
+        linears = {n: lin for b in stage for n, lin in blocks[b].items()}
+        if rule.statistics is None:  # the weights alone: nothing to gather
+            stats, counts = dict.fromkeys(linears), None
+        else:
+            stats, counts = _gather(encoder, batch, linears, rule.statistics, rows)  # earlier stages already pruned
+        for b in stage:
+            s, block_nm = plan[b]
+            for n, lin in blocks[b].items():
+                if counts is not None and counts[n] == 0:
+                    no_rows[n] = "no valid calibration row (every slot padded): pruned by |W| per row"
+                    apply_mask(lin, select_mask(weight_matrix(lin).abs(), s, block_nm, per_row=True))
+                else:
+                    rule.prune(lin, stats[n], s, block_nm, **options)
+    return no_rows

@@ -25,6 +25,7 @@ from torch import nn
 from prunedrive.models.pruning.calibration import sequential_blocks
 from prunedrive.models.pruning.magnitude import prune_magnitude
 from prunedrive.models.pruning.masks import block_plan, parse_pattern
+from prunedrive.models.pruning.method import BlockWeighting, PruneRequest, PruningMethod
 from prunedrive.models.pruning.sparsegpt import prune_sparsegpt
 from prunedrive.models.pruning.wanda import ColumnNorms, prune_wanda, wanda_scores
 
@@ -92,3 +93,23 @@ def owl_prune_report(lm: nn.Module, calibration: list[dict], sparsity: float | N
         BASES[base](lm, calibration, target, pattern, layer_sparsities, **base_kwargs)
     return {"layer_sparsities": [s for s, _ in block_plan(len(layer_sparsities), target, pattern, layer_sparsities)],
             "outlier_ratios": ratios, "owl": {"M": M, "lam": lam, "base": base, **base_kwargs}}
+
+
+def owl_settings(options: dict) -> dict:
+    """OWL's settings as the encoder's pruner uses them: M, lam, base (defaults filled in, the base checked)."""
+    settings = {"M": options.get("M", 5.0), "lam": options.get("lam", 0.08), "base": options.get("base", "wanda")}
+    if settings["base"] not in BASES:
+        raise ValueError(f"OWL base must be one of {', '.join(sorted(BASES))}, got {settings['base']!r}")
+    return settings
+
+
+def run(lm: nn.Module, request: PruneRequest) -> dict:
+    return owl_prune_report(lm, request.calibration, request.sparsity, pattern=request.pattern, **request.options)
+
+
+WEIGHTING = BlockWeighting(
+    settings=owl_settings,
+    outlier_ratio=lambda scores, settings: pooled_outlier_ratio(scores, settings["M"]),
+    sparsities=lambda ratios, target, weights, settings: owl_sparsities_from_ratios(ratios, target, settings["lam"],
+                                                                                    weights=weights))
+METHOD = PruningMethod("owl", run, weighting=WEIGHTING)

@@ -14,6 +14,7 @@ from torch import nn
 from prunedrive.models.pruning.calibration import sequential_blocks
 from prunedrive.models.pruning.masks import (block_plan, decoder_layers, in_features, nm_mask, nm_skips,
                                              unstructured_mask, weight_matrix)
+from prunedrive.models.pruning.method import LinearRule, PruneRequest, PruningMethod
 
 
 class Hessian:
@@ -80,3 +81,11 @@ def prune_sparsegpt(lm: nn.Module, calibration: list[dict], sparsity: float | No
     for i, linears, stats in sequential_blocks(lm, calibration, Hessian):
         for name, lin in linears.items():
             sparsegpt_prune_linear(lin, stats[name], *plan[i], blocksize=blocksize, percdamp=percdamp)
+
+
+def run(lm: nn.Module, request: PruneRequest) -> None:
+    return prune_sparsegpt(lm, request.calibration, request.sparsity, request.pattern, **request.options)
+
+
+METHOD = PruningMethod("sparsegpt", run,
+                       linear=LinearRule(Hessian, sparsegpt_prune_linear, options=("blocksize", "percdamp")))

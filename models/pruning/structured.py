@@ -27,6 +27,7 @@ from torch import nn
 
 from prunedrive.models.pruning.calibration import sequential_blocks
 from prunedrive.models.pruning.masks import check_sparsity, decoder_layers
+from prunedrive.models.pruning.method import PruneRequest, PruningMethod
 from prunedrive.models.pruning.owl import owl_outlier_ratios, owl_sparsities_from_ratios
 from prunedrive.models.pruning.wanda import ColumnNorms, wanda_scores
 from prunedrive.models.pruning.surgery import (block_layout, block_widths, head_dim, keep_heads, keep_mlp_channels,
@@ -108,3 +109,15 @@ def prune_owl_width(lm: nn.Module, calibration: list[dict], ratio: float, M: flo
     block_ratios = owl_sparsities_from_ratios(outlier_ratios, check_sparsity(ratio), lam)
     report = prune_width_by_ratios(lm, calibration, block_ratios, heads)
     return {**report, "outlier_ratios": outlier_ratios, "owl": {"M": M, "lam": lam, "base": "wanda-sp"}}
+
+
+def run_width(lm: nn.Module, request: PruneRequest) -> dict:
+    return prune_width(lm, request.calibration, request.sparsity, **request.options)
+
+
+def run_owl_width(lm: nn.Module, request: PruneRequest) -> dict:
+    return prune_owl_width(lm, request.calibration, request.sparsity, **request.options)
+
+
+METHOD = PruningMethod("width", run_width, structured=True)
+OWL_METHOD = PruningMethod("owl-width", run_owl_width, structured=True)

@@ -11,6 +11,7 @@ from torch import nn
 from prunedrive.models.pruning.calibration import sequential_blocks
 from prunedrive.models.pruning.masks import (apply_mask, block_plan, decoder_layers, in_features, select_mask,
                                              weight_matrix)
+from prunedrive.models.pruning.method import LinearRule, PruneRequest, PruningMethod
 
 
 class ColumnNorms:
@@ -43,3 +44,10 @@ def prune_wanda(lm: nn.Module, calibration: list[dict], sparsity: float | None, 
     for i, linears, stats in sequential_blocks(lm, calibration, ColumnNorms):
         for name, lin in linears.items():
             wanda_prune_linear(lin, stats[name], *plan[i])
+
+
+def run(lm: nn.Module, request: PruneRequest) -> None:
+    return prune_wanda(lm, request.calibration, request.sparsity, request.pattern, **request.options)
+
+
+METHOD = PruningMethod("wanda", run, linear=LinearRule(ColumnNorms, wanda_prune_linear))

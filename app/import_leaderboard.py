@@ -6,7 +6,7 @@ Reads what leaderboard/utils/statistics_manager.py writes (`_checkpoint.records[
 the global record's `values`/`labels`), one file per evaluator run or one per route, and Bench2Drive's
 merged JSON (tools/merge_route_json.py: the same records without `index`, plus "driving score",
 "success rate" and "eval num"; recognised by its shape). Each route record becomes one episode with the
-columns `harness.runner.episode_row` writes, so `summary`, `report` and `regress` work on it:
+columns `harness.rows.episode_row` writes, so `summary`, `report` and `regress` work on it:
 
 - scenario = the route's name without the repetition ("RouteScenario_3"), seed = the repetition (`_repN`);
 - driving_score, route_completion, infraction_penalty = score_composed, score_route, score_penalty, as
@@ -31,7 +31,8 @@ A file that is not such a JSON is refused (RunError) with the file and the field
 one over the limits (MAX_RESULTS_BYTES, MAX_JSON_DEPTH, MAX_ROUTE_ID_CHARS, repetitions in [0, 2**32)) or
 inconsistent (score_composed above score_route: the Leaderboard's DS = RC x penalty, penalty <= 1). Everything
 is checked before the run directory is made; a failure after that removes what the import made. The episodes
-are written in one batch (episodes.parquet, steps.parquet), with progress lines on stderr.
+are written in one batch (episodes.parquet, steps.parquet), with progress lines (harness.progress.Ticker) on
+stderr when the output goes to a log.
 """
 from __future__ import annotations
 
@@ -40,17 +41,17 @@ import math
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from prunedrive.app.drive import EXIT_INFRASTRUCTURE, EXIT_OK
+from prunedrive.app.run import EXIT_INFRASTRUCTURE, EXIT_OK
 from prunedrive.harness.env import EpisodeOutcome
 from prunedrive.harness.events import COLLISIONS, Event, EventKind
+from prunedrive.harness.progress import Ticker
 from prunedrive.harness.results import RunDir, RunError, check_episode_key, content_hash, episode_key
-from prunedrive.harness.runner import STEP_COLUMNS, episode_row
+from prunedrive.harness.rows import STEP_COLUMNS, episode_row
 from prunedrive.harness.scoring import episode_status
 from prunedrive.scenarios.loader import Scenario
 
@@ -90,7 +91,7 @@ MAX_JSON_DEPTH = 32
 MAX_ROUTE_ID_CHARS = 128  # a scenario name's limit (scenarios.loader.SAFE_NAME): the route id names files
 MAX_REPETITION = 2**32 - 1  # a seed's range (scenarios.loader)
 COMPOSED_TOLERANCE = 1e-5  # the evaluator rounds each score to 6 digits
-PROGRESS_EVERY_S = 5.0
+PROGRESS_EVERY_S = 5.0  # a progress line on stderr at most this often (stdout holds the tables)
 RECORD_FIELDS = ("index", "route_id", "status", "num_infractions", "infractions", "scores", "meta")
 BENCH2DRIVE_FIELDS = ("driving score", "success rate", "eval num")
 ROUTE_ID = re.compile(r"(?P<route>.+)_rep(?P<rep>\d+)")
@@ -293,21 +294,6 @@ def _empty_steps(with_ids: bool = False) -> pd.DataFrame:
                          [*ids.items(), *((name, float) for name in STEP_COLUMNS)]})
 
 
-class _Progress:
-    """A line on stderr every PROGRESS_EVERY_S seconds of a long import (a log shows it as it comes)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.started = self.last = time.monotonic()
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if self.enabled and now - self.last >= PROGRESS_EVERY_S:
-            self.last = now
-            print(f"import leaderboard: {done}/{self.total} routes read, {now - self.started:.0f} s", file=sys.stderr,
-                  flush=True)
-
-
 def import_leaderboard(paths: list[str | Path], run_dir: RunDir, agent_name: str = "leaderboard",
                        progress: bool = True) -> pd.DataFrame:
     """Read and check every results file, then write one episode per scored route record into the new run
@@ -322,7 +308,9 @@ def import_leaderboard(paths: list[str | Path], run_dir: RunDir, agent_name: str
         source, facts, file_records = read_results(path)
         sources.append({"file": str(path.resolve()), "format": source, **facts})
         records += [(path, record) for record in file_records]
-    episodes, unscored = _episodes(records, run_dir.path.name, agent_name, _Progress(len(records), progress))
+    ticker = Ticker("import leaderboard", len(records), "routes read", enabled=progress, every_s=PROGRESS_EVERY_S,
+                    stream=sys.stderr)
+    episodes, unscored = _episodes(records, run_dir.path.name, agent_name, ticker)
     if not episodes:
         raise RunError(f"{', '.join(map(str, paths))}: no scored route: all {len(unscored)} have status "
                        f"{UNSCORED!r} (the evaluator never finished them); run it again with --resume 1")
@@ -337,7 +325,7 @@ def import_leaderboard(paths: list[str | Path], run_dir: RunDir, agent_name: str
 
 
 def _episodes(records: list[tuple[Path, dict]], run_id: str, agent: str,
-              progress: _Progress) -> tuple[dict[str, dict], dict[str, tuple[Path, dict]]]:
+              progress: Ticker) -> tuple[dict[str, dict], dict[str, tuple[Path, dict]]]:
     """({key: row} of the scored routes, {key: (file, record)} of the unscored ones); every key checked
     (fits a file name, unique over all files)."""
     episodes, unscored, seen = {}, {}, {}

@@ -1,4 +1,5 @@
-"""Drive a suite into a run directory: the one function behind `prunedrive run` and `prunedrive bench`.
+"""The `run` command's module: drive a suite into a run directory, the one function behind `prunedrive run` and
+`prunedrive bench` (and `claims`).
 
 It owns what both need to agree on: the run id (safe, inside --out), the planned episode keys, the
 manifest (config for people, identity for resume), the resume rule (refused when the suite's content,
@@ -17,9 +18,12 @@ from pathlib import Path
 import pandas as pd
 
 from prunedrive.agents.registry import AgentSpec, check_agent_name, resolve_factory
+from prunedrive.harness.backends import check_suite
 from prunedrive.harness.latency import parse_latency
 from prunedrive.harness.results import RunDir, RunError, content_hash, episode_key, parse_episode_key
-from prunedrive.harness.runner import EPISODE_TIMEOUT_S, STEP_TIMEOUT_S, InProcessExecutor, run_suite
+from prunedrive.harness.executors import InProcessExecutor
+from prunedrive.harness.limits import EPISODE_TIMEOUT_S, STEP_TIMEOUT_S
+from prunedrive.harness.runner import run_suite
 from prunedrive.scenarios.loader import Suite
 
 # Exit codes of `run` and `bench` (documented in the README).
@@ -110,14 +114,12 @@ def _existing_run(out, run_id, resume, default_run_id) -> RunDir | None:
 
 def probe_simulators(suite: Suite, backend_options: dict | None, servers: list[str] | None) -> None:
     """Each backend that can (CARLA) is asked once, quickly, whether its server is there: a run against a
-    server that is not there fails in seconds (SimulatorError, exit 3), not after every route's retries."""
-    from prunedrive.harness.backends import backend_class
+    server that is not there fails in seconds (SimulatorError, exit 3), not after every route's retries.
+    `servers`: one "host:port" per worker (app.server_options), each probed."""
+    from prunedrive.harness.backends import backend_class, suite_backends
     from prunedrive.harness.distributed import parse_server
 
-    first = {}
-    for scenario in suite.scenarios:
-        first.setdefault(scenario.backend, scenario)
-    for name, scenario in first.items():
+    for name, scenario in suite_backends(suite).items():
         probe = getattr(backend_class(name), "probe", None)
         if probe is None:
             continue
@@ -129,19 +131,22 @@ def probe_simulators(suite: Suite, backend_options: dict | None, servers: list[s
 def drive(suite: Suite, specs: list[AgentSpec], out: str | Path, *, run_id: str | None = None,
           resume: str | None = None, default_run_id: str | None = None, workers: int | None = None,
           record: bool = False, retries: int = 2, backend_options: dict | None = None,
-          carla_servers: list[str] | None = None, ray_address: str | None = None, progress: bool = True,
+          servers: list[str] | None = None, ray_address: str | None = None, progress: bool = True,
           retry_failed: bool = False, config: dict | None = None, step_timeout_s: float | None = STEP_TIMEOUT_S,
           episode_timeout_s: float | None = EPISODE_TIMEOUT_S, batch: int = 1, device: str | None = None,
           dtype: str | None = None, latency: str | None = None) -> tuple[RunDir, pd.DataFrame]:
     """Drive every episode of `suite` for every agent into out/<run id>, resuming when asked (or when
     `default_run_id` names an existing run, as the bench does). Returns the run and all its episodes.
-    `batch` K > 1 runs K episodes side by side per worker (harness.runner.Lockstep). K goes into the manifest's config, not into the resume identity: a run
+    `batch` K > 1 runs K episodes side by side per worker (harness.lockstep.Lockstep). K goes into the manifest's config, not into the resume identity: a run
     may be resumed with another K (an LLM agent's greedy tokens, and so its results, may then differ
     where K's float arithmetic differs from batch 1's; see agents.llm.LLMAgent.act_batch).
     `device`/`dtype` (models.device; None: the resumed run's own, else cpu/float32) go to every agent whose
     factory takes them and into the manifest's config; a resume with another one is refused (`run_precision`).
     `latency` (`--latency`, harness.latency): none (default) or a latency model; it is part of the run's
-    identity (a resume or a `regress` across latency settings is refused) and recorded in the manifest."""
+    identity (a resume or a `regress` across latency settings is refused) and recorded in the manifest.
+    `backend_options` go to every env's backend (a server backend's host/port); `servers` ("host:port", one per
+    Ray worker) replace host/port per worker (app.server_options builds both from the command line)."""
+    check_suite(suite)  # a backend drives every kind and takes every option: a message now, not a failed episode
     if retries < 0:
         raise RunError(f"--retries must be at least 0, got {retries}")
     if batch < 1:
@@ -158,12 +163,12 @@ def drive(suite: Suite, specs: list[AgentSpec], out: str | Path, *, run_id: str 
     latency_model = parse_latency(latency)  # LatencyError (exit 2) names the option or the profile's field
     for spec in specs:
         spec.check()
-    probe_simulators(suite, backend_options, carla_servers)
+    probe_simulators(suite, backend_options, servers)
     if workers:
         from prunedrive.harness.distributed import RayExecutor
 
         executor = RayExecutor(specs, workers, ray_address=ray_address, record=record, retries=retries,
-                               backend_options=backend_options, carla_servers=carla_servers,
+                               backend_options=backend_options, servers=servers,
                                step_timeout_s=step_timeout_s, episode_timeout_s=episode_timeout_s, batch=batch,
                                latency=latency_model)
     else:
