@@ -1,4 +1,4 @@
-"""`prunedrive latency-sweep`: how much delay an agent's driving tolerates (issue #27's sensitivity sweep).
+"""`prunedrive latency-sweep`: how much delay an agent's driving tolerates (a sensitivity sweep).
 
 Each chosen agent drives one suite at each fixed latency (`--latency fixed:MS`, harness.latency), on the same
 scenarios and seeds at every latency, so each latency's episodes pair with the reference latency's (the

@@ -2,11 +2,14 @@
 
 The package maps the project's top-level folders into one namespace (see pyproject.toml):
 
-    prunedrive.scenarios   suites and their loader                      (bottom layer)
-    prunedrive.harness     env, backends, criteria, scoring, runner, results, summary, regress, report
-    prunedrive.models      the driving LLM, tokenizer, text format, pruning, sparse execution
-    prunedrive.agents      the expert, baselines, the LLM agent, the agent registry
-    prunedrive.app         the CLI and the pipelines that drive agents (data, training, bench, compression)
+    prunedrive.plugins     the one Registry behind every extension point         (bottom layer)
+    prunedrive.scenarios   suites and their loader
+    prunedrive.harness     env, backends, criteria, scoring, the episode state machine, results, metrics, regress
+    prunedrive.models      the driving LLM, tokenizer, text format, model card, pruning, compressed checkpoints
+    prunedrive.agents      the expert, baselines, the LLM agents, the agent registry
+    prunedrive.report      reports over run directories (attachments placed by the renderers they name)
+    prunedrive.app         the CLI and one module per command (run, bench, claims, prune, latency-sweep, ...)
+    prunedrive.benchmarks  speed figures as ratios measured in one run                    (top layer)
 
 Importing it registers the Gymnasium env `prunedrive/Drive-v0` (by name only: nothing heavy is imported):
 
