@@ -4,7 +4,8 @@ Models (`--latency`):
   none          today's synchronous loop: the world waits for the agent (no clock at all, bit-identical)
   fixed:MS      every decision takes MS milliseconds of simulated time
   profile:FILE  a device profile (YAML) maps what the step computed (its compute report) to a latency
-  measured      the agent's own measured wall time per decision: real, but NOT reproducible
+  measured      the agent's own measured time per decision (CUDA events on a GPU, else wall time): real, but
+                NOT reproducible
 
 Semantics (`LatencyClock`, the same in every backend), with P the suite's policy period and the simulator
 ticking every tick_s (embedded: 1/15 s; CARLA: 1/20 s):
@@ -166,8 +167,9 @@ class LatencyModel:
             ms = self.fixed_ms
         elif self.kind == "profile":
             ms = self.profile.latency_ms(report)
-        else:
-            ms = 1000.0 * agent_wall_s
+        else:  # measured: on a GPU the decision's CUDA-event time (its row's share in a batch), else wall time
+            device_s = _finite(report.get("device_time_s"))
+            ms = 1000.0 * (device_s if device_s > 0 else agent_wall_s)
         return round(max(ms, 0.0) / 1000.0, _ROUND_S)
 
 

@@ -468,3 +468,11 @@ def test_the_carla_backend_applies_a_control_at_the_tick_it_takes_effect(tmp_pat
         backend.close()
     finally:
         server.shutdown()
+
+
+def test_measured_latency_is_the_decisions_cuda_time_on_a_gpu_else_its_wall_time():
+    model = parse_latency("measured")
+    assert not model.reproducible and "not reproducible" in model.label
+    assert model.latency_s({"device_time_s": 0.05}, agent_wall_s=0.2) == 0.05  # CUDA events (a GPU agent's report)
+    assert model.latency_s({"device_time_s": float("nan")}, agent_wall_s=0.2) == 0.2  # CPU: no device time
+    assert model.latency_s({}, agent_wall_s=0.0123456789) == 0.012346  # rounded to the microsecond
