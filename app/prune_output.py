@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from prunedrive.harness import locks
-from prunedrive.harness.results import content_hash
+from prunedrive.harness.results import content_hash, default_mode
 
 # <dense>/pruned/<recipe>: the cache of pruned variants the bench and claims share. The one place inside the
 # input model's directory an output may go: nothing a prune reads lives there.
@@ -106,7 +106,11 @@ def partial_dir(out_dir: Path, call: str) -> Path:
             reuse = leftover
         else:
             shutil.rmtree(leftover, ignore_errors=True)
-    return reuse or Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{call}.", suffix=".partial", dir=out_dir.parent))
+    if reuse is not None:
+        return reuse
+    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{call}.", suffix=".partial", dir=out_dir.parent))
+    partial.chmod(default_mode(directory=True))  # it becomes the model directory: as mkdir would make it
+    return partial
 
 
 def call_key(model_dir: Path, data_dir: Path | None, settings: dict) -> str:
@@ -120,7 +124,10 @@ def call_key(model_dir: Path, data_dir: Path | None, settings: dict) -> str:
 def commit(partial: Path, out_dir: Path, overwrite: bool) -> None:
     """Rename the finished `partial` to `out_dir`, under the output's lock: the destination is checked again
     (something other than a prune may have filled it meanwhile), and a replaced model is moved aside before the
-    rename and deleted after it, so `out_dir` always holds a whole model."""
+    rename and deleted after it, so `out_dir` always holds a whole model. Its files get the modes the umask gives
+    (safetensors and mkstemp write 0600: a model only its writer could read)."""
+    for path in partial.rglob("*"):
+        path.chmod(default_mode(directory=path.is_dir()))
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         out_dir.rmdir()
     if not out_dir.exists():

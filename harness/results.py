@@ -361,6 +361,14 @@ def _steps_file_problem(path: Path) -> str:
     return ""
 
 
+def default_mode(directory: bool = False) -> int:
+    """The mode a plain open() or mkdir() gets under the process's umask. mkstemp and mkdtemp make 0600 files and
+    0700 directories: renamed into place as they are, results and models would be private to their writer."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def _fsync_replace(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
@@ -369,6 +377,7 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
 
 def atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, default_mode())
     os.close(fd)
     try:
         frame.to_parquet(tmp, index=False)
@@ -380,6 +389,7 @@ def atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, default_mode())
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)

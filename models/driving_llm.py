@@ -43,6 +43,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from prunedrive.harness.action import MAX_STEER_RAD
 from prunedrive.harness.observation import (EGO_FEATURES, MAX_PEDESTRIANS, MAX_VEHICLES, OBS_SHAPES, ROUTE_POINTS,
                                  TRAFFIC_LIGHT_STATES, VEHICLE_LENGTH_M)
+from prunedrive.harness.results import default_mode
 from prunedrive.models.pruning.surgery import apply_structure
 from prunedrive.models.text import CORRIDOR_HALF_WIDTH_M
 from prunedrive.models.tokenizer import DrivingTokenizer
@@ -348,6 +349,7 @@ class DrivingLLM(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self, str(directory / WEIGHTS_NAME))
+        (directory / WEIGHTS_NAME).chmod(default_mode())  # safetensors writes 0600; a model is shared like any file
         self.tokenizer.save(directory / TOKENIZER_NAME)
         meta = {"model_type": "prunedrive-driving-llm", **asdict(self.config), "parameters": self.num_parameters()}
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))

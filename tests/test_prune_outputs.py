@@ -105,6 +105,21 @@ def test_the_pruned_cache_inside_the_model_directory_is_allowed(parent):
     assert DrivingLLM.from_pretrained(dense)  # the dense model is whole
 
 
+@pytest.mark.parametrize("layout", [[], ["--save-dense"]])
+def test_a_pruned_model_and_its_files_get_the_umasks_modes_not_private_temp_ones(parent, layout):
+    """Written under mkstemp/mkdtemp names and renamed: without a chmod they stayed 0600 files in a 0700 directory."""
+    old = os.umask(0o022)
+    try:
+        assert _prune(parent / "dense", parent / "out", *layout) == 0
+    finally:
+        os.umask(old)
+    out = parent / "out"
+    assert out.stat().st_mode & 0o777 == 0o755
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert {"config.json", "model.safetensors", "sparsity.json"} <= set(modes)
+    assert set(modes.values()) == {0o644}, modes
+
+
 # -- 2. one prune per output ---------------------------------------------------------------------------------------
 def _holding_first_prune(monkeypatch):
     """Make the first `prune` call wait until released: (started, release) events."""
