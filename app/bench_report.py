@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from prunedrive.report.data import ReportContext
-from prunedrive.report.section import Section, Table
+from prunedrive.report.section import Section, Table, section_renderer
 from prunedrive.report.tables import checkpoint_cells
 
 OPEN_LOOP_TITLE = "Open-loop errors"
@@ -34,6 +34,7 @@ OPEN_LOOP_NOTE = (
     "rates: % of the samples. Lower errors and higher rates are better.")
 
 
+@section_renderer
 def open_loop_section(errors: dict, context: ReportContext) -> Section | None:
     """The open-loop table of the run's agents that have errors ({agent: {metric: value}}), with units; None when
     no agent of the run has any."""
@@ -55,6 +56,7 @@ def open_loop_section(errors: dict, context: ReportContext) -> Section | None:
     return Section(OPEN_LOOP_TITLE, [Table(columns, rows, OPEN_LOOP_NOTE, id=f"open-loop-{context.run}")])
 
 
+@section_renderer
 def checkpoints_section(records: dict, context: ReportContext) -> Section:
     """No section of its own: the comparison's cost cells of each model of the run, from the bench's records (they
     know the ratio to the dense model's bytes, which a model card alone does not)."""

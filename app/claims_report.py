@@ -12,7 +12,7 @@ import pandas as pd
 from prunedrive.harness.results import RunDir
 from prunedrive.report.data import ReportContext
 from prunedrive.report.plots import new_figure, png_bytes
-from prunedrive.report.section import Plot, Section, Table
+from prunedrive.report.section import Plot, Section, Table, section_renderer
 
 CLAIMS_ATTACHMENT, SENSITIVITY_ATTACHMENT = "claims", "sensitivity"
 VERDICT_COLOURS = {"supported": "#2e7d32", "refuted": "#c62828"}  # anything else (inconclusive, n too small): grey
@@ -116,6 +116,7 @@ def plot_sensitivity(c: Claims) -> Plot:
 
 
 
+@section_renderer
 def claims_section(table: pd.DataFrame, context: ReportContext) -> Section:
     """The claims of the run the attachment belongs to, with its sensitivity table when it has one."""
     sensitivity = RunDir(context.run_path).attachments().get(SENSITIVITY_ATTACHMENT)

@@ -29,6 +29,7 @@ from prunedrive.harness.episode import run_episode
 from prunedrive.harness.rows import episode_row
 from prunedrive.harness.observation import OBS_SHAPES
 from prunedrive.models import text
+from prunedrive.harness.backends import check_suite
 from prunedrive.scenarios.loader import Scenario, load_suite
 
 TRAIN_SEED_BASE, VAL_SEED_BASE, DAGGER_SEED_BASE = 100_000, 90_000, 200_000  # evaluation suites use seeds < 10000
@@ -155,7 +156,7 @@ def _policy(model_dir: str | None):
 
 @functools.cache
 def _worker_suite(suite_path: str):
-    return load_suite(suite_path)  # once per process, not per episode
+    return check_suite(load_suite(suite_path))  # once per process, not per episode
 
 
 def _episode(job: tuple) -> tuple[list[dict], dict]:
@@ -191,7 +192,7 @@ def build_dataset(out_dir: str | Path, n_episodes: int, seed: int = 0, split: st
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    suite = load_suite(scenarios)
+    suite = check_suite(load_suite(scenarios))
     noise = 0.0 if split == "val" else noise
     workers = workers or (min(2, os.cpu_count() or 1) if n_episodes >= 8 else 1)  # spawning costs seconds
     policy_dir = str(policy_dir) if policy_dir is not None else None

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from prunedrive.report.plots import new_figure, png_bytes
-from prunedrive.report.section import Plot, Section, Table
+from prunedrive.report.section import Plot, Section, Table, section_renderer
 
 Z95 = 1.959964  # the normal 95% quantile: the error bars of a mean are ± Z95 x its standard error
 REALTIME_COLUMNS = ("agent", "driving_score", "ds_se", "ds_diff", "ds_ci_low", "ds_ci_high", "verdict", "step_ms",
@@ -42,6 +42,7 @@ SWEEP_COLUMNS = [("agent", "agent"), ("latency_ms", "latency ms"), ("n", "n"), (
                  ("decisions", "decisions/episode"), ("miss", "deadline miss %"), ("stale", "stale %")]
 
 
+@section_renderer
 def sweep_section(table: pd.DataFrame, context=None) -> Section:
     """The sweep table (one row per agent and latency) and the plot of DS against latency per agent."""
     reference = float(table["reference_ms"].iloc[0]) if len(table) else 0.0
@@ -119,6 +120,7 @@ REALTIME_COLUMNS_SHOWN = [("agent", "agent"), ("ds", "DS under real time ± SE")
                           ("latency_ms_p95", "decision ms p95"), ("front", "Pareto front"), ("budget", "budget")]
 
 
+@section_renderer
 def realtime_section(payload: pd.DataFrame, context=None) -> Section:
     """DS under real time against measured step time per model: the table, the Pareto front, the budget."""
     front = pareto_front(payload["driving_score"], payload["step_ms"])

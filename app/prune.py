@@ -30,8 +30,8 @@ from prunedrive.app.placement import Placement
 from prunedrive.app.prune_driving import (CALIBRATIONS, SCOPES, check_driving_options, finetune_config,
                                           prune_driving_dir, recovery_config, training_data_dir, training_plan)
 from prunedrive.app.prune_hf import check_hf_options, prune_hf_dir
-from prunedrive.app.prune_output import (call_key, check_empty, check_output_paths, commit, output_lock,
-                                         partial_dir)
+from prunedrive.app.prune_output import (TRAINING_CHECKPOINT, call_key, check_empty, check_output_paths, commit,
+                                         output_lock, partial_dir)
 from prunedrive.models.card import has_model_card, read_model_card
 from prunedrive.models.device import DEFAULT_DEVICE, DEFAULT_DTYPE, is_cuda
 from prunedrive.models.hf_causal import is_hf_causal_lm_dir
@@ -150,10 +150,10 @@ def prune_model_dir(model_dir: str | Path, method: str, sparsity: float | None, 
                                            n_calibration, data_dir, seed, progress, encoder_sparsity, finetune,
                                            layout=settings["layout"], placement=placement, **method_kwargs)
         except BaseException:
-            if not (partial / "dg2pf-checkpoint").is_dir():  # a training run resumes from it; nothing else can
+            if not (partial / TRAINING_CHECKPOINT).is_dir():  # a training run resumes from it; nothing else can
                 shutil.rmtree(partial, ignore_errors=True)
             raise
         # The training checkpoint only serves a resume of this call: the finished model does not carry it (36 MB).
-        shutil.rmtree(partial / "dg2pf-checkpoint", ignore_errors=True)
+        shutil.rmtree(partial / TRAINING_CHECKPOINT, ignore_errors=True)
         commit(partial, final_dir, overwrite)
     return record

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from prunedrive.app.placement import Placement
-from prunedrive.app.prune_output import save_pruned, structure_fields
+from prunedrive.app.prune_output import TRAINING_CHECKPOINT, save_pruned, structure_fields
 from prunedrive.models.card import write_model_card
 from prunedrive.models.data import lm_calibration_lengths, lm_calibration_samples, load_split, synthetic_split
 from prunedrive.models.driving_llm import DrivingLLM
@@ -188,7 +188,7 @@ def driving_training(model: DrivingLLM, model_dir: Path, data_dir: Path, plan: T
     return Training(plan=plan, data=data, teacher=lambda: DrivingLLM.from_pretrained(model_dir).to(device),
                     forward=placement.forward_on_device(lambda m, b: next_token(*m(b))),
                     running=lambda module: placement.running(module, whole=True), device=device,
-                    checkpoint_dir=out_dir / "dg2pf-checkpoint", progress=progress, seed=seed)
+                    checkpoint_dir=out_dir / TRAINING_CHECKPOINT, progress=progress, seed=seed)
 
 
 def _fine_tune(model: DrivingLLM, training: Training, config: DG2PFConfig, fixed_mask: dict | None = None) -> dict:

@@ -17,7 +17,7 @@ import torch
 
 from prunedrive.app.placement import Placement
 from prunedrive.app.prune_driving import CALIBRATIONS, check_training_target
-from prunedrive.app.prune_output import save_pruned, structure_fields
+from prunedrive.app.prune_output import TRAINING_CHECKPOINT, save_pruned, structure_fields
 from prunedrive.models.card import write_model_card
 from prunedrive.models.data import load_split
 from prunedrive.models.pruning import (PruneRequest, Training, TrainingData, TrainingPlan, generic_corpus,
@@ -233,4 +233,4 @@ def hf_training(model, tokenizer, data_dir: Path | None, n_samples: int, seed: i
                     teacher=lambda: copy.deepcopy(model).to(device),
                     forward=placement.forward_on_device(causal_lm_forward),
                     running=lambda module: placement.running(module, whole=True), device=device,
-                    checkpoint_dir=out_dir / "dg2pf-checkpoint", progress=progress, seed=seed)
+                    checkpoint_dir=out_dir / TRAINING_CHECKPOINT, progress=progress, seed=seed)

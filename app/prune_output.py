@@ -19,6 +19,11 @@ from prunedrive.harness.results import content_hash, default_mode
 PRUNED_CACHE = "pruned"
 
 
+# Where a training method keeps its resumable checkpoint inside the partial directory (removed when the prune is
+# done). Its name predates training plug-ins; a killed DG2PF prune from before still resumes from it.
+TRAINING_CHECKPOINT = "dg2pf-checkpoint"
+
+
 def save_pruned(model, out_dir: Path, layout: str) -> dict:
     """Write the pruned model in `layout`; what sparsity.json records of it: models.checkpoints.checkpoint_record
     (bytes on disk, parameters stored, scheme, execution), the layout, the dense layout's bytes and the ratio to

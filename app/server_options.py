@@ -58,7 +58,22 @@ def server_options(args: argparse.Namespace, suite: Suite) -> tuple[dict, list[s
                              f"for one server use --{server.flag}-host/--{server.flag}-port")
         if not any(backend_for_kind(s.kind) == name for s in suite.scenarios):
             raise ValueError(f"{flags}: suite {suite.name!r} has no {server.label} scenario")
+        _check_servers(servers or [], f"--{server.flag}-servers", args.workers)
         given[name] = (options, servers)
     if len(given) > 1:
         raise ValueError(f"server options of {' and '.join(given)} given together; a run takes one backend's")
     return next(iter(given.values()), ({}, None))
+
+
+def _check_servers(servers: list[str], flag: str, workers: int | None) -> None:
+    """Each server is HOST:PORT, one per worker: refused here, naming the flag, not later by the Ray executor."""
+    from prunedrive.harness.distributed import parse_server
+
+    for text in servers:
+        try:
+            parse_server(text)
+        except ValueError:
+            raise ValueError(f"{flag} {text!r}: expected HOST:PORT with PORT in 1..65535") from None
+    if servers and workers and workers > len(servers):
+        raise ValueError(f"--workers {workers} needs as many servers in {flag} (one per worker), got {len(servers)}: "
+                         f"{' '.join(servers)}")

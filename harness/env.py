@@ -66,10 +66,11 @@ class TickControls(tuple):
 
 
 def make_backend(scenario: Scenario, render: bool = False, **options) -> Backend:
-    """The scenario's backend (harness.backends: built-in or plug-in); `options` go to its constructor."""
-    from prunedrive.harness.backends import backend_class, backend_for_kind
+    """The scenario's backend (harness.backends: built-in or plug-in); `options` go to its constructor. The
+    scenario's kind and options are checked against what the backend declares, however the scenario was loaded."""
+    from prunedrive.harness.backends import backend_class, check_scenario
 
-    return backend_class(backend_for_kind(scenario.kind))(scenario, render=render, **options)
+    return backend_class(check_scenario(scenario, f"scenario {scenario.name!r}"))(scenario, render=render, **options)
 
 
 class DriveEnv(gym.Env):

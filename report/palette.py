@@ -1,12 +1,15 @@
 """Colours and markers: one colour per pruning method on the whole page, taken from the methods the runs name
-(their manifests and model cards), in the report's order; the dense model black, agents without a model grey."""
+(their manifests and model cards); the dense model black, agents without a model grey."""
 from __future__ import annotations
+
+import hashlib
 
 from prunedrive.report.data import Series
 
 DENSE_COLOUR = "#111111"
-# A qualitative palette (matplotlib's tab10 and tab20b without grey and black), handed out to the methods in the
-# order they appear in the report: the report holds no list of pruning methods.
+# A qualitative palette (matplotlib's tab10 and tab20b without grey and black). A method's colour comes from a hash
+# of its name, so it is the same in every report (the report holds no list of pruning methods); two methods on one
+# page that hash alike take the next free colour, in name order.
 METHOD_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
                   "#bcbd22", "#393b79", "#637939"]
 REFERENCE_GREYS = ["#8a8a8a", "#b5b5b5", "#5f5f5f", "#d0d0d0"]
@@ -14,15 +17,28 @@ HATCHES = ["//", "..", "xx", "\\\\"]
 UNKNOWN = "unknown"
 
 
+def method_colours(methods: list[str]) -> dict[str, str]:
+    """{method: colour}: each method's own colour (a hash of its name), the next free one where two collide."""
+    taken: set[str] = set()
+    colours = {}
+    for method in sorted(methods):
+        start = int(hashlib.sha256(method.encode()).hexdigest(), 16) % len(METHOD_PALETTE)
+        ring = [METHOD_PALETTE[(start + k) % len(METHOD_PALETTE)] for k in range(len(METHOD_PALETTE))]
+        colour = next((c for c in ring if c not in taken), ring[0])  # more methods than colours: share
+        taken.add(colour)
+        colours[method] = colour
+    return colours
+
+
 class Palette:
-    """Colours of methods (the dense one black, the others in order of appearance) and, per agent, its method's
+    """Colours of methods (the dense one black, the others their own: method_colours) and, per agent, its method's
     colour, lighter for lower sparsity when a method has several; reference agents in greys."""
 
     def __init__(self, series: list[Series]):
         methods = list(dict.fromkeys(self.method(s) for s in series if not s.reference))
         dense = {self.method(s) for s in series if s.dense}
-        colours = iter(METHOD_PALETTE * (len(methods) // len(METHOD_PALETTE) + 1))
-        self.methods = {m: DENSE_COLOUR if m in dense else next(colours) for m in methods}
+        coloured = method_colours([m for m in methods if m not in dense])
+        self.methods = {m: DENSE_COLOUR if m in dense else coloured[m] for m in methods}
         references = [s.label for s in series if s.reference]
         self.agents = {label: REFERENCE_GREYS[i % len(REFERENCE_GREYS)] for i, label in enumerate(references)}
         # Bars side by side need one look per agent: hatched for reference agents and for a second agent of

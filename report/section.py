@@ -4,10 +4,24 @@ A producer (bench, claims) attaches its data to the run with a `section` referen
 loads that function and calls it as `render(payload, context) -> Section`, where `payload` is the attachment's
 content (a DataFrame or a JSON value) and `context` a `report.data.ReportContext` (the loaded runs, and the run the
 attachment belongs to). The report places the Section's tables, plots and notes; it knows nothing of its content.
+
+A run directory is input, so what it names is not trusted: the report imports a renderer only from prunedrive's
+own modules or from a module a plug-in registered under the entry point group `prunedrive.report_sections`
+(`mysections = "my_pkg.sections:render"` registers the module my_pkg.sections), and calls it only when it is marked
+with `@section_renderer`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
+
+RENDERER_GROUP = "prunedrive.report_sections"
+
+
+def section_renderer(render: Callable) -> Callable:
+    """Mark a function as a report section renderer: the only kind of function an attachment can make the report call."""
+    render.renders_report_section = True
+    return render
 
 
 @dataclass

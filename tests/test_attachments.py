@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 
 from prunedrive.harness.results import Attachment, RunDir, RunError
-from prunedrive.plugins.registry import RegistryError
 from test_regress import episodes, make_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,31 +81,44 @@ def test_a_bad_index_names_the_file(run, index, message):
 
 
 RENDERER = '''
-from prunedrive.report.section import Section, Table
+from prunedrive.report.section import Section, Table, section_renderer
 
 
+@section_renderer
 def render(payload, context):
     rows = [{"agent": s.label, "score": str(payload[s.agent])} for s in context.run_series() if s.agent in payload]
     return Section(f"Scores of {context.run}", [Table([("agent", "agent"), ("score", "score")], rows, "from a plug-in",
                                                       id="plugin-scores")], notes=["a note"])
 
 
+@section_renderer
 def nothing(payload, context):
     return None
 
 
+@section_renderer
 def cells(payload, context):
     return Section("", agent_cells={s.label: {"scheme": payload["scheme"]} for s in context.run_series()})
 
 
+@section_renderer
 def wrong(payload, context):
     return "not a section"
+
+
+def unmarked(payload, context):
+    return None
 '''
 
 
 @pytest.fixture
 def plugin(importable):
-    importable("my_sections", RENDERER)
+    """A plug-in's renderers: a module registered under the report's entry point group (a dist-info beside it)."""
+    folder = importable("my_sections", RENDERER)
+    info = folder / "my_sections-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-sections\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[prunedrive.report_sections]\nscores = my_sections:render\n")
     return "my_sections"
 
 
@@ -127,15 +139,24 @@ def test_the_report_places_the_section_an_attachment_names(run, plugin, tmp_path
     assert "<td data-col='scheme' class='num'>int8 / ours</td>" in text and "| int8 / ours |" in md
 
 
-def test_a_section_that_cannot_be_loaded_or_is_not_a_section_is_an_error(run, plugin, tmp_path):
+@pytest.mark.parametrize("section, message", [
+    ("my_sections:missing", "has no attribute 'missing'"),
+    ("my_sections:wrong", "returned str, not a prunedrive.report.section.Section"),
+    ("my_sections:unmarked", "is not marked as a section renderer"),
+    ("shutil:rmtree", "is not a renderer the report may import"),  # a run directory is input: never any function
+    ("os:system", "is not a renderer the report may import"),
+])
+def test_a_section_that_cannot_be_rendered_leaves_a_note_and_the_report_is_written(run, plugin, tmp_path, capsys,
+                                                                                    section, message):
     from prunedrive.report.write import write_report
 
-    run.attach("scores", {"expert": 1}, producer=plugin, section=f"{plugin}:missing")
-    with pytest.raises(RegistryError, match=r"section renderer of 'scores'.*has no attribute 'missing'"):
-        write_report([run.path], tmp_path / "a")
-    run.attach("scores", {"expert": 1}, producer=plugin, section=f"{plugin}:wrong")
-    with pytest.raises(TypeError, match="returned str, not a prunedrive.report.section.Section"):
-        write_report([run.path], tmp_path / "b")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    run.attach("scores", [str(victim)], producer=plugin, section=section)
+    html_path, md_path = write_report([run.path], tmp_path / "report")
+    assert victim.is_dir()  # nothing was called
+    assert message in md_path.read_text() and "## scores (not rendered)" in md_path.read_text()
+    assert message in capsys.readouterr().err
 
 
 def test_no_file_name_written_by_app_is_named_below_it():

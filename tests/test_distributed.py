@@ -179,6 +179,11 @@ def test_cli_checks_worker_options_before_any_ray(tmp_path, capsys, monkeypatch)
     common = ["run", "--suite", "smoke", "--out", str(tmp_path), "--quiet"]
     assert main(common + ["--carla-servers", "a:2000"]) == 2
     assert "--carla-servers needs --workers" in capsys.readouterr().err
+    carla = ["run", "--suite", "carla-devtest", "--out", str(tmp_path), "--quiet", "--workers", "2"]
+    assert main(carla + ["--carla-servers", "a:2000"]) == 2  # named by its flag, not as "simulator servers"
+    assert "--workers 2 needs as many servers in --carla-servers (one per worker), got 1" in capsys.readouterr().err
+    assert main(carla + ["--carla-servers", "a:2000", "b"]) == 2
+    assert "--carla-servers 'b': expected HOST:PORT" in capsys.readouterr().err
     assert main(common + ["--workers", "2", "--agent", "llm"]) == 2
     assert "needs --model" in capsys.readouterr().err
     assert main(common + ["--workers", "2", "--agent", "llm", "--model", str(tmp_path / "missing")]) == 2

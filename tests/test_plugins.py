@@ -423,3 +423,13 @@ def test_a_plugin_that_is_not_a_usable_method_is_refused_naming_it(pruning_plugi
     err = capsys.readouterr().err
     assert f"pruning method {name!r} (plug-in pd_prune_plugin.methods:" in err and message in err
     assert not (tmp_path / name).exists()
+
+
+def test_a_broken_backend_plugin_hides_no_other_kind_and_is_named_when_a_kind_is_unknown(monkeypatch):
+    from prunedrive.harness.backends import BACKENDS, backend_for_kind, kind_table
+    from prunedrive.scenarios.loader import ScenarioError
+
+    monkeypatch.setitem(BACKENDS._entries, "broken", "no_such_simulator_module:Backend")
+    assert backend_for_kind("highway_cruise") == "highway" and kind_table()["carla_route"] == "carla"
+    with pytest.raises(ScenarioError, match=r"allowed: highway_cruise.*not loaded: .*'broken'.*no_such_simulator_module"):
+        backend_for_kind("no_such_kind")

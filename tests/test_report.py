@@ -383,3 +383,13 @@ def test_a_claims_run_shows_its_claims_table_sensitivity_and_plots(tmp_path):
 
     (run / "attachments" / "index.json").unlink()  # an ordinary run (or one written before attachments): none
     assert "The seeds' claims" not in write_report([run], tmp_path / "plain")[0].read_text()
+
+
+def test_a_methods_colour_is_its_own_whichever_runs_are_reported():
+    """Colours handed out in order of appearance gave OWL one colour in one report and another in the next."""
+    from prunedrive.report.palette import method_colours
+
+    alone = {m: method_colours([m])[m] for m in ("owl", "wanda", "dg2pf", "magnitude")}
+    together = method_colours(["wanda", "owl", "magnitude", "dg2pf"])
+    assert together == alone  # these four hash to distinct colours
+    assert len(set(method_colours(["a", "b", "c", "d", "e", "f"]).values())) == 6  # collisions take a free colour

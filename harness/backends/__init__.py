@@ -50,28 +50,48 @@ def backend_class(name: str) -> type:
     return BACKENDS.get(name)
 
 
+def _loadable() -> tuple[list[tuple[str, type]], list[str]]:
+    """The backends that load, in registry order, and what is wrong with each plug-in that does not (a broken
+    plug-in must not hide the kinds of the others)."""
+    loaded, broken = [], []
+    for name in BACKENDS.names():
+        try:
+            loaded.append((name, backend_class(name)))
+        except RegistryError as exc:
+            broken.append(str(exc))
+    return loaded, broken
+
+
 def kind_table() -> dict[str, str]:
     """Every scenario kind -> the backend that drives it: the built-ins' kinds first, then the plug-ins' (in name
     order); a kind declared twice stays with the first backend that declares it."""
     table: dict[str, str] = {}
-    for name in BACKENDS.names():
-        for kind in backend_class(name).KINDS:
+    for name, backend in _loadable()[0]:
+        for kind in backend.KINDS:
             table.setdefault(kind, name)
     return table
 
 
 def _driver_of(kind: object) -> str | None:
     for name in BACKENDS.names():  # in order: a built-in kind never needs a plug-in imported
-        if kind in backend_class(name).KINDS:
-            return name
+        try:
+            if kind in backend_class(name).KINDS:
+                return name
+        except RegistryError:  # a broken plug-in: named in the error when no backend drives the kind
+            continue
     return None
+
+
+def _allowed_kinds() -> str:
+    broken = _loadable()[1]
+    return ", ".join(kind_table()) + "".join(f" (not loaded: {problem})" for problem in broken)
 
 
 def backend_for_kind(kind: str) -> str:
     """The name of the backend that drives scenarios of `kind` (a ScenarioError listing the kinds when none)."""
     name = _driver_of(kind)
     if name is None:
-        raise ScenarioError(f"unknown scenario kind {kind!r}; allowed: {', '.join(kind_table())}")
+        raise ScenarioError(f"unknown scenario kind {kind!r}; allowed: {_allowed_kinds()}")
     return name
 
 
@@ -80,7 +100,7 @@ def check_scenario(scenario: Scenario, where: str) -> str:
     start with `where` (file, scenario index and name) and list what is allowed."""
     backend = _driver_of(scenario.kind)
     if backend is None:
-        raise ScenarioError(f"{where}: field 'kind' is {scenario.kind!r}; allowed: {', '.join(kind_table())}")
+        raise ScenarioError(f"{where}: field 'kind' is {scenario.kind!r}; allowed: {_allowed_kinds()}")
     allowed = backend_class(backend).OPTIONS
     for key in scenario.options:
         if key not in allowed:
