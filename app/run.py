@@ -117,10 +117,11 @@ def probe_simulators(suite: Suite, backend_options: dict | None, servers: list[s
     server that is not there fails in seconds (SimulatorError, exit 3), not after every route's retries.
     `servers`: one "host:port" per worker (app.server_options), each probed."""
     from prunedrive.harness.backends import backend_class, suite_backends
+    from prunedrive.harness.backends.base import backend_hook
     from prunedrive.harness.distributed import parse_server
 
     for name, scenario in suite_backends(suite).items():
-        probe = getattr(backend_class(name), "probe", None)
+        probe = backend_hook(backend_class(name), "probe")
         if probe is None:
             continue
         addresses = [dict(zip(("host", "port"), parse_server(s))) for s in servers] if servers else [{}]

@@ -35,7 +35,7 @@ import gymnasium as gym
 import numpy as np
 
 from prunedrive.harness.action import CheckedControl, action_space, checked_control
-from prunedrive.harness.backends.base import Backend, BackendState
+from prunedrive.harness.backends.base import Backend, BackendState, backend_hook
 from prunedrive.harness.criteria import RouteCriteria
 from prunedrive.harness.events import COLLISIONS, Event
 from prunedrive.harness.metrics import INFRACTIONS
@@ -107,7 +107,7 @@ class DriveEnv(gym.Env):
         state = self.backend.reset(episode_seed)
         route = RoutePolyline(self.backend.route_polyline())
         # A backend that keeps the Leaderboard's own route timeout (CARLA) ends the route itself.
-        duration_s = math.inf if hasattr(self.backend, "route_timeout_s") else self.scenario.duration_s
+        duration_s = math.inf if backend_hook(self.backend, "route_timeout_s") is not None else self.scenario.duration_s
         self.criteria = RouteCriteria(route, self.backend.dt, duration_s, self.scenario.blocked_s,
                                       self.scenario.deviation_m)
         self.criteria.locate(state)
@@ -137,7 +137,9 @@ class DriveEnv(gym.Env):
     @property
     def ticks_per_step(self) -> int | None:
         """Simulator ticks per env step, for a backend that steps per tick (`step_ticks`); else None."""
-        return getattr(self.backend, "ticks_per_step", None) if hasattr(self.backend, "step_ticks") else None
+        if backend_hook(self.backend, "step_ticks") is None:
+            return None
+        return backend_hook(self.backend, "ticks_per_step")
 
     def step_ticks(self, controls: list):
         """One env step with a control per simulator tick (harness.latency: controls that take effect between
@@ -148,7 +150,7 @@ class DriveEnv(gym.Env):
             from prunedrive.harness.backends import backend_for_kind
 
             raise ValueError(f"the {backend_for_kind(self.scenario.kind)} backend does not step per simulator tick; "
-                             "latency models (--latency other than none) need one that does (highway)")
+                             "latency models (--latency other than none) need one that does (highway, carla)")
         return self._advance(lambda: self.backend.step_ticks(list(controls)))
 
     def _advance(self, backend_step):

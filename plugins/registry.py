@@ -15,6 +15,7 @@ A built-in name cannot be taken over by a plug-in: the built-in wins and the plu
 """
 from __future__ import annotations
 
+import sys
 from importlib import import_module, metadata
 from typing import Any, Callable, Generic, TypeVar
 
@@ -55,6 +56,7 @@ class Registry(Generic[T]):
         self._builtin = frozenset(self._entries)
         self._check = check
         self._loaded: dict[str, T] = {}
+        self._scanned: tuple[tuple[str, ...], dict[str, metadata.EntryPoint]] | None = None
 
     def register(self, name: str, entry: str | T) -> None:
         """Add an entry in-process (a reference or the object itself); re-registering a name replaces it."""
@@ -62,9 +64,13 @@ class Registry(Generic[T]):
         self._loaded.pop(name, None)
 
     def plugins(self) -> dict[str, metadata.EntryPoint]:
-        """Installed plug-ins of this group, by name (built-in names excluded: those cannot be replaced)."""
-        found = {ep.name: ep for ep in metadata.entry_points(group=self.group)}
-        return {name: ep for name, ep in found.items() if name not in self._builtin}
+        """Installed plug-ins of this group, by name (built-in names excluded: those cannot be replaced). The scan
+        of installed packages is kept until sys.path changes (a summary asks for the metrics once per row)."""
+        key = tuple(sys.path)
+        if self._scanned is None or self._scanned[0] != key:
+            found = {ep.name: ep for ep in metadata.entry_points(group=self.group)}
+            self._scanned = key, {name: ep for name, ep in found.items() if name not in self._builtin}
+        return self._scanned[1]
 
     def names(self) -> list[str]:
         """Every registered name: built-ins and in-process entries first, then plug-ins, sorted."""

@@ -63,5 +63,32 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+class BackendHooks(Protocol):
+    """What a backend may add besides `Backend`: any of these, or none. The harness reads them through
+    `backend_hook`, so every optional capability is declared here, not only in a docstring."""
+
+    ticks_per_step: int      # with step_ticks: simulator ticks per env step
+    route_timeout_s: float   # the backend ends the route on its own (growing) timeout, the Leaderboard's: the env
+                             # then sets no duration limit of its own
+
+    def step_ticks(self, controls: list[Control]) -> tuple[BackendState, StepEvents]:
+        """One env step with one control per simulator tick (latency models: harness.latency)."""
+
+    @classmethod
+    def probe(cls, scenario, **connection) -> None:
+        """Before any episode: is the simulator server there? (raise SimulatorError, naming it, when not)."""
+
+
+BACKEND_HOOKS = frozenset({*BackendHooks.__annotations__,
+                           *(name for name in vars(BackendHooks) if not name.startswith("_"))})
+
+
+def backend_hook(backend, name: str):
+    """The backend's (or backend class's) optional hook `name`, declared in BackendHooks; None when it has none."""
+    if name not in BACKEND_HOOKS:
+        raise ValueError(f"{name!r} is not a declared backend hook; declared: {', '.join(sorted(BACKEND_HOOKS))}")
+    return getattr(backend, name, None)
+
+
 class SimulatorError(RuntimeError):
     """The simulator failed (crashed, timed out): the episode is `failed: simulator`."""
