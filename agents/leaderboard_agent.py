@@ -278,19 +278,26 @@ class PrunedriveAgent(AutonomousAgent):
         control, clamped = checked_control(answer, agent=self.agent.name, step=len(self._rows) + 1)
         timing = self._schedule(control, report, agent_wall_s)
         speed = (input_data or {}).get(SPEEDOMETER["id"])
+        self._record(observation, timestamp, timing, agent_wall_s=agent_wall_s, agent_cpu_s=agent_cpu_s,
+                     sim_wall_s=started - self._returned if self._returned is not None else np.nan, report=report,
+                     clamped=clamped, text=getattr(self.agent, "last_text", None),
+                     speedometer_mps=float(speed[1]["speed"]) if speed and speed[1].get("speed") is not None
+                     else np.nan)
+
+    def _record(self, observation, timestamp: float, timing: dict, *, agent_wall_s: float = np.nan,
+                agent_cpu_s: float = np.nan, sim_wall_s: float = np.nan, report: dict | None = None,
+                clamped: bool = False, text: str | None = None, speedometer_mps: float = np.nan) -> None:
+        """One step row; a step without a decision (the agent still busy) has no times, compute or text."""
         driven = self._control  # the control in effect at the step's end (under latency: maybe an older one)
         row = {
             "step": len(self._rows) + 1, "sim_time_s": self._backend.sim_time_s, "throttle": driven.throttle,
             "brake": driven.brake, "steer": driven.steer, "speed_mps": float(observation["ego"][0]),
             "route_completion": self._env.criteria.route_completion, "agent_wall_s": agent_wall_s,
-            "agent_cpu_s": agent_cpu_s,
-            "sim_wall_s": started - self._returned if self._returned is not None else np.nan,
+            "agent_cpu_s": agent_cpu_s, "sim_wall_s": sim_wall_s,
         }
-        row.update({name: float(report.get(name, np.nan)) for name in STEP_COLUMNS if name not in row})
+        row.update({name: float((report or {}).get(name, np.nan)) for name in STEP_COLUMNS if name not in row})
         row.update({"timestamp": float(timestamp), "clamped": bool(clamped), "agent": self.agent.name,
-                    "town": self._town, "text": getattr(self.agent, "last_text", None),
-                    "speedometer_mps": float(speed[1]["speed"]) if speed and speed[1].get("speed") is not None
-                    else np.nan, **timing})
+                    "town": self._town, "text": text, "speedometer_mps": speedometer_mps, **timing})
         self._rows.append(row)
 
     def _schedule(self, control: Control, report: dict, agent_wall_s: float) -> dict:
@@ -309,16 +316,8 @@ class PrunedriveAgent(AutonomousAgent):
 
     def _hold_step(self, observation, timestamp: float) -> None:
         """A policy step the agent is busy through: a row without a decision, the held control(s) driven."""
-        timing = {"decided": False, "latency_s": np.nan, "effect_tick": -1, **self._clock_step()}
-        c = self._control
-        row = {"step": len(self._rows) + 1, "sim_time_s": self._backend.sim_time_s, "throttle": c.throttle,
-               "brake": c.brake, "steer": c.steer, "speed_mps": float(observation["ego"][0]),
-               "route_completion": self._env.criteria.route_completion, "agent_wall_s": np.nan,
-               "agent_cpu_s": np.nan, "sim_wall_s": np.nan}
-        row.update({name: np.nan for name in STEP_COLUMNS if name not in row})
-        row.update({"timestamp": float(timestamp), "clamped": False, "agent": self.agent.name, "town": self._town,
-                    "text": None, "speedometer_mps": np.nan, **timing})
-        self._rows.append(row)
+        self._record(observation, timestamp, {"decided": False, "latency_s": np.nan, "effect_tick": -1,
+                                              **self._clock_step()})
 
     def destroy(self):
         """Write this route's steps (if any) and let go of the env."""
