@@ -16,6 +16,7 @@ from prunedrive.app.bench_model import BenchModel
 from prunedrive.harness.paired import MIN_PAIRS_FOR_VERDICT
 from prunedrive.models.card import DENSE as DENSE_METHOD
 from prunedrive.models.card import has_model_card
+from prunedrive.app.cells import mean_se, missing, number, paired_diff
 
 
 def prune_variants(dense_dir: Path, variants: dict[str, dict], progress: bool, say=None,
@@ -138,13 +139,12 @@ TABLE_WIDTH = 100
 
 
 def _cell(value, fmt: str = "{:.2f}") -> str:
-    """A number for people; "–" where it does not apply."""
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return "–"
-    if fmt == "params":
-        value = float(value)
-        return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.0f}k" if value >= 1e3 else f"{value:.0f}"
-    return fmt.format(value)
+    """A number for people ("params": 2.14M, 998k: narrower than harness.metrics.human_count); "–" where it does
+    not apply."""
+    if fmt != "params" or missing(value):
+        return number(value, fmt)
+    value = float(value)
+    return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.0f}k" if value >= 1e3 else f"{value:.0f}"
 
 
 def print_comparison(table: pd.DataFrame, load_note: str = "", console=None) -> None:
@@ -163,12 +163,10 @@ def print_comparison(table: pd.DataFrame, load_note: str = "", console=None) -> 
     for header in ("agent", "n", "DS ± SE", "ΔDS [95% CI]", "verdict", "RC", "coll/\nkm", "succ", "parse\nfail"):
         driving.add_column(header, justify="left" if header in ("agent", "verdict") else "right", no_wrap=True)
     for r in table.itertuples():
-        ds = f"{r.driving_score:.1f} ± {_cell(r.ds_se, '{:.1f}')}"
-        diff = "–" if not np.isfinite(r.ds_diff) else \
-            f"{r.ds_diff:+.1f} [{r.ds_ci_low:+.1f}, {r.ds_ci_high:+.1f}]"
-        driving.add_row(r.agent, str(r.n), ds, diff, r.verdict or "–", _cell(r.route_completion, "{:.1f}"),
-                        _cell(r.collisions_per_km), _cell(r.success_rate, "{:.0f}"),
-                        _cell(getattr(r, "parse_failure_rate", np.nan)))
+        driving.add_row(r.agent, str(r.n), mean_se(r.driving_score, r.ds_se),
+                        paired_diff(r.ds_diff, r.ds_ci_low, r.ds_ci_high), r.verdict or "–",
+                        _cell(r.route_completion, "{:.1f}"), _cell(r.collisions_per_km),
+                        _cell(r.success_rate, "{:.0f}"), _cell(getattr(r, "parse_failure_rate", np.nan)))
     console.print(driving)
     cost = Table(title="Cost and open loop", **style)  # twelve columns of numbers, structured names too
     for header in ("agent", "spar-\nsity", "params", "non-\nzero", "eff\nGFLOP", "exec\nGFLOP", "ms/\nstep", "x\ndense",

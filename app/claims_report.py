@@ -13,6 +13,7 @@ from prunedrive.harness.results import RunDir
 from prunedrive.report.data import ReportContext
 from prunedrive.report.plots import new_figure, png_bytes
 from prunedrive.report.section import Plot, Section, Table, section_renderer
+from prunedrive.app.cells import paired_diff
 
 CLAIMS_ATTACHMENT, SENSITIVITY_ATTACHMENT = "claims", "sensitivity"
 VERDICT_COLOURS = {"supported": "#2e7d32", "refuted": "#c62828"}  # anything else (inconclusive, n too small): grey
@@ -40,13 +41,9 @@ class Claims:
 
 
 
-def _ci_text(value: float, low: float, high: float) -> str:
-    return "–" if not np.isfinite(value) else f"{value:+.1f} [{low:+.1f}, {high:+.1f}]"
-
-
 def claims_rows(c: Claims) -> list[dict[str, str]]:
     return [{"agent": r.comparison, "claim": str(r.claim), "comparison": r.comparison, "n": str(int(r.n)),
-             "diff": _ci_text(r.ds_diff, r.ci_low, r.ci_high),
+             "diff": paired_diff(r.ds_diff, r.ci_low, r.ci_high),
              "coll": f"{r.coll_per_km_diff:+.2f}" if np.isfinite(r.coll_per_km_diff) else "–", "verdict": r.verdict}
             for r in c.table.itertuples()]
 
@@ -55,10 +52,10 @@ def sensitivity_rows(c: Claims) -> list[dict[str, str]]:
     if c.sensitivity is None:
         return []
     return [{"agent": r.agent, "scope": r.scope, "part": f"{100 * r.target_sparsity:.3g}",
-             "model": f"{100 * r.model_sparsity:.1f}", "n": str(int(r.n)), "drop": _ci_text(r.ds_drop, r.ci_low,
+             "model": f"{100 * r.model_sparsity:.1f}", "n": str(int(r.n)), "drop": paired_diff(r.ds_drop, r.ci_low,
                                                                                           r.ci_high),
-             "per_part": _ci_text(r.drop_per_part, r.drop_per_part_low, r.drop_per_part_high),
-             "per_model": _ci_text(r.drop_per_model, r.drop_per_model_low, r.drop_per_model_high)}
+             "per_part": paired_diff(r.drop_per_part, r.drop_per_part_low, r.drop_per_part_high),
+             "per_model": paired_diff(r.drop_per_model, r.drop_per_model_low, r.drop_per_model_high)}
             for r in c.sensitivity.itertuples()]
 
 

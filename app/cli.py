@@ -18,7 +18,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from prunedrive.agents.registry import AgentError, agent_names
 from prunedrive.app.cli_commands import (cmd_bench, cmd_claims, cmd_eval_open, cmd_import, cmd_latency_sweep,
-                                         cmd_profile, cmd_prune, cmd_regress, cmd_report, cmd_run, cmd_summary, cmd_train)
+                                         cmd_profile, cmd_prune, cmd_regress, cmd_report, cmd_run, cmd_summary,
+                                         cmd_train)
 from prunedrive.app.cli_options import (MAX_N_BOOT, MAX_RETRIES, MAX_TIMEOUT_S, MAX_WORKERS, TIMEOUT_RANGE,
                                         add_batch_option, add_latency_option, add_mlflow_option, add_precision_options,
                                         at_least, finite, out_dir, threads)

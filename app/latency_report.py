@@ -13,14 +13,11 @@ import pandas as pd
 
 from prunedrive.report.plots import new_figure, png_bytes
 from prunedrive.report.section import Plot, Section, Table, section_renderer
+from prunedrive.app.cells import mean_se, number
 
 Z95 = 1.959964  # the normal 95% quantile: the error bars of a mean are ± Z95 x its standard error
 REALTIME_COLUMNS = ("agent", "driving_score", "ds_se", "ds_diff", "ds_ci_low", "ds_ci_high", "verdict", "step_ms",
                     "latency_ms_p95", "meets_budget", "budget_ms", "latency")
-
-
-def _text(value, fmt: str = "{:.1f}") -> str:
-    return "–" if value is None or not np.isfinite(float(value)) else fmt.format(float(value))
 
 
 def _diff_cells(row) -> dict[str, str]:
@@ -33,7 +30,7 @@ def _diff_cells(row) -> dict[str, str]:
 
 
 def _ds_cell(row) -> str:
-    return f"{row['driving_score']:.1f} ± {_text(row['ds_se'])}"
+    return mean_se(row["driving_score"], row["ds_se"])
 
 
 # -- the latency sweep -----------------------------------------------------------------------------------
@@ -47,9 +44,9 @@ def sweep_section(table: pd.DataFrame, context=None) -> Section:
     """The sweep table (one row per agent and latency) and the plot of DS against latency per agent."""
     reference = float(table["reference_ms"].iloc[0]) if len(table) else 0.0
     rows = [{"agent": row["agent"], "latency_ms": f"{row['latency_ms']:g}", "n": f"{int(row['n'])}",
-             "ds": _ds_cell(row), **_diff_cells(row), "decisions": _text(row["decisions"]),
-             "miss": _text(100 * row["deadline_miss_share"], "{:.0f}"),
-             "stale": _text(100 * row["stale_share"], "{:.0f}")}
+             "ds": _ds_cell(row), **_diff_cells(row), "decisions": number(row["decisions"], "{:.1f}"),
+             "miss": number(100 * row["deadline_miss_share"], "{:.0f}"),
+             "stale": number(100 * row["stale_share"], "{:.0f}")}
             for _, row in table.iterrows()]
     caption = (f"Each agent drove the same scenarios and seeds at every fixed latency (--latency fixed:MS); ΔDS is "
                f"paired with the same agent at {reference:g} ms by scenario and seed, with its 95% bootstrap CI. "
@@ -131,7 +128,8 @@ def realtime_section(payload: pd.DataFrame, context=None) -> Section:
         budget = "–" if row["meets_budget"] is None or pd.isna(row["meets_budget"]) else \
             ("meets" if row["meets_budget"] else "misses")
         rows.append({"agent": row["agent"], "ds": _ds_cell(row), **_diff_cells(row),
-                     "step_ms": _text(row["step_ms"]), "latency_ms_p95": _text(row["latency_ms_p95"], "{:.0f}"),
+                     "step_ms": number(row["step_ms"], "{:.1f}"),
+                     "latency_ms_p95": number(row["latency_ms_p95"], "{:.0f}"),
                      "front": "yes" if on_front else "", "budget": budget})
     budget_text = (f"budget: a decision's p95 latency (worst episode) <= {budget_ms:g} ms" if np.isfinite(budget_ms)
                    else "no --budget given")

@@ -28,6 +28,7 @@ from prunedrive.app.run import EXIT_OK, drive, exit_code, suite_identity
 from prunedrive.harness.paired import MIN_PAIRS_FOR_VERDICT
 from prunedrive.harness.results import RunDir, content_hash
 from prunedrive.scenarios.loader import Suite
+from prunedrive.app.cells import mean_se, number, paired_diff
 
 DEFAULT_LATENCIES_MS = (0.0, 100.0, 200.0, 400.0, 800.0)
 ATTACHMENT = "latency_sweep"
@@ -162,22 +163,16 @@ def sweep_table(by_latency: dict[float, pd.DataFrame], agents: list[str]) -> pd.
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-def _cell(value, fmt: str) -> str:
-    return "–" if value is None or (isinstance(value, float) and not np.isfinite(value)) else fmt.format(value)
-
-
 def format_sweep(table: pd.DataFrame) -> list[str]:
     """The sweep table as lines that fit 100 columns, then a legend."""
     reference = float(table["reference_ms"].iloc[0]) if len(table) else 0.0
     lines = [f"{'agent':<18} {'ms':>5} {'n':>3} {'DS ± SE':>11} {'ΔDS [95% CI]':>21} {'verdict':<12} "
              f"{'decis.':>6} {'miss %':>6} {'stale %':>7}"]
     for r in table.itertuples():
-        ds = f"{r.driving_score:.1f} ± {_cell(r.ds_se, '{:.1f}')}"
-        diff = ("–" if not np.isfinite(r.ds_diff) else
-                f"{r.ds_diff:+.1f} [{r.ds_ci_low:+.1f}, {r.ds_ci_high:+.1f}]")
+        ds, diff = mean_se(r.driving_score, r.ds_se), paired_diff(r.ds_diff, r.ds_ci_low, r.ds_ci_high)
         lines.append(f"{r.agent[:18]:<18} {r.latency_ms:>5g} {r.n:>3d} {ds:>11} {diff:>21} {(r.verdict or '–'):<12} "
-                     f"{_cell(r.decisions, '{:.1f}'):>6} {_cell(100 * r.deadline_miss_share, '{:.0f}'):>6} "
-                     f"{_cell(100 * r.stale_share, '{:.0f}'):>7}")
+                     f"{number(r.decisions, '{:.1f}'):>6} {number(100 * r.deadline_miss_share, '{:.0f}'):>6} "
+                     f"{number(100 * r.stale_share, '{:.0f}'):>7}")
     legend = (f"ΔDS: paired with the same agent at {reference:g} ms by scenario and seed (95% bootstrap CI); "
               "decis.: decisions per episode; miss %: decisions slower than the policy period; stale %: "
               "simulated time driven on a control chosen more than one policy period earlier.")
