@@ -18,8 +18,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from prunedrive.agents.registry import AgentError, agent_names
 from prunedrive.app.cli_commands import (cmd_bench, cmd_claims, cmd_eval_open, cmd_import, cmd_latency_sweep,
-                                         cmd_profile, cmd_prune, cmd_regress, cmd_report, cmd_run, cmd_summary,
-                                         cmd_train)
+                                         cmd_profile, cmd_prune, cmd_regress, cmd_report, cmd_run, cmd_same_episodes,
+                                         cmd_summary, cmd_train)
 from prunedrive.app.cli_options import (MAX_N_BOOT, MAX_RETRIES, MAX_TIMEOUT_S, MAX_WORKERS, TIMEOUT_RANGE,
                                         add_batch_option, add_latency_option, add_mlflow_option, add_precision_options,
                                         at_least, finite, out_dir, threads)
@@ -224,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "machine and load)")
     gate.add_argument("--json", metavar="FILE", help="also write the verdict as JSON")
     gate.set_defaults(func=cmd_regress)
+
+    same = sub.add_parser("same-episodes", help="did two runs drive the same episodes? every column but the machine's "
+                          "timings (exit 1 if not)")
+    same.add_argument("a", help="a run (id under --out, or directory)")
+    same.add_argument("b", help="the other run")
+    same.add_argument("--out", default="results", help="where run ids are looked up; default results/")
+    same.add_argument("--agent-a", help="compare only this agent of A ...")
+    same.add_argument("--agent-b", help="... with this agent of B (the same model under another name)")
+    same.set_defaults(func=cmd_same_episodes)
 
     imp = sub.add_parser("import", help="turn CARLA Leaderboard 2.0 results (or Bench2Drive's merged JSON) into a run")
     imp.add_argument("source", choices=("leaderboard",),

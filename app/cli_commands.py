@@ -247,6 +247,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_same_episodes(args: argparse.Namespace) -> int:
+    from prunedrive.app.same_episodes import same_episodes
+
+    return same_episodes(find_run(args.a, args.out).path, find_run(args.b, args.out).path, args.agent_a, args.agent_b)
+
+
 def cmd_regress(args: argparse.Namespace) -> int:
     import json
 
